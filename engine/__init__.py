@@ -1,0 +1,1 @@
+"""Shared machinery behind the scripts: errors, metrics, evaluation, visualisation, CLI helpers."""
