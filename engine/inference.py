@@ -1,0 +1,102 @@
+"""Paddle Inference helpers: one place that turns options into a predictor config and runs it.
+
+Shared by infer.py (exported models) and by the fit/score runtime (layers compiled on the fly).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from paddle import inference
+
+from engine.device import check_gpu
+from engine.errors import ConfigError, InputError
+
+
+@dataclass
+class PredictorOptions:
+    """How a predictor runs: device, threads, oneDNN, GPU memory pool, TensorRT, precision."""
+
+    use_gpu: bool = False
+    gpu_id: int = 0
+    gpu_mem: int = 4000
+    cpu_threads: int = 2
+    enable_mkldnn: bool = True
+    use_tensorrt: bool = False
+    precision: str = "fp32"
+    min_subgraph_size: int = 3
+    max_batch_size: int = 1
+
+    def describe(self) -> dict[str, object]:
+        """The settings as a flat dict (for logs and benchmark reports)."""
+        return {
+            "device": f"gpu:{self.gpu_id}" if self.use_gpu else "cpu",
+            "cpu_threads": self.cpu_threads,
+            "enable_mkldnn": self.enable_mkldnn and not self.use_gpu,
+            "use_tensorrt": self.use_tensorrt,
+            "precision": self.precision,
+            "gpu_mem_mb": self.gpu_mem if self.use_gpu else 0,
+        }
+
+
+_PRECISIONS = {"fp32": "Float32", "fp16": "Half"}
+
+
+def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> inference.Config:
+    """A Paddle Inference config for a ``model.json`` (PIR) or ``model.pdmodel`` (legacy) graph."""
+    for path, what in ((model_file, "model"), (params_file, "params")):
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: {what} file not found; export one with export_model.py")
+    if opts.precision not in _PRECISIONS:
+        raise ConfigError(f"--precision {opts.precision}: use fp32 or fp16")
+    config = inference.Config(model_file, params_file)
+    if opts.use_gpu:
+        check_gpu(opts.gpu_id)
+        config.enable_use_gpu(opts.gpu_mem, opts.gpu_id)
+        if opts.use_tensorrt:
+            precision = getattr(inference.PrecisionType, _PRECISIONS[opts.precision])
+            config.enable_tensorrt_engine(
+                workspace_size=1 << 30,
+                max_batch_size=opts.max_batch_size,
+                min_subgraph_size=opts.min_subgraph_size,
+                precision_mode=precision,
+                use_static=False,
+                use_calib_mode=False,
+            )
+    else:
+        if opts.precision != "fp32" or opts.use_tensorrt:
+            raise ConfigError("fp16 and TensorRT need a GPU: add --use_gpu True or drop them")
+        config.disable_gpu()
+        config.set_cpu_math_library_num_threads(opts.cpu_threads)
+        if opts.enable_mkldnn:
+            config.enable_mkldnn()
+        else:
+            config.disable_mkldnn()
+    config.switch_ir_optim(True)
+    if model_file.endswith(".json"):
+        config.enable_new_executor()
+    config.enable_memory_optim()
+    config.disable_glog_info()
+    return config
+
+
+class Predictor:
+    """A Paddle Inference predictor with zero-copy handles: ``run(x) -> list of outputs``."""
+
+    def __init__(self, model_file: str, params_file: str, opts: PredictorOptions) -> None:
+        self.options = opts
+        self.config = make_config(model_file, params_file, opts)
+        self._predictor = inference.create_predictor(self.config)
+        self.input_names = self._predictor.get_input_names()
+        self.output_names = self._predictor.get_output_names()
+
+    def run(self, *inputs: np.ndarray) -> list[np.ndarray]:
+        """Feed ``inputs`` in input-name order and return every output as a numpy array."""
+        for name, array in zip(self.input_names, inputs, strict=True):
+            handle = self._predictor.get_input_handle(name)
+            handle.reshape(list(array.shape))
+            handle.copy_from_cpu(np.ascontiguousarray(array))
+        self._predictor.run()
+        return [self._predictor.get_output_handle(n).copy_to_cpu() for n in self.output_names]

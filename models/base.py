@@ -1,0 +1,213 @@
+"""The interface every method implements, and the parts they share (config, trunk, save/load).
+
+A model is used like a scikit-learn estimator::
+
+    model = build_model(ModelConfig(method="ortho", arch="resnet18", k=100, pretrained="none"))
+    model.fit(batches)                    # iterable of images (B, 3, S, S) float32, or loader dicts
+    model.calibrate(batches)              # default threshold from normal images
+    maps, scores = model.score(images)    # (B, S, S) float32, (B,) float32
+    model.save("output/ortho_resnet18_100/bottle.npz")
+    model = load_model("output/ortho_resnet18_100/bottle.npz")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import paddle
+from paddle import nn
+
+from engine.errors import CheckpointError, ConfigError, InputError
+from engine.runtime import RunFn, Runtime, compile_layer, run_chunked
+from models.backbone import ResNetTrunk, build_trunk, layer_grid, weights_digest
+from models.checkpoint import check_identity, read_npz, write_npz
+
+Batch = np.ndarray | dict[str, Any]
+_TRUNK_PREFIX = "backbone."
+
+
+@dataclass
+class ModelConfig:
+    """Everything that defines a fitted model. ``image_size`` is the (square) network input."""
+
+    method: str
+    arch: str = "resnet18"
+    k: int = 100
+    image_size: int = 256
+    resize: int = 256
+    eps: float = 0.01
+    sigma: float = 4.0
+    seed: int = 0
+    pretrained: str = "imagenet"
+
+    def identity(self) -> dict[str, Any]:
+        """The fields a loaded checkpoint must match: method, arch, k and input size."""
+        return {"method": self.method, "arch": self.arch, "k": self.k,
+                "image_size": self.image_size}
+
+
+def _unpack(batch: Batch) -> tuple[np.ndarray, list[str] | None]:
+    if isinstance(batch, dict):
+        return batch["images"], batch.get("paths")
+    return np.asarray(batch, dtype=np.float32), None
+
+
+class AnomalyModel(ABC):
+    """Base class: a feature trunk plus method-specific statistics, fitted on normal images."""
+
+    method: ClassVar[str]
+    layers: ClassVar[tuple[str, ...]] = ("layer1", "layer2", "layer3")
+
+    def __init__(self, config: ModelConfig, trunk: ResNetTrunk, runtime: Runtime | None) -> None:
+        self.config = config
+        self.trunk = trunk
+        self.runtime = runtime or Runtime()
+        self.threshold: float | None = None
+        self.fitted = False
+        self.category = ""
+        self._scorer: RunFn | None = None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def create(cls, config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
+        """A new, unfitted model: trunk weights from ``config.pretrained``, random parts from seed."""
+        if config.k < 1:
+            raise ConfigError(f"--k {config.k}: must be a positive number")
+        trunk = build_trunk(config.arch, cls.layers, config.pretrained, config.seed)
+        model = cls(config, trunk, runtime)
+        model._init_random(np.random.default_rng(config.seed))
+        return model
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Side of the finest feature grid used (h, w)."""
+        side = layer_grid(self.config.image_size, self.layers[0])
+        return side, side
+
+    # -- method hooks ------------------------------------------------------------------------
+    @abstractmethod
+    def _init_random(self, rng: np.random.Generator) -> None:
+        """Draw the method's random parts (projection, channel subset, ...) from ``rng``."""
+
+    @abstractmethod
+    def partial_fit(self, images: np.ndarray, paths: Sequence[str] | None = None) -> None:
+        """Add a batch of normal images (B, 3, S, S) float32 to the fit."""
+
+    @abstractmethod
+    def finalize(self) -> None:
+        """Turn the accumulated fit state into scoring statistics."""
+
+    @abstractmethod
+    def fused_layer(self) -> nn.Layer:
+        """Layer mapping images (N, 3, S, S) to (anomaly map (N, 1, S, S), image score (N,))."""
+
+    @abstractmethod
+    def _arrays(self) -> dict[str, np.ndarray]:
+        """Method arrays to store (random parts plus fit state or final statistics)."""
+
+    @abstractmethod
+    def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
+        """Inverse of :meth:`_arrays`."""
+
+    # -- shared behaviour --------------------------------------------------------------------
+    def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
+        """Fit on an iterable of image batches (arrays or loader dicts), then finalise."""
+        for batch in batches:
+            images, paths = _unpack(batch)
+            self.partial_fit(images, paths)
+        self.finalize()
+        return self
+
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Anomaly maps (B, S, S) and image scores (B,) of images (B, 3, S, S), both float32."""
+        if not self.fitted:
+            raise ConfigError("the model is not fitted yet: call fit() or load a checkpoint")
+        if self._scorer is None:
+            self._scorer = compile_layer(self.fused_layer(), self.config.image_size, self.runtime)
+        outputs = [out for _, out in run_chunked(self._scorer, images, self.runtime.chunk)]
+        amaps = np.concatenate([amap for amap, _ in outputs])
+        return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
+
+    def calibrate(self, batches: Iterable[Batch]) -> float:
+        """Set the default threshold to the highest image score over ``batches`` of normal images."""
+        best = -np.inf
+        for batch in batches:
+            images, _ = _unpack(batch)
+            best = max(best, float(self.score(images)[1].max()))
+        if not np.isfinite(best):
+            raise InputError("no calibration images: the training folder yielded no batches")
+        self.threshold = best
+        return best
+
+    def check_finite(self, features: np.ndarray, paths: Sequence[str] | None) -> None:
+        """Raise an InputError naming the first image whose features (B, ...) are not finite."""
+        if np.isfinite(features.sum(dtype=np.float64)):
+            return
+        finite = np.isfinite(features.reshape(features.shape[0], -1)).all(axis=1)
+        if not finite.all():
+            i = int(np.argmin(finite))
+            name = paths[i] if paths else f"image {i} of the batch"
+            raise InputError(
+                f"{name}: features contain NaN or inf; check the image and the backbone weights "
+                f"({self.config.pretrained})"
+            )
+
+    def save(self, path: str) -> None:
+        """Write the model (fit state if not finalised, statistics if fitted) to ``path``."""
+        trunk_arrays = self.trunk.weight_arrays()
+        meta = {
+            **dataclasses.asdict(self.config),
+            "stage": "final" if self.fitted else "fit",
+            "threshold": self.threshold,
+            "category": self.category,
+            "backbone_sha256": weights_digest(trunk_arrays),
+            "paddle_version": paddle.__version__,
+        }
+        arrays = {_TRUNK_PREFIX + name: value for name, value in trunk_arrays.items()}
+        arrays.update(self._arrays())
+        write_npz(path, meta, arrays)
+
+    @classmethod
+    def from_file(
+        cls, path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], runtime: Runtime | None
+    ) -> AnomalyModel:
+        """Rebuild a model of this class from checkpoint contents (see :func:`load_model`)."""
+        fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        config = ModelConfig(**{key: value for key, value in meta.items() if key in fields})
+        trunk = ResNetTrunk(config.arch, cls.layers)
+        trunk_arrays = {
+            name[len(_TRUNK_PREFIX):]: value
+            for name, value in arrays.items()
+            if name.startswith(_TRUNK_PREFIX)
+        }
+        trunk.load_weight_arrays(trunk_arrays, source=path)
+        model = cls(config, trunk, runtime)
+        model.threshold = meta.get("threshold")
+        model.category = meta.get("category", "")
+        try:
+            model._restore(arrays, fitted=meta.get("stage") == "final")
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
+        return model
+
+
+def load_checkpoint(
+    path: str,
+    registry: dict[str, type[AnomalyModel]],
+    expect: ModelConfig | dict[str, Any] | None = None,
+    runtime: Runtime | None = None,
+) -> AnomalyModel:
+    """Load any method's checkpoint, checking it against ``expect`` (method/arch/k/size)."""
+    meta, arrays = read_npz(path)
+    if expect is not None:
+        wanted = expect.identity() if isinstance(expect, ModelConfig) else dict(expect)
+        check_identity(path, meta, wanted)
+    method = meta.get("method")
+    if method not in registry:
+        raise CheckpointError(f"{path}: unknown method {method!r} in checkpoint")
+    return registry[method].from_file(path, meta, arrays, runtime)

@@ -1,0 +1,69 @@
+"""Checkpoint files: one ``.npz`` holding a JSON metadata record and named float/int arrays.
+
+Written to a temporary name and renamed, read with ``allow_pickle=False``: loading a checkpoint
+never runs code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from engine.errors import CheckpointError
+
+FORMAT_VERSION = 1
+SUFFIX = ".npz"
+_META_KEY = "__meta__"
+
+
+def write_npz(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write ``meta`` and ``arrays`` to ``path`` atomically (temporary file, then rename)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    payload = dict(arrays)
+    payload[_META_KEY] = np.array(json.dumps({"format_version": FORMAT_VERSION, **meta}))
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **payload)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_npz(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Read a checkpoint written by :func:`write_npz`: (meta, arrays)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: checkpoint not found; train one with train.py or fix --model_path")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+        meta = json.loads(str(arrays.pop(_META_KEY)))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
+            "it may be truncated or from another tool: train it again"
+        ) from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {meta.get('format_version')} but this version reads "
+            f"{FORMAT_VERSION}; train it again with this version"
+        )
+    return meta, arrays
+
+
+def check_identity(path: str, found: dict[str, Any], expected: dict[str, Any]) -> None:
+    """Fail with one line if a checkpoint's method/arch/k/size differ from what was asked for."""
+    wrong = {key: value for key, value in expected.items() if found.get(key) != value}
+    if wrong:
+        have = ", ".join(f"{key}={found.get(key)}" for key in expected)
+        asked = ", ".join(f"{key}={value}" for key, value in expected.items())
+        raise CheckpointError(
+            f"{path}: checkpoint has {have} but {asked} was asked for; "
+            "pass the matching arguments or the right --model_path"
+        )

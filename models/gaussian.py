@@ -1,0 +1,164 @@
+"""Streaming, mergeable Gaussian statistics: one Gaussian per feature-map position.
+
+Features arrive image by image as (P, k) float32 rows and are copied, minus a per-position shift
+``c``, into a block buffer (B, P, k). When the block is full its shifted sum and scatter are folded
+into float64 totals with one batched GEMM::
+
+    s1 += sum_b (z_b - c)          s2 += sum_b (z_b - c)(z_b - c)^T
+
+``c`` is the mean of the first block, so the shifted values are centred and the float32 GEMM loses
+no precision to a large mean; the totals are float64. The canonical state is (n, mean, M2) with
+``mean = c + s1 / n`` and ``M2 = s2 - s1 s1^T / n``; states of disjoint image sets merge with the
+pairwise rule of Chan et al. (``M2 = M2_a + M2_b + d d^T na nb / n``, d the difference of means), so
+fits on shards combine exactly. Memory does not depend on the number of images.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from engine.errors import ConfigError
+
+
+class GaussianAccumulator:
+    """Per-position mean and scatter of k-dim features over P positions.
+
+    Full blocks are folded on a background thread (the GEMM releases the GIL) while the caller
+    computes the next features; blocks are folded one at a time, in order, so results do not depend
+    on timing. Two block buffers alternate, so memory stays bounded.
+    """
+
+    def __init__(self, positions: int, dims: int, block: int = 64) -> None:
+        self.positions = positions
+        self.dims = dims
+        self.block = block
+        self.count = 0
+        self.shift: np.ndarray | None = None  # (P, k) float32
+        self.s1 = np.zeros((positions, dims))
+        self.s2 = np.zeros((positions, dims, dims))
+        self._buffers: list[np.ndarray] = []
+        self._current = 0
+        self._filled = 0
+        self._gram: np.ndarray | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future | None = None
+
+    @property
+    def seen(self) -> int:
+        """Images added so far, buffered ones included."""
+        return self.count + self._filled + (self.block if self._pending is not None else 0)
+
+    def update(self, z: np.ndarray) -> None:
+        """Add features ``z`` of shape (B, P, k) (B images)."""
+        if z.ndim != 3 or z.shape[1:] != (self.positions, self.dims):
+            raise ValueError(f"expected features (B, {self.positions}, {self.dims}), got {z.shape}")
+        if not self._buffers:
+            shape = (self.block, self.positions, self.dims)
+            self._buffers = [np.empty(shape, dtype=np.float32) for _ in range(2)]
+        for row in z:
+            target = self._buffers[self._current][self._filled]
+            if self.shift is None:
+                target[...] = row
+            else:
+                np.subtract(row, self.shift, out=target)
+            self._filled += 1
+            if self._filled == self.block:
+                self._submit()
+
+    def flush(self) -> None:
+        """Fold everything buffered into the totals and wait until that is done."""
+        if self._filled:
+            self._submit()
+        self._wait()
+
+    def _submit(self) -> None:
+        block = self._buffers[self._current][: self._filled]
+        if self.shift is None:
+            self.shift = block.mean(axis=0)
+            block -= self.shift
+        self._wait()
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gaussian-fold")
+        self._pending = self._executor.submit(self._fold, block)
+        self._current = 1 - self._current
+        self._filled = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def _fold(self, block: np.ndarray) -> None:
+        """Add one shifted block (B, P, k) to s1, s2 and the count."""
+        if self._gram is None:
+            self._gram = np.empty((self.positions, self.dims, self.dims), dtype=np.float32)
+        with threadpool_limits(1, user_api="blas"):
+            np.matmul(block.transpose(1, 2, 0), block.transpose(1, 0, 2), out=self._gram)
+        self.s2 += self._gram
+        self.s1 += block.sum(axis=0)
+        self.count += block.shape[0]
+
+    def state(self) -> dict[str, np.ndarray]:
+        """Canonical totals: count (), mean (P, k) float64, scatter M2 (P, k, k) float64."""
+        self.flush()
+        if not self.count:
+            return {"count": np.array(0, dtype=np.int64),
+                    "mean": np.zeros((self.positions, self.dims)),
+                    "scatter": np.zeros((self.positions, self.dims, self.dims))}
+        offset = self.s1 / self.count
+        scatter = self.s2 - self.count * (offset[:, :, None] * offset[:, None, :])
+        return {"count": np.array(self.count, dtype=np.int64),
+                "mean": self.shift.astype(np.float64) + offset, "scatter": scatter}
+
+    def load_state(self, state: dict[str, np.ndarray]) -> None:
+        """Replace the totals by canonical ``state`` (as returned by :meth:`state`)."""
+        mean = np.asarray(state["mean"], dtype=np.float64)
+        if mean.shape != (self.positions, self.dims):
+            raise ValueError(f"state of shape {mean.shape}, expected ({self.positions}, {self.dims})")
+        self.flush()
+        self.count = int(state["count"])
+        # re-centre exactly on the mean: s1 = 0, s2 = M2 (float32 shift, offset kept in s1)
+        self.shift = mean.astype(np.float32) if self.count else None
+        residual = mean - self.shift if self.count else np.zeros_like(mean)
+        self.s1 = residual * self.count
+        self.s2 = np.array(state["scatter"], dtype=np.float64) + self.count * (
+            residual[:, :, None] * residual[:, None, :]
+        )
+
+    def merge(self, other: GaussianAccumulator) -> None:
+        """Merge the totals of ``other`` (fitted on disjoint images) into this accumulator."""
+        if (other.positions, other.dims) != (self.positions, self.dims):
+            raise ValueError("cannot merge statistics of different shapes")
+        a, b = self.state(), other.state()
+        n_a, n_b = int(a["count"]), int(b["count"])
+        if not n_b:
+            return
+        total = n_a + n_b
+        delta = b["mean"] - a["mean"]
+        scatter = a["scatter"] + b["scatter"]
+        scatter += (n_a * n_b / total) * (delta[:, :, None] * delta[:, None, :])
+        mean = a["mean"] + delta * (n_b / total)
+        self.load_state({"count": np.array(total), "mean": mean, "scatter": scatter})
+
+    def covariance(self, eps: float) -> np.ndarray:
+        """Unbiased covariance + eps*I per position, (P, k, k) float64."""
+        state = self.state()
+        if self.count < 2:
+            raise ConfigError(
+                f"a Gaussian needs at least 2 training images, got {self.count}; "
+                "add images to train/good"
+            )
+        cov = state["scatter"] / (self.count - 1)
+        cov[:, np.arange(self.dims), np.arange(self.dims)] += eps
+        return cov
+
+    def finalize(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (P, k) and inverse covariance (P, k, k), both float32, via Cholesky factors."""
+        cov = self.covariance(eps)
+        chol = np.linalg.cholesky(cov)
+        chol_inv = np.linalg.solve(chol, np.broadcast_to(np.eye(self.dims), cov.shape))
+        inv_cov = np.matmul(chol_inv.transpose(0, 2, 1), chol_inv)
+        return self.state()["mean"].astype(np.float32), inv_cov.astype(np.float32)

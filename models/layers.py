@@ -1,0 +1,150 @@
+"""Paddle layers shared by the methods, written so that they export to static graphs.
+
+Resizing and blurring are linear maps along each image axis, so they are precomputed as matrices
+(or gather indices) and applied with ``matmul``/``index_select``. That gives the same numbers as
+``F.interpolate`` + ``scipy.ndimage.gaussian_filter`` and runs under oneDNN in Paddle Inference,
+where a PIR graph holding ``F.interpolate`` fails on Paddle 3.3.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import paddle
+from paddle import nn
+
+
+def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
+    """Source index of every output row for nearest resizing (Paddle's rule, align_corners=False).
+
+    Returns int64 (size_out,): ``floor(i * size_in / size_out)``.
+    """
+    return np.floor(np.arange(size_out) * (size_in / size_out)).astype(np.int64)
+
+
+def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """Matrix (size_out, size_in) of 1-D bilinear resizing with half-pixel centres.
+
+    Matches ``F.interpolate(mode="bilinear", align_corners=False, align_mode=0)`` along one axis.
+    """
+    scale = size_in / size_out
+    src = np.maximum((np.arange(size_out) + 0.5) * scale - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
+    hi = np.minimum(lo + 1, size_in - 1)
+    frac = src - lo
+    mat = np.zeros((size_out, size_in))
+    rows = np.arange(size_out)
+    np.add.at(mat, (rows, lo), 1.0 - frac)
+    np.add.at(mat, (rows, hi), frac)
+    return mat
+
+
+def _reflect(index: np.ndarray, size: int) -> np.ndarray:
+    """Fold indices into [0, size) with half-sample symmetry (scipy's "reflect": d c b a | a b c d)."""
+    period = 2 * size
+    index = np.mod(index, period)
+    return np.where(index >= size, period - 1 - index, index)
+
+
+def gaussian_blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """Matrix (size, size) of a 1-D Gaussian filter as ``scipy.ndimage.gaussian_filter1d`` applies it.
+
+    Kernel radius ``int(truncate * sigma + 0.5)``, normalised weights, "reflect" borders.
+    """
+    radius = int(truncate * sigma + 0.5)
+    offsets = np.arange(-radius, radius + 1)
+    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
+    weights /= weights.sum()
+    mat = np.zeros((size, size))
+    rows = np.arange(size)
+    for offset, weight in zip(offsets, weights, strict=True):
+        np.add.at(mat, (rows, _reflect(rows + offset, size)), weight)
+    return mat
+
+
+class NearestResize(nn.Layer):
+    """Nearest-neighbour resize of (N, C, h, w) maps to (N, C, H, W).
+
+    Integer factors repeat each value with ``expand`` (cheapest under oneDNN); other sizes gather
+    rows and columns with ``index_select``. Both equal ``F.interpolate(mode="nearest")``.
+    """
+
+    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int]) -> None:
+        super().__init__()
+        (h, w), (height, width) = size_in, size_out
+        self.size_in, self.size_out = (h, w), (height, width)
+        self.factors = (height // h, width // w) if height % h == 0 and width % w == 0 else None
+        if self.factors is None:
+            self.register_buffer("rows", paddle.to_tensor(nearest_indices(h, height)))
+            self.register_buffer("cols", paddle.to_tensor(nearest_indices(w, width)))
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        if self.size_in == self.size_out:
+            return x
+        if self.factors is None:
+            return paddle.index_select(paddle.index_select(x, self.rows, axis=2), self.cols, axis=3)
+        (h, w), (fh, fw) = self.size_in, self.factors
+        channels = x.shape[1]
+        x = paddle.reshape(x, [-1, channels, h, 1, w, 1])
+        x = paddle.expand(x, [-1, channels, h, fh, w, fw])
+        return paddle.reshape(x, [-1, channels, h * fh, w * fw])
+
+
+class ToRows(nn.Layer):
+    """(N, k, h, w) maps -> (N, h*w, k) rows, the layout the Gaussian accumulator reads."""
+
+    def forward(self, z: paddle.Tensor) -> paddle.Tensor:
+        return paddle.transpose(paddle.flatten(z, start_axis=2), [0, 2, 1])
+
+
+class SmoothUpsample(nn.Layer):
+    """Bilinear upsampling of (N, 1, h, w) distance maps to (N, 1, H, W) followed by a Gaussian blur.
+
+    Both steps are linear along each axis, so the layer computes ``A_h @ D @ A_w^T`` with
+    ``A = blur @ bilinear`` of shape (H, h) and (W, w): one pair of small matmuls.
+    """
+
+    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int], sigma: float) -> None:
+        super().__init__()
+        rows = gaussian_blur_matrix(size_out[0], sigma) @ bilinear_matrix(size_in[0], size_out[0])
+        cols = gaussian_blur_matrix(size_out[1], sigma) @ bilinear_matrix(size_in[1], size_out[1])
+        self.register_buffer("rows", paddle.to_tensor(rows.astype(np.float32)), persistable=True)
+        self.register_buffer("cols_t", paddle.to_tensor(cols.T.astype(np.float32)), persistable=True)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return paddle.matmul(paddle.matmul(self.rows, x), self.cols_t)
+
+
+class MahalanobisMap(nn.Layer):
+    """Distance of every position's feature to that position's Gaussian.
+
+    ``mean`` (P, k) and ``inv_cov`` (P, k, k) with P = h * w; ``forward(z)`` takes (N, k, h, w) and
+    returns sqrt((z - mean)^T inv_cov (z - mean)) as (N, 1, h, w).
+    """
+
+    def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.grid = tuple(grid)
+        self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
+        self.register_buffer(
+            "inv_cov", paddle.to_tensor(inv_cov.astype(np.float32)), persistable=True
+        )
+
+    def forward(self, z: paddle.Tensor) -> paddle.Tensor:
+        k = self.mean.shape[1]
+        h, w = self.grid
+        diff = paddle.transpose(paddle.reshape(z, [-1, k, h * w]), [2, 0, 1]) - self.mean.unsqueeze(1)
+        squared = paddle.sum(paddle.matmul(diff, self.inv_cov) * diff, axis=2)  # (P, N)
+        dist = paddle.sqrt(paddle.clip(squared, min=0.0))
+        return paddle.reshape(paddle.transpose(dist, [1, 0]), [-1, 1, h, w])
+
+
+class AnomalyMapHead(nn.Layer):
+    """Distance map (N, 1, h, w) -> smoothed anomaly map (N, 1, H, W) and image score (N,) = its max."""
+
+    def __init__(self, grid: tuple[int, int], image_size: tuple[int, int], sigma: float) -> None:
+        super().__init__()
+        self.smooth = SmoothUpsample(grid, image_size, sigma)
+
+    def forward(self, dist: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        amap = self.smooth(dist)
+        return amap, paddle.amax(amap, axis=[1, 2, 3])

@@ -1,0 +1,36 @@
+"""PaDiM model: a random subset of k of the F feature channels, kept in ascending order."""
+
+from __future__ import annotations
+
+import numpy as np
+from paddle import nn
+
+from engine.errors import ConfigError
+from models.backbone import layer_grid
+from models.gaussian_model import GaussianModel
+from models.projection import ChannelSubset
+
+
+class PadimModel(GaussianModel):
+    """Per-position Gaussian on k randomly chosen channels (``--method padim``)."""
+
+    method = "padim"
+
+    def _init_random(self, rng: np.random.Generator) -> None:
+        features = sum(self.trunk.channels)
+        if self.config.k > features:
+            raise ConfigError(
+                f"--k {self.config.k}: {self.config.arch} has {features} feature channels; "
+                f"use k <= {features}"
+            )
+        self.channels = np.sort(rng.choice(features, size=self.config.k, replace=False))
+
+    def embedding(self) -> nn.Layer:
+        grids = [layer_grid(self.config.image_size, name) for name in self.layers]
+        return ChannelSubset(self.channels, self.trunk.channels, grids)
+
+    def _random_arrays(self) -> dict[str, np.ndarray]:
+        return {"channels": self.channels.astype(np.int64)}
+
+    def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
+        self.channels = np.asarray(arrays["channels"], dtype=np.int64)
