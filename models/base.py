@@ -46,12 +46,13 @@ class ModelConfig:
     pretrained: str = "imagenet"
 
     def identity(self) -> dict[str, Any]:
-        """The fields a loaded checkpoint must match: method, arch, k and input size."""
+        """The fields a loaded checkpoint must match: method, arch, k and input sizes."""
         return {"method": self.method, "arch": self.arch, "k": self.k,
-                "image_size": self.image_size}
+                "image_size": self.image_size, "resize": self.resize}
 
 
-def _unpack(batch: Batch) -> tuple[np.ndarray, list[str] | None]:
+def unpack_batch(batch: Batch) -> tuple[np.ndarray, list[str] | None]:
+    """(images (B, 3, S, S) float32, paths or None) of an array or a loader batch dict."""
     if isinstance(batch, dict):
         return batch["images"], batch.get("paths")
     return np.asarray(batch, dtype=np.float32), None
@@ -118,7 +119,7 @@ class AnomalyModel(ABC):
     def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
         """Fit on an iterable of image batches (arrays or loader dicts), then finalise."""
         for batch in batches:
-            images, paths = _unpack(batch)
+            images, paths = unpack_batch(batch)
             self.partial_fit(images, paths)
         self.finalize()
         return self
@@ -137,7 +138,7 @@ class AnomalyModel(ABC):
         """Set the default threshold to the highest image score over ``batches`` of normal images."""
         best = -np.inf
         for batch in batches:
-            images, _ = _unpack(batch)
+            images, _ = unpack_batch(batch)
             best = max(best, float(self.score(images)[1].max()))
         if not np.isfinite(best):
             raise InputError("no calibration images: the training folder yielded no batches")

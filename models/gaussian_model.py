@@ -7,16 +7,18 @@ distance, upsampling, blur and image score are shared here.
 
 from __future__ import annotations
 
+import zlib
 from abc import abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import ClassVar
 
 import numpy as np
 import paddle
 from paddle import nn
 
-from engine.errors import CheckpointError
+from engine.errors import CheckpointError, InputError
 from engine.runtime import RunFn, compile_layer, run_chunked
-from models.base import AnomalyModel
+from models.base import AnomalyModel, Batch, unpack_batch
 from models.gaussian import GaussianAccumulator
 from models.layers import AnomalyMapHead, MahalanobisMap, ToRows
 
@@ -38,15 +40,26 @@ class _Pipeline(nn.Layer):
 
 
 class GaussianModel(AnomalyModel):
-    """Base of methods that fit one Gaussian per position of a k-dim embedding."""
+    """Base of methods that fit one Gaussian per position of a k-dim embedding.
+
+    Training images are split into two folds (by a hash of the file path, or alternately when no
+    paths are given), each with its own accumulator; the model is the Gaussian of their union.
+    The folds let :meth:`calibrate` score every training image with the Gaussian fitted on the
+    *other* fold, so the default threshold comes from out-of-sample scores.
+    """
+
+    folds_count: ClassVar[int] = 2
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         positions = self.grid[0] * self.grid[1]
-        self.accumulator = GaussianAccumulator(positions, self.config.k)
+        self.folds = [GaussianAccumulator(positions, self.config.k) for _ in range(self.folds_count)]
         self.mean: np.ndarray | None = None
         self.inv_cov: np.ndarray | None = None
+        self.n_train = 0
         self._embedder: RunFn | None = None
+        self._fold_scorers: list[RunFn] = []
+        self._fold_stats: list[tuple[np.ndarray, np.ndarray]] = []
 
     @abstractmethod
     def embedding(self) -> nn.Layer:
@@ -60,20 +73,59 @@ class GaussianModel(AnomalyModel):
         for part, (z,) in run_chunked(self._embedder, images, self.runtime.chunk):
             yield part, z
 
+    def fold_of(self, path: str | None, position: int) -> int:
+        """Fold of a training image: CRC32 of its path, else its running position."""
+        key = zlib.crc32(path.encode()) if path else position
+        return key % self.folds_count
+
     def partial_fit(self, images: np.ndarray, paths: Sequence[str] | None = None) -> None:
         for part, z in self.embed(images):
-            self.check_finite(z, paths[part] if paths else None)
-            self.accumulator.update(z)
+            names = list(paths[part]) if paths else [None] * len(z)
+            self.check_finite(z, names if paths else None)
+            for row, name in zip(z, names, strict=True):
+                self.folds[self.fold_of(name, self.n_train)].update(row[None])
+                self.n_train += 1
+
+    def fit_state(self) -> GaussianAccumulator:
+        """The accumulated statistics of all folds together (a new accumulator)."""
+        total = GaussianAccumulator(*self.folds[0].s1.shape)
+        for fold in self.folds:
+            total.merge(fold)
+        return total
 
     def finalize(self) -> None:
-        self.mean, self.inv_cov = self.accumulator.finalize(self.config.eps)
+        eps = self.config.eps
+        self.mean, self.inv_cov = self.fit_state().finalize(eps)
+        self._fold_stats = [fold.finalize(eps) for fold in self.folds if fold.count >= 2]
+        self._fold_scorers = []
         self.fitted = True
         self._scorer = None
 
-    @property
-    def n_train(self) -> int:
-        """Images seen by the fit."""
-        return self.accumulator.seen
+    def calibrate(self, batches: Iterable[Batch]) -> float:
+        """Threshold = highest out-of-fold image score over ``batches`` of training images.
+
+        Each image is scored by the Gaussian fitted on the other fold. Without fold statistics
+        (a loaded checkpoint, or a fold with fewer than 2 images) the full model scores them.
+        """
+        if len(self._fold_stats) < self.folds_count:
+            return super().calibrate(batches)
+        if not self._fold_scorers:
+            size = self.config.image_size
+            self._fold_scorers = [compile_layer(self._scoring_layer(*stats), size, self.runtime)
+                                  for stats in self._fold_stats]
+        best, position = -np.inf, 0
+        for batch in batches:
+            images, paths = unpack_batch(batch)
+            for i, image in enumerate(images):
+                fold = self.fold_of(paths[i] if paths else None, position)
+                other = self._fold_scorers[(fold + 1) % self.folds_count]
+                best = max(best, float(other(image[None])[1][0]))
+                position += 1
+        if not np.isfinite(best):
+            raise InputError("no calibration images: the training folder yielded no batches")
+        self.threshold = best
+        self._fold_stats, self._fold_scorers = [], []
+        return best
 
     def merge(self, other: GaussianModel) -> None:
         """Add the fit state of ``other`` (same configuration, disjoint images) to this one."""
@@ -83,13 +135,18 @@ class GaussianModel(AnomalyModel):
                    for n, a in self._random_arrays().items())
         ):
             raise CheckpointError("cannot merge fit states of different configurations or seeds")
-        self.accumulator.merge(other.accumulator)
+        for mine, theirs in zip(self.folds, other.folds, strict=True):
+            mine.merge(theirs)
+        self.n_train += other.n_train
 
-    def fused_layer(self) -> nn.Layer:
-        distance = MahalanobisMap(self.mean, self.inv_cov, self.grid)
+    def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray) -> nn.Layer:
+        distance = MahalanobisMap(mean, inv_cov, self.grid)
         size = (self.config.image_size, self.config.image_size)
         head = AnomalyMapHead(self.grid, size, self.config.sigma)
         return _Pipeline(self.trunk, self.embedding(), distance, head)
+
+    def fused_layer(self) -> nn.Layer:
+        return self._scoring_layer(self.mean, self.inv_cov)
 
     @abstractmethod
     def _random_arrays(self) -> dict[str, np.ndarray]:
@@ -97,23 +154,25 @@ class GaussianModel(AnomalyModel):
 
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = dict(self._random_arrays())
+        arrays["n_train"] = np.array(self.n_train, dtype=np.int64)
         if self.fitted:
-            arrays.update(mean=self.mean, inv_cov=self.inv_cov,
-                          n_train=np.array(self.accumulator.count))
-        else:
-            arrays.update({f"acc_{k}": v for k, v in self.accumulator.state().items()})
+            arrays.update(mean=self.mean, inv_cov=self.inv_cov)
+            return arrays
+        for index, fold in enumerate(self.folds):
+            arrays.update({f"fold{index}_{k}": v for k, v in fold.state().items()})
         return arrays
 
     def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
         self._restore_random(arrays)
+        self.n_train = int(arrays["n_train"])
         if fitted:
             self.mean = arrays["mean"]
             self.inv_cov = arrays["inv_cov"]
-            self.accumulator.count = int(arrays["n_train"])
             self.fitted = True
-        else:
-            state = {k[4:]: v for k, v in arrays.items() if k.startswith("acc_")}
-            self.accumulator.load_state(state)
+            return
+        for index, fold in enumerate(self.folds):
+            prefix = f"fold{index}_"
+            fold.load_state({k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)})
 
     @abstractmethod
     def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:

@@ -1,0 +1,94 @@
+"""Argument groups shared by the scripts, and the top-level error handling they all use."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from engine.errors import ToolkitError
+
+DEMO_ROOT = Path("data/demo")
+
+
+def str2bool(value: str | bool) -> bool:
+    """Parse True/False style flags the way Paddle's tools do (``--use_gpu True``)."""
+    if isinstance(value, bool):
+        return value
+    lowered = value.strip().lower()
+    if lowered in ("true", "t", "yes", "y", "1"):
+        return True
+    if lowered in ("false", "f", "no", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """--data_path, --category, --resize, --crop_size, --batch_size, --num_workers."""
+    group = parser.add_argument_group("data")
+    group.add_argument("--data_path", default=None,
+                       help=f"dataset root in MVTec AD layout (default: demo data in {DEMO_ROOT})")
+    group.add_argument("--category", default="all",
+                       help="a category, a comma list, all, textures or objects (default: all)")
+    group.add_argument("--resize", type=int, default=256, help="square resize side (default 256)")
+    group.add_argument("--crop_size", type=int, default=None,
+                       help="centre crop side, the network input (default: = resize)")
+    group.add_argument("--batch_size", type=int, default=32, help="images per batch (default 32)")
+    group.add_argument("--num_workers", type=int, default=2,
+                       help="image-loading threads, 0 = load in the main thread (default 2)")
+
+
+def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+    """--method, --arch, --k, --eps, --seed, --pretrained."""
+    group = parser.add_argument_group("model")
+    if with_method:
+        group.add_argument("--method", default="ortho", help="ortho or padim (default ortho)")
+    group.add_argument("--arch", default="resnet18",
+                       help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
+    group.add_argument("--k", type=int, default=100, help="embedding dimension (default 100)")
+    group.add_argument("--eps", type=float, default=0.01,
+                       help="covariance regulariser eps*I (default 0.01)")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of every random draw (projection, channels, random init)")
+    group.add_argument("--pretrained", default="imagenet",
+                       help="imagenet (Paddle's download and cache), PATH.pdparams, or none")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """--device, --engine, --cpu_threads, --enable_mkldnn."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
+    group.add_argument("--engine", default="inference", choices=("inference", "dynamic"),
+                       help="inference: Paddle Inference predictor (fast, default); "
+                            "dynamic: eager Paddle")
+    group.add_argument("--cpu_threads", type=int, default=min(os.cpu_count() or 1, 8),
+                       help="CPU math threads of the predictor")
+    group.add_argument("--enable_mkldnn", type=str2bool, default=True,
+                       help="use oneDNN on the CPU (default True)")
+
+
+def add_eval_args(parser: argparse.ArgumentParser) -> None:
+    """--eval_PRO, --non_partial_AUC."""
+    parser.add_argument("--eval_PRO", action="store_true", help="also compute the PRO score")
+    parser.add_argument("--non_partial_AUC", action="store_true",
+                        help="AUROC by the midpoint-rectangle rule of the reference reproduction")
+
+
+def model_dir(save_path: str, method: str, arch: str, k: int) -> Path:
+    """Folder of a configuration's checkpoints: SAVE_PATH/<method>_<arch>_<k>."""
+    return Path(save_path) / f"{method}_{arch}_{k}"
+
+
+def run_main(main: Callable[[list[str] | None], int]) -> None:
+    """Run a script's main; a ToolkitError becomes one ``error:`` line and exit status 2."""
+    try:
+        code = main(None)
+    except ToolkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

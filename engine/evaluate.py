@@ -1,0 +1,116 @@
+"""Scoring a test set and turning the scores into the results table."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import InputError
+from engine.io import atomic_write_text
+from engine.metrics import pro_auc, roc_auc
+
+COLUMNS = ("category", "image_auroc", "pixel_auroc", "pro")
+
+
+@dataclass
+class ScoredSet:
+    """A scored test set: image scores and labels (N,), maps (N, S, S), masks (N, S, S) or None."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: np.ndarray
+    masks: np.ndarray | None
+
+
+def score_batches(model: Any, batches: Iterable[dict[str, Any]]) -> ScoredSet:
+    """Run ``model.score`` over loader batches and stack the results.
+
+    Masks are kept only if every image has one (good images have all-zero masks).
+    """
+    scores, labels, maps, masks = [], [], [], []
+    complete = True
+    for batch in batches:
+        amaps, image_scores = model.score(batch["images"])
+        bad = ~np.isfinite(image_scores)
+        if bad.any():
+            raise InputError(
+                f"{batch['paths'][int(np.argmax(bad))]}: the anomaly score is NaN or inf; "
+                "check the image and the checkpoint"
+            )
+        scores.append(image_scores)
+        labels.append(batch["labels"])
+        maps.append(amaps.astype(np.float32, copy=False))
+        complete = complete and all(m is not None for m in batch["masks"])
+        if complete:
+            masks.append(np.stack(batch["masks"]))
+    if not scores:
+        raise InputError("no test images were scored")
+    return ScoredSet(
+        scores=np.concatenate(scores),
+        labels=np.concatenate(labels),
+        maps=np.concatenate(maps),
+        masks=np.concatenate(masks) if complete else None,
+    )
+
+
+def metrics(scored: ScoredSet, category: str, eval_pro: bool, rule: str) -> dict[str, Any]:
+    """Image AUROC, pixel AUROC and PRO of one category (None where not computable)."""
+    row: dict[str, Any] = {"category": category, "image_auroc": None, "pixel_auroc": None,
+                           "pro": None}
+    if len(np.unique(scored.labels)) == 2:
+        row["image_auroc"] = roc_auc(scored.labels, scored.scores, rule=rule)
+    else:
+        print(f"{category}: test set has only one class; image AUROC skipped", file=sys.stderr)
+    if scored.masks is None or not scored.masks.any():
+        print(f"{category}: some defective test images have no mask; pixel metrics skipped",
+              file=sys.stderr)
+        return row
+    row["pixel_auroc"] = roc_auc(scored.masks, scored.maps, rule=rule)
+    if eval_pro:
+        row["pro"] = pro_auc(scored.masks.astype(bool), scored.maps)
+    return row
+
+
+def with_mean(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows plus a last row ``mean`` (mean of each metric over the rows that have it)."""
+    mean: dict[str, Any] = {"category": "mean"}
+    for column in COLUMNS[1:]:
+        values = [row[column] for row in rows if row[column] is not None]
+        mean[column] = float(np.mean(values)) if values else None
+    return [*rows, mean]
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return value if isinstance(value, str) else f"{value:.{digits}f}"
+
+
+def render_csv(rows: Sequence[dict[str, Any]]) -> str:
+    """CSV text: header ``category,image_auroc,pixel_auroc,pro`` and one line per row."""
+    lines = [",".join(COLUMNS)]
+    lines += [",".join(_cell(row[c], 6) for c in COLUMNS) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The same table as Markdown, 4 decimals."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_cell(row[c], 4) or "-" for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(folder: Path, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Write results.csv and results.md (with the mean row) into ``folder`` and print the table."""
+    table = with_mean(rows)
+    atomic_write_text(folder / "results.csv", render_csv(table))
+    atomic_write_text(folder / "results.md", render_markdown(table))
+    print(render_markdown(table), end="")
+    print(f"wrote {folder / 'results.csv'} and {folder / 'results.md'}")
+    return table

@@ -1,0 +1,59 @@
+"""Evaluate saved checkpoints on the test split: image AUROC, pixel AUROC and PRO.
+
+    python eval.py --data_path PATH/TO/MVTec --category all --method ortho --arch resnet18 --k 100
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from engine.cli import (
+    add_data_args,
+    add_eval_args,
+    add_model_args,
+    add_runtime_args,
+    model_dir,
+    run_main,
+)
+from engine.evaluate import write_results
+from engine.workflow import categories, config_from, data_root, evaluate_category, runtime_from
+from models import load_model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    parser.add_argument("--model_path", default=None,
+                        help="folder of <category>.npz checkpoints, or one .npz file "
+                             "(default: ./output/<method>_<arch>_<k>)")
+    parser.add_argument("--save_path", default=None,
+                        help="where results.csv/md go (default: the checkpoint folder)")
+    add_eval_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = data_root(args)
+    names = categories(args, root)
+    runtime = runtime_from(args)
+    given = Path(args.model_path) if args.model_path else None
+    folder = given or model_dir("./output", args.method, args.arch, args.k)
+    expect = config_from(args).identity()
+    rows = []
+    for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
+        path = folder if folder.suffix == ".npz" else folder / f"{category}.npz"
+        model = load_model(str(path), expect=expect, runtime=runtime)
+        rows.append(evaluate_category(args, root, category, model))
+    out = Path(args.save_path) if args.save_path else (folder.parent if folder.suffix else folder)
+    write_results(out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,60 @@
+"""Fit a model per category on defect-free images; optionally evaluate it.
+
+    python train.py --data_path PATH/TO/MVTec --category all --method ortho --arch wide_resnet50_2 \
+        --k 300 --eval --eval_PRO
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tqdm import tqdm
+
+from engine.cli import (
+    add_data_args,
+    add_eval_args,
+    add_model_args,
+    add_runtime_args,
+    model_dir,
+    run_main,
+)
+from engine.evaluate import write_results
+from engine.workflow import categories, data_root, evaluate_category, fit_category, runtime_from
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    parser.add_argument("--save_path", default="./output",
+                        help="checkpoints go to SAVE_PATH/<method>_<arch>_<k>/ (default ./output)")
+    parser.add_argument("--calib_images", type=int, default=200,
+                        help="training images scored to set the default threshold (0 = all)")
+    parser.add_argument("--eval", action="store_true", help="evaluate on the test split after fitting")
+    add_eval_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = data_root(args)
+    names = categories(args, root)
+    runtime = runtime_from(args)
+    folder = model_dir(args.save_path, args.method, args.arch, args.k)
+    rows = []
+    for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
+        model = fit_category(args, root, category, runtime)
+        path = folder / f"{category}.npz"
+        model.save(str(path))
+        print(f"{category}: fitted on {model.n_train} images, threshold {model.threshold:.4f}, "
+              f"saved {path}")
+        if args.eval:
+            rows.append(evaluate_category(args, root, category, model))
+    if args.eval:
+        write_results(folder, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)
