@@ -2,6 +2,7 @@
 
     python train.py --data_path PATH/TO/MVTec --category all --method ortho --arch wide_resnet50_2 \
         --k 300 --eval --eval_PRO
+    python -m paddle.distributed.launch --nproc_per_node 2 train.py ...   # one fit, 2 processes
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ from engine.cli import (
     model_dir,
     run_main,
 )
+from engine.distributed import current_world
 from engine.evaluate import write_results
-from engine.workflow import categories, data_root, evaluate_category, fit_category, runtime_from
+from engine.workflow import (
+    categories,
+    data_root,
+    evaluate_category,
+    fit_category,
+    fit_state_path,
+    runtime_from,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +40,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="checkpoints go to SAVE_PATH/<method>_<arch>_<k>/ (default ./output)")
     parser.add_argument("--calib_images", type=int, default=200,
                         help="training images scored to set the default threshold (0 = all)")
+    parser.add_argument("--save_every", type=int, default=0,
+                        help="save the fit state every N images for --resume (default 0: never)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted fit from its saved fit state")
     parser.add_argument("--eval", action="store_true", help="evaluate on the test split after fitting")
     add_eval_args(parser)
     return parser.parse_args(argv)
@@ -38,20 +51,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    world = current_world()
     root = data_root(args)
     names = categories(args, root)
-    runtime = runtime_from(args)
+    runtime = runtime_from(args, world)
     folder = model_dir(args.save_path, args.method, args.arch, args.k)
     rows = []
-    for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
-        model = fit_category(args, root, category, runtime)
+    quiet = len(names) < 2 or not world.is_main
+    for category in tqdm(names, desc="categories", unit="cat", disable=quiet):
+        model = fit_category(args, root, category, runtime, world)
+        if model is None:  # not the main process: its statistics went to rank 0
+            continue
         path = folder / f"{category}.npz"
         model.save(str(path))
+        fit_state_path(args, category).unlink(missing_ok=True)
         print(f"{category}: fitted on {model.n_train} images, threshold {model.threshold:.4f}, "
               f"saved {path}")
         if args.eval:
             rows.append(evaluate_category(args, root, category, model))
-    if args.eval:
+    if args.eval and world.is_main:
         write_results(folder, rows)
     return 0
 

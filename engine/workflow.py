@@ -3,21 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, resolve_categories
+from datasets import (
+    AnomalyDataset,
+    BatchLoader,
+    Preprocess,
+    Sample,
+    list_samples,
+    resolve_categories,
+    shard_indices,
+)
 from datasets.synthetic import generate
-from engine.cli import DEMO_ROOT
-from engine.device import select_device
+from engine.cli import DEMO_ROOT, model_dir
+from engine.device import parse_device, select_device
+from engine.distributed import Collective, World
+from engine.errors import CheckpointError, ConfigError
 from engine.evaluate import metrics, score_batches
 from engine.runtime import Runtime
-from models import AnomalyModel, ModelConfig, build_model
+from models import AnomalyModel, ModelConfig, build_model, load_model
 
 
 def data_root(args: argparse.Namespace) -> Path:
@@ -39,10 +51,16 @@ def preprocess_from(args: argparse.Namespace) -> Preprocess:
     return Preprocess(resize=args.resize, crop_size=args.crop_size)
 
 
-def runtime_from(args: argparse.Namespace) -> Runtime:
-    """Runtime from --device / --engine / --cpu_threads / --enable_mkldnn (device is checked)."""
-    select_device(args.device)
-    return Runtime(engine=args.engine, device=args.device, cpu_threads=args.cpu_threads,
+def runtime_from(args: argparse.Namespace, world: World | None = None) -> Runtime:
+    """Runtime from --device / --engine / --cpu_threads / --enable_mkldnn (device is checked).
+
+    Launched on GPUs, each process takes the GPU the launcher selected for it.
+    """
+    device = args.device
+    if world is not None and world.size > 1 and parse_device(device)[0] == "gpu":
+        device = f"gpu:{os.environ.get('FLAGS_selected_gpus', world.local_rank)}"
+    device = select_device(device)
+    return Runtime(engine=args.engine, device=device, cpu_threads=args.cpu_threads,
                    enable_mkldnn=args.enable_mkldnn)
 
 
@@ -53,9 +71,11 @@ def config_from(args: argparse.Namespace) -> ModelConfig:
                        seed=args.seed, pretrained=args.pretrained)
 
 
-def with_progress(loader: BatchLoader, total: int, desc: str) -> Iterator[dict[str, Any]]:
+def with_progress(loader: BatchLoader, total: int, desc: str,
+                  show: bool = True) -> Iterator[dict[str, Any]]:
     """Yield the loader's batches while a tqdm bar counts images."""
-    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False,
+              disable=not show) as bar:
         for batch in loader:
             yield batch
             bar.update(len(batch["paths"]))
@@ -68,15 +88,66 @@ def calibration_indices(count: int, limit: int) -> list[int]:
     return sorted(set(np.linspace(0, count - 1, limit).round().astype(int).tolist()))
 
 
-def fit_category(args: argparse.Namespace, root: Path, category: str,
-                 runtime: Runtime) -> AnomalyModel:
-    """Fit one category on its train/good images, set the threshold, return the model."""
-    preprocess = preprocess_from(args)
-    dataset = AnomalyDataset(list_samples(root, category, "train"), preprocess)
-    model = build_model(config_from(args), runtime)
-    model.category = category
-    loader = BatchLoader(dataset, args.batch_size, args.num_workers)
-    model.fit(with_progress(loader, len(dataset), f"fit {category}"))
+def fit_state_path(args: argparse.Namespace, category: str) -> Path:
+    """Where an unfinished fit of ``category`` is saved for --resume."""
+    return model_dir(args.save_path, args.method, args.arch, args.k) / f"{category}.fitstate.npz"
+
+
+def samples_digest(samples: Sequence[Sample]) -> str:
+    """SHA-256 of the ordered training file list (a resumed fit must see the same list)."""
+    return hashlib.sha256("\n".join(str(s.path) for s in samples).encode()).hexdigest()
+
+
+def _start(args: argparse.Namespace, category: str, runtime: Runtime,
+           digest: str) -> AnomalyModel:
+    """A new model, or with --resume the saved fit state of an interrupted run."""
+    path = fit_state_path(args, category)
+    if not args.resume or not path.is_file():
+        if args.resume:
+            print(f"{category}: no fit state at {path}; starting from the beginning", file=sys.stderr)
+        model = build_model(config_from(args), runtime)
+        model.category = category
+        return model
+    model = load_model(str(path), expect=config_from(args).identity(), runtime=runtime)
+    if model.fitted or model.meta.get("train_images_sha256") != digest:
+        raise CheckpointError(
+            f"{path}: this fit state belongs to another list of training images (or is finished); "
+            "delete it to start over, or restore the training folder"
+        )
+    print(f"{category}: resuming after {model.n_train} images from {path}", file=sys.stderr)
+    return model
+
+
+def fit_category(args: argparse.Namespace, root: Path, category: str, runtime: Runtime,
+                 world: World) -> AnomalyModel | None:
+    """Fit one category on (this process's shard of) its train/good images.
+
+    Saves the fit state every --save_every images, resumes from it with --resume; with several
+    processes, combines their statistics. Returns the finalised and calibrated model on the main
+    process, None on the others.
+    """
+    samples = list_samples(root, category, "train")
+    dataset = AnomalyDataset(samples, preprocess_from(args))
+    if world.size > 1 and (args.resume or args.save_every):
+        raise ConfigError("--resume and --save_every work in a single process; drop them or "
+                          "run without paddle.distributed.launch")
+    digest = samples_digest(samples)
+    model = _start(args, category, runtime, digest)
+    collective = Collective(world) if world.size > 1 else None
+    shard = shard_indices(len(dataset), world.rank, world.size)[model.n_train:]
+    loader = BatchLoader(dataset, args.batch_size, args.num_workers, indices=shard)
+    saved = model.n_train
+    for batch in with_progress(loader, len(shard), f"fit {category}", world.is_main):
+        model.partial_fit(batch["images"], batch["paths"])
+        if args.save_every and model.n_train - saved >= args.save_every:
+            model.save(str(fit_state_path(args, category)),
+                       extra={"train_images_sha256": digest})
+            saved = model.n_train
+    if collective is not None:
+        model.reduce_across(collective)
+    if not world.is_main:
+        return None
+    model.finalize()
     picked = calibration_indices(len(dataset), args.calib_images)
     calib = BatchLoader(dataset, args.batch_size, args.num_workers, indices=picked)
     model.calibrate(with_progress(calib, len(picked), f"threshold {category}"))

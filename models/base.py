@@ -22,6 +22,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from engine.distributed import Collective
 from engine.errors import CheckpointError, ConfigError, InputError
 from engine.runtime import RunFn, Runtime, compile_layer, run_chunked
 from models.backbone import ResNetTrunk, build_trunk, layer_grid, weights_digest
@@ -71,6 +72,7 @@ class AnomalyModel(ABC):
         self.threshold: float | None = None
         self.fitted = False
         self.category = ""
+        self.meta: dict[str, Any] = {}
         self._scorer: RunFn | None = None
 
     # -- construction ------------------------------------------------------------------------
@@ -134,6 +136,13 @@ class AnomalyModel(ABC):
         amaps = np.concatenate([amap for amap, _ in outputs])
         return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
 
+    def reduce_across(self, collective: Collective) -> None:
+        """Combine the fit states of all processes of a launched job (see engine.distributed)."""
+        raise ConfigError(
+            f"--method {self.method} cannot be fitted across processes; run train.py as a "
+            "single process (without paddle.distributed.launch)"
+        )
+
     def calibrate(self, batches: Iterable[Batch]) -> float:
         """Set the default threshold to the highest image score over ``batches`` of normal images."""
         best = -np.inf
@@ -158,8 +167,11 @@ class AnomalyModel(ABC):
                 f"({self.config.pretrained})"
             )
 
-    def save(self, path: str) -> None:
-        """Write the model (fit state if not finalised, statistics if fitted) to ``path``."""
+    def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
+        """Write the model (fit state if not finalised, statistics if fitted) to ``path``.
+
+        ``extra`` adds JSON-able fields to the metadata (e.g. the resume position of a fit).
+        """
         trunk_arrays = self.trunk.weight_arrays()
         meta = {
             **dataclasses.asdict(self.config),
@@ -168,6 +180,7 @@ class AnomalyModel(ABC):
             "category": self.category,
             "backbone_sha256": weights_digest(trunk_arrays),
             "paddle_version": paddle.__version__,
+            **(extra or {}),
         }
         arrays = {_TRUNK_PREFIX + name: value for name, value in trunk_arrays.items()}
         arrays.update(self._arrays())
@@ -190,6 +203,7 @@ class AnomalyModel(ABC):
         model = cls(config, trunk, runtime)
         model.threshold = meta.get("threshold")
         model.category = meta.get("category", "")
+        model.meta = meta
         try:
             model._restore(arrays, fitted=meta.get("stage") == "final")
         except (KeyError, ValueError) as exc:

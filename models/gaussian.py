@@ -2,12 +2,12 @@
 
 Features arrive image by image as (P, k) float32 rows and are copied, minus a per-position shift
 ``c``, into a block buffer (B, P, k). When the block is full its shifted sum and scatter are folded
-into float64 totals with one batched GEMM::
+into float64 totals with batched GEMMs::
 
     s1 += sum_b (z_b - c)          s2 += sum_b (z_b - c)(z_b - c)^T
 
-``c`` is the mean of the first block, so the shifted values are centred and the float32 GEMM loses
-no precision to a large mean; the totals are float64. The canonical state is (n, mean, M2) with
+``c`` is the mean of the first block, so the shifted values are centred and the sums lose no
+precision to a large mean; products and sums are float64. The canonical state is (n, mean, M2) with
 ``mean = c + s1 / n`` and ``M2 = s2 - s1 s1^T / n``; states of disjoint image sets merge with the
 pairwise rule of Chan et al. (``M2 = M2_a + M2_b + d d^T na nb / n``, d the difference of means), so
 fits on shards combine exactly. Memory does not depend on the number of images.
@@ -20,6 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from engine.distributed import Collective
 from engine.errors import ConfigError
 
 
@@ -42,7 +43,6 @@ class GaussianAccumulator:
         self._buffers: list[np.ndarray] = []
         self._current = 0
         self._filled = 0
-        self._gram: np.ndarray | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
@@ -92,13 +92,15 @@ class GaussianAccumulator:
             pending.result()
 
     def _fold(self, block: np.ndarray) -> None:
-        """Add one shifted block (B, P, k) to s1, s2 and the count."""
-        if self._gram is None:
-            self._gram = np.empty((self.positions, self.dims, self.dims), dtype=np.float32)
+        """Add one shifted block (B, P, k) to s1, s2 and the count (float64 products and sums)."""
+        step = max(1, (1 << 24) // (block.shape[0] * self.dims))  # about 128 MB of float64 a slice
         with threadpool_limits(1, user_api="blas"):
-            np.matmul(block.transpose(1, 2, 0), block.transpose(1, 0, 2), out=self._gram)
-        self.s2 += self._gram
-        self.s1 += block.sum(axis=0)
+            for start in range(0, self.positions, step):
+                part = block[:, start : start + step, :].astype(np.float64)
+                self.s2[start : start + step] += np.matmul(
+                    part.transpose(1, 2, 0), part.transpose(1, 0, 2)
+                )
+        self.s1 += block.sum(axis=0, dtype=np.float64)
         self.count += block.shape[0]
 
     def state(self) -> dict[str, np.ndarray]:
@@ -142,6 +144,30 @@ class GaussianAccumulator:
         scatter += (n_a * n_b / total) * (delta[:, :, None] * delta[:, None, :])
         mean = a["mean"] + delta * (n_b / total)
         self.load_state({"count": np.array(total), "mean": mean, "scatter": scatter})
+
+    def reduce_across(self, collective: Collective) -> None:
+        """Replace the totals by those of the union of all processes' images.
+
+        Each process expresses its state as sums about a common reference (process 0's mean):
+        ``n``, ``s1 = n (mean - c)``, ``s2 = M2 + n (mean - c)(mean - c)^T``; these add up, so one
+        all-reduce of each gives the totals, which are turned back into (n, mean, M2).
+        """
+        state = self.state()
+        reference = collective.broadcast(state["mean"])
+        offset = state["mean"] - reference
+        count = float(state["count"])
+        s1 = collective.all_reduce_sum(count * offset)
+        s2 = collective.all_reduce_sum(
+            state["scatter"] + count * (offset[:, :, None] * offset[:, None, :])
+        )
+        total = int(round(float(collective.all_reduce_sum(np.array([count]))[0])))
+        if not total:
+            self.load_state({"count": np.array(0), "mean": reference, "scatter": s2})
+            return
+        mean_offset = s1 / total
+        scatter = s2 - total * (mean_offset[:, :, None] * mean_offset[:, None, :])
+        self.load_state({"count": np.array(total), "mean": reference + mean_offset,
+                         "scatter": scatter})
 
     def covariance(self, eps: float) -> np.ndarray:
         """Unbiased covariance + eps*I per position, (P, k, k) float64."""

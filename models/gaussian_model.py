@@ -16,6 +16,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from engine.distributed import Collective
 from engine.errors import CheckpointError, InputError
 from engine.runtime import RunFn, compile_layer, run_chunked
 from models.base import AnomalyModel, Batch, unpack_batch
@@ -138,6 +139,12 @@ class GaussianModel(AnomalyModel):
         for mine, theirs in zip(self.folds, other.folds, strict=True):
             mine.merge(theirs)
         self.n_train += other.n_train
+
+    def reduce_across(self, collective: Collective) -> None:
+        """Turn this process's fit state into that of all processes' images together."""
+        for fold in self.folds:
+            fold.reduce_across(collective)
+        self.n_train = sum(fold.count for fold in self.folds)
 
     def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray) -> nn.Layer:
         distance = MahalanobisMap(mean, inv_cov, self.grid)
