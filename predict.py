@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     reporter = Reporter(args.save_path, threshold)
     names = output_names(paths)
     for chunk, images in batches(paths, preprocess, args.batch_size):
-        amaps, scores = model.score(images)
+        amaps, scores = model.score(images, [str(p) for p in chunk])
         for path, image, amap, score in zip(chunk, images, amaps, scores, strict=True):
             reporter.add(path, names[paths.index(path)], image, amap, float(score))
     print(f"wrote {len(paths)} pictures and {reporter.write_jsonl()}")

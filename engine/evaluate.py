@@ -36,7 +36,7 @@ def score_batches(model: Any, batches: Iterable[dict[str, Any]]) -> ScoredSet:
     scores, labels, maps, masks = [], [], [], []
     complete = True
     for batch in batches:
-        amaps, image_scores = model.score(batch["images"])
+        amaps, image_scores = model.score(batch["images"], batch["paths"])
         bad = ~np.isfinite(image_scores)
         if bad.any():
             raise InputError(

@@ -126,12 +126,18 @@ class AnomalyModel(ABC):
         self.finalize()
         return self
 
-    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Anomaly maps (B, S, S) and image scores (B,) of images (B, 3, S, S), both float32."""
+    def score(self, images: np.ndarray,
+              paths: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Anomaly maps (B, S, S) and image scores (B,) of images (B, 3, S, S), both float32.
+
+        ``paths`` (optional) name the images in errors.
+        """
         if not self.fitted:
             raise ConfigError("the model is not fitted yet: call fit() or load a checkpoint")
+        images = np.asarray(images, dtype=np.float32)
+        self.check_finite(images, paths, "pixel values")
         if self._scorer is None:
-            self._scorer = compile_layer(self.fused_layer(), self.config.image_size, self.runtime)
+            self._scorer = self.compile(self.fused_layer())
         outputs = [out for _, out in run_chunked(self._scorer, images, self.runtime.chunk)]
         amaps = np.concatenate([amap for amap, _ in outputs])
         return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
@@ -154,18 +160,34 @@ class AnomalyModel(ABC):
         self.threshold = best
         return best
 
-    def check_finite(self, features: np.ndarray, paths: Sequence[str] | None) -> None:
-        """Raise an InputError naming the first image whose features (B, ...) are not finite."""
-        if np.isfinite(features.sum(dtype=np.float64)):
+    def compile(self, layer: nn.Layer) -> RunFn:
+        """``layer`` (input: images (N, 3, S, S)) as a function on numpy arrays, in the runtime.
+
+        Checks first that the trunk weights are finite: a NaN weight would otherwise vanish in a
+        ReLU and give silently wrong scores.
+        """
+        for name, tensor in self.trunk.state_dict().items():
+            if not np.isfinite(tensor.numpy()).all():
+                raise CheckpointError(
+                    f"backbone weight {name} contains NaN or inf (weights: {self.config.pretrained}); "
+                    "use intact weights"
+                )
+        return compile_layer(layer, self.config.image_size, self.runtime)
+
+    def check_finite(self, values: np.ndarray, paths: Sequence[str] | None, what: str) -> None:
+        """Raise an InputError naming the first image whose ``values`` (B, ...) are not finite.
+
+        Images are checked before the network (its ReLUs would turn NaN into 0) and features after.
+        """
+        if np.isfinite(values.sum(dtype=np.float64)):
             return
-        finite = np.isfinite(features.reshape(features.shape[0], -1)).all(axis=1)
-        if not finite.all():
-            i = int(np.argmin(finite))
-            name = paths[i] if paths else f"image {i} of the batch"
-            raise InputError(
-                f"{name}: features contain NaN or inf; check the image and the backbone weights "
-                f"({self.config.pretrained})"
-            )
+        finite = np.isfinite(values.reshape(values.shape[0], -1)).all(axis=1)
+        i = int(np.argmin(finite))
+        name = paths[i] if paths else f"image {i} of the batch"
+        raise InputError(
+            f"{name}: {what} contain NaN or inf; check the image and the backbone weights "
+            f"({self.config.pretrained})"
+        )
 
     def save(self, path: str, extra: dict[str, Any] | None = None) -> None:
         """Write the model (fit state if not finalised, statistics if fitted) to ``path``.

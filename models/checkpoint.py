@@ -44,7 +44,7 @@ def read_npz(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         with np.load(path, allow_pickle=False) as data:
             arrays = {name: data[name] for name in data.files}
         meta = json.loads(str(arrays.pop(_META_KEY)))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
         raise CheckpointError(
             f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
             "it may be truncated or from another tool: train it again"

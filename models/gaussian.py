@@ -23,16 +23,37 @@ from threadpoolctl import threadpool_limits
 from engine.distributed import Collective
 from engine.errors import ConfigError
 
+_CHUNK = 256  # positions per slice in the float64 passes: bounds their temporaries
+_folder: ThreadPoolExecutor | None = None
+
+
+def _fold_executor() -> ThreadPoolExecutor:
+    """The one background thread of the process: folds of all accumulators run in turn, so their
+    temporaries never add up and each accumulator's blocks are folded in submission order."""
+    global _folder
+    if _folder is None:
+        _folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gaussian-fold")
+    return _folder
+
+
+def add_outer(target: np.ndarray, vectors: np.ndarray, weight: float) -> np.ndarray:
+    """target (P, k, k) += weight * v v^T for each row v of ``vectors`` (P, k); in place, sliced."""
+    for start in range(0, len(vectors), _CHUNK):
+        v = vectors[start : start + _CHUNK]
+        target[start : start + _CHUNK] += weight * (v[:, :, None] * v[:, None, :])
+    return target
+
 
 class GaussianAccumulator:
     """Per-position mean and scatter of k-dim features over P positions.
 
     Full blocks are folded on a background thread (the GEMM releases the GIL) while the caller
     computes the next features; blocks are folded one at a time, in order, so results do not depend
-    on timing. Two block buffers alternate, so memory stays bounded.
+    on timing. Two block buffers alternate, so memory stays bounded: 2 x block x P x k float32 plus
+    the float64 totals.
     """
 
-    def __init__(self, positions: int, dims: int, block: int = 64) -> None:
+    def __init__(self, positions: int, dims: int, block: int = 32) -> None:
         self.positions = positions
         self.dims = dims
         self.block = block
@@ -43,7 +64,6 @@ class GaussianAccumulator:
         self._buffers: list[np.ndarray] = []
         self._current = 0
         self._filled = 0
-        self._executor: ThreadPoolExecutor | None = None
         self._pending: Future | None = None
 
     @property
@@ -74,15 +94,18 @@ class GaussianAccumulator:
             self._submit()
         self._wait()
 
+    def release(self) -> None:
+        """Flush, then free the block buffers (they are allocated again if more data comes)."""
+        self.flush()
+        self._buffers = []
+
     def _submit(self) -> None:
         block = self._buffers[self._current][: self._filled]
         if self.shift is None:
             self.shift = block.mean(axis=0)
             block -= self.shift
         self._wait()
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gaussian-fold")
-        self._pending = self._executor.submit(self._fold, block)
+        self._pending = _fold_executor().submit(self._fold, block)
         self._current = 1 - self._current
         self._filled = 0
 
@@ -93,11 +116,10 @@ class GaussianAccumulator:
 
     def _fold(self, block: np.ndarray) -> None:
         """Add one shifted block (B, P, k) to s1, s2 and the count (float64 products and sums)."""
-        step = max(1, (1 << 24) // (block.shape[0] * self.dims))  # about 128 MB of float64 a slice
         with threadpool_limits(1, user_api="blas"):
-            for start in range(0, self.positions, step):
-                part = block[:, start : start + step, :].astype(np.float64)
-                self.s2[start : start + step] += np.matmul(
+            for start in range(0, self.positions, _CHUNK):
+                part = block[:, start : start + _CHUNK, :].astype(np.float64)
+                self.s2[start : start + _CHUNK] += np.matmul(
                     part.transpose(1, 2, 0), part.transpose(1, 0, 2)
                 )
         self.s1 += block.sum(axis=0, dtype=np.float64)
@@ -111,39 +133,51 @@ class GaussianAccumulator:
                     "mean": np.zeros((self.positions, self.dims)),
                     "scatter": np.zeros((self.positions, self.dims, self.dims))}
         offset = self.s1 / self.count
-        scatter = self.s2 - self.count * (offset[:, :, None] * offset[:, None, :])
+        scatter = add_outer(self.s2.copy(), offset, -self.count)
         return {"count": np.array(self.count, dtype=np.int64),
                 "mean": self.shift.astype(np.float64) + offset, "scatter": scatter}
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
-        """Replace the totals by canonical ``state`` (as returned by :meth:`state`)."""
-        mean = np.asarray(state["mean"], dtype=np.float64)
+        """Replace the totals by canonical ``state`` (as returned by :meth:`state`).
+
+        ``state`` is left unchanged.
+        """
+        self._set_state(state["count"], state["mean"], np.array(state["scatter"], dtype=np.float64))
+
+    def _set_state(self, count: np.ndarray, mean: np.ndarray, scatter: np.ndarray) -> None:
+        """Like :meth:`load_state`, but takes over (and changes) ``scatter`` instead of copying."""
+        mean = np.asarray(mean, dtype=np.float64)
         if mean.shape != (self.positions, self.dims):
             raise ValueError(f"state of shape {mean.shape}, expected ({self.positions}, {self.dims})")
         self.flush()
-        self.count = int(state["count"])
+        self.count = int(count)
         # re-centre exactly on the mean: s1 = 0, s2 = M2 (float32 shift, offset kept in s1)
         self.shift = mean.astype(np.float32) if self.count else None
         residual = mean - self.shift if self.count else np.zeros_like(mean)
         self.s1 = residual * self.count
-        self.s2 = np.array(state["scatter"], dtype=np.float64) + self.count * (
-            residual[:, :, None] * residual[:, None, :]
-        )
+        self.s2 = add_outer(scatter, residual, self.count)
 
     def merge(self, other: GaussianAccumulator) -> None:
         """Merge the totals of ``other`` (fitted on disjoint images) into this accumulator."""
         if (other.positions, other.dims) != (self.positions, self.dims):
             raise ValueError("cannot merge statistics of different shapes")
-        a, b = self.state(), other.state()
-        n_a, n_b = int(a["count"]), int(b["count"])
+        self.flush()
+        b = other.state()
+        n_b = int(b["count"])
         if not n_b:
             return
+        if not self.count:
+            self._set_state(b["count"], b["mean"], b["scatter"])
+            return
+        a = self.state()
+        n_a = int(a["count"])
         total = n_a + n_b
         delta = b["mean"] - a["mean"]
-        scatter = a["scatter"] + b["scatter"]
-        scatter += (n_a * n_b / total) * (delta[:, :, None] * delta[:, None, :])
+        scatter = a["scatter"]
+        scatter += b.pop("scatter")
+        add_outer(scatter, delta, n_a * n_b / total)
         mean = a["mean"] + delta * (n_b / total)
-        self.load_state({"count": np.array(total), "mean": mean, "scatter": scatter})
+        self._set_state(np.array(total), mean, scatter)
 
     def reduce_across(self, collective: Collective) -> None:
         """Replace the totals by those of the union of all processes' images.
@@ -157,17 +191,13 @@ class GaussianAccumulator:
         offset = state["mean"] - reference
         count = float(state["count"])
         s1 = collective.all_reduce_sum(count * offset)
-        s2 = collective.all_reduce_sum(
-            state["scatter"] + count * (offset[:, :, None] * offset[:, None, :])
-        )
+        s2 = collective.all_reduce_sum(add_outer(state["scatter"], offset, count))
         total = int(round(float(collective.all_reduce_sum(np.array([count]))[0])))
         if not total:
-            self.load_state({"count": np.array(0), "mean": reference, "scatter": s2})
+            self._set_state(np.array(0), reference, s2)
             return
         mean_offset = s1 / total
-        scatter = s2 - total * (mean_offset[:, :, None] * mean_offset[:, None, :])
-        self.load_state({"count": np.array(total), "mean": reference + mean_offset,
-                         "scatter": scatter})
+        self._set_state(np.array(total), reference + mean_offset, add_outer(s2, mean_offset, -total))
 
     def covariance(self, eps: float) -> np.ndarray:
         """Unbiased covariance + eps*I per position, (P, k, k) float64."""
@@ -177,14 +207,19 @@ class GaussianAccumulator:
                 f"a Gaussian needs at least 2 training images, got {self.count}; "
                 "add images to train/good"
             )
-        cov = state["scatter"] / (self.count - 1)
+        cov = state["scatter"]
+        cov /= self.count - 1
         cov[:, np.arange(self.dims), np.arange(self.dims)] += eps
         return cov
 
     def finalize(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
-        """Mean (P, k) and inverse covariance (P, k, k), both float32, via Cholesky factors."""
+        """Mean (P, k) and inverse covariance (P, k, k), both float32, via Cholesky factors.
+
+        Inverts a slice of positions at a time, so the float64 temporaries stay small.
+        """
         cov = self.covariance(eps)
-        chol = np.linalg.cholesky(cov)
-        chol_inv = np.linalg.solve(chol, np.broadcast_to(np.eye(self.dims), cov.shape))
-        inv_cov = np.matmul(chol_inv.transpose(0, 2, 1), chol_inv)
-        return self.state()["mean"].astype(np.float32), inv_cov.astype(np.float32)
+        inv_cov = np.empty(cov.shape, dtype=np.float32)
+        for start in range(0, self.positions, _CHUNK):
+            chol_inv = np.linalg.inv(np.linalg.cholesky(cov[start : start + _CHUNK]))
+            inv_cov[start : start + _CHUNK] = np.matmul(chol_inv.transpose(0, 2, 1), chol_inv)
+        return self.state()["mean"].astype(np.float32), inv_cov

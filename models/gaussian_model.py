@@ -18,10 +18,12 @@ from paddle import nn
 
 from engine.distributed import Collective
 from engine.errors import CheckpointError, InputError
-from engine.runtime import RunFn, compile_layer, run_chunked
+from engine.runtime import RunFn, run_chunked
+from models.backbone import layer_grid
 from models.base import AnomalyModel, Batch, unpack_batch
 from models.gaussian import GaussianAccumulator
 from models.layers import AnomalyMapHead, MahalanobisMap, ToRows
+from models.projection import FeatureConcat
 
 
 class _Pipeline(nn.Layer):
@@ -60,7 +62,6 @@ class GaussianModel(AnomalyModel):
         self.n_train = 0
         self._embedder: RunFn | None = None
         self._fold_scorers: list[RunFn] = []
-        self._fold_stats: list[tuple[np.ndarray, np.ndarray]] = []
 
     @abstractmethod
     def embedding(self) -> nn.Layer:
@@ -69,8 +70,7 @@ class GaussianModel(AnomalyModel):
     def embed(self, images: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
         """Features z (b, P, k) float32 (P = h*w) of consecutive slices of images (B, 3, S, S)."""
         if self._embedder is None:
-            layer = _Pipeline(self.trunk, self.embedding(), ToRows())
-            self._embedder = compile_layer(layer, self.config.image_size, self.runtime)
+            self._embedder = self.compile(_Pipeline(self.trunk, self.embedding(), ToRows()))
         for part, (z,) in run_chunked(self._embedder, images, self.runtime.chunk):
             yield part, z
 
@@ -80,9 +80,11 @@ class GaussianModel(AnomalyModel):
         return key % self.folds_count
 
     def partial_fit(self, images: np.ndarray, paths: Sequence[str] | None = None) -> None:
+        images = np.asarray(images, dtype=np.float32)
+        self.check_finite(images, paths, "pixel values")
         for part, z in self.embed(images):
             names = list(paths[part]) if paths else [None] * len(z)
-            self.check_finite(z, names if paths else None)
+            self.check_finite(z, names if paths else None, "features")
             for row, name in zip(z, names, strict=True):
                 self.folds[self.fold_of(name, self.n_train)].update(row[None])
                 self.n_train += 1
@@ -95,9 +97,9 @@ class GaussianModel(AnomalyModel):
         return total
 
     def finalize(self) -> None:
-        eps = self.config.eps
-        self.mean, self.inv_cov = self.fit_state().finalize(eps)
-        self._fold_stats = [fold.finalize(eps) for fold in self.folds if fold.count >= 2]
+        for fold in self.folds:
+            fold.release()
+        self.mean, self.inv_cov = self.fit_state().finalize(self.config.eps)
         self._fold_scorers = []
         self.fitted = True
         self._scorer = None
@@ -108,12 +110,12 @@ class GaussianModel(AnomalyModel):
         Each image is scored by the Gaussian fitted on the other fold. Without fold statistics
         (a loaded checkpoint, or a fold with fewer than 2 images) the full model scores them.
         """
-        if len(self._fold_stats) < self.folds_count:
+        if any(fold.count < 2 for fold in self.folds):
             return super().calibrate(batches)
         if not self._fold_scorers:
-            size = self.config.image_size
-            self._fold_scorers = [compile_layer(self._scoring_layer(*stats), size, self.runtime)
-                                  for stats in self._fold_stats]
+            eps = self.config.eps
+            self._fold_scorers = [self.compile(self._scoring_layer(*fold.finalize(eps)))
+                                  for fold in self.folds]
         best, position = -np.inf, 0
         for batch in batches:
             images, paths = unpack_batch(batch)
@@ -125,7 +127,7 @@ class GaussianModel(AnomalyModel):
         if not np.isfinite(best):
             raise InputError("no calibration images: the training folder yielded no batches")
         self.threshold = best
-        self._fold_stats, self._fold_scorers = [], []
+        self._fold_scorers = []
         return best
 
     def merge(self, other: GaussianModel) -> None:
@@ -154,6 +156,20 @@ class GaussianModel(AnomalyModel):
 
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
+
+    def feature_layer(self) -> nn.Layer:
+        """Layer mapping images (N, 3, S, S) to the unprojected embedding x (N, F, h, w).
+
+        x = [layer1; up(layer2); up(layer3)], nearest-upsampled to layer1's grid and concatenated
+        (the reference implementations' embedding); z is W^T x or k of its channels, see
+        :meth:`embedding_arrays`.
+        """
+        grids = [layer_grid(self.config.image_size, name) for name in self.layers]
+        return _Pipeline(self.trunk, FeatureConcat(grids))
+
+    def embedding_arrays(self) -> dict[str, np.ndarray]:
+        """How x (F channels) becomes z (k): {"projection": W (F, k)} or {"channels": index (k,)}."""
+        return dict(self._random_arrays())
 
     @abstractmethod
     def _random_arrays(self) -> dict[str, np.ndarray]:

@@ -4,6 +4,10 @@ Resizing and blurring are linear maps along each image axis, so they are precomp
 (or gather indices) and applied with ``matmul``/``index_select``. That gives the same numbers as
 ``F.interpolate`` + ``scipy.ndimage.gaussian_filter`` and runs under oneDNN in Paddle Inference,
 where a PIR graph holding ``F.interpolate`` fails on Paddle 3.3.
+
+Every op also traces under the legacy static IR (``@``, ``paddle.max`` and models.static_ops instead
+of ``paddle.matmul``/``amax``/``sum``/``sqrt``), so the layers export to ``model.pdmodel`` as well
+as to ``model.json``; ``paddle.max`` rather than ``amax`` also lets paddle2onnx convert the graph.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import paddle
 from paddle import nn
+
+from models.static_ops import reduce_sum, sqrt
 
 
 def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
@@ -111,7 +117,7 @@ class SmoothUpsample(nn.Layer):
         self.register_buffer("cols_t", paddle.to_tensor(cols.T.astype(np.float32)), persistable=True)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return paddle.matmul(paddle.matmul(self.rows, x), self.cols_t)
+        return self.rows @ x @ self.cols_t
 
 
 class MahalanobisMap(nn.Layer):
@@ -133,8 +139,8 @@ class MahalanobisMap(nn.Layer):
         k = self.mean.shape[1]
         h, w = self.grid
         diff = paddle.transpose(paddle.reshape(z, [-1, k, h * w]), [2, 0, 1]) - self.mean.unsqueeze(1)
-        squared = paddle.sum(paddle.matmul(diff, self.inv_cov) * diff, axis=2)  # (P, N)
-        dist = paddle.sqrt(paddle.clip(squared, min=0.0))
+        squared = reduce_sum((diff @ self.inv_cov) * diff, axis=2)  # (P, N)
+        dist = sqrt(paddle.clip(squared, min=0.0))
         return paddle.reshape(paddle.transpose(dist, [1, 0]), [-1, 1, h, w])
 
 
@@ -147,4 +153,4 @@ class AnomalyMapHead(nn.Layer):
 
     def forward(self, dist: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         amap = self.smooth(dist)
-        return amap, paddle.amax(amap, axis=[1, 2, 3])
+        return amap, paddle.max(amap, axis=[1, 2, 3])

@@ -67,3 +67,18 @@ class ChannelSubset(nn.Layer):
             for i in self.parts
         ]
         return paddle.concat(picked, axis=1) if len(picked) > 1 else picked[0]
+
+
+class FeatureConcat(nn.Layer):
+    """x = [f1; up(f2); up(f3)] without projection: the unfused export's embedding.
+
+    Input: the list of feature maps (N, C_i, g_i, g_i); each is nearest-resized to g_1 x g_1 and
+    they are concatenated along channels: output (N, F, g_1, g_1), F = sum of C_i.
+    """
+
+    def __init__(self, grids: Sequence[int]) -> None:
+        super().__init__()
+        self.resize = _resizers(grids)
+
+    def forward(self, feats: list[paddle.Tensor]) -> paddle.Tensor:
+        return paddle.concat([self.resize[i](feats[i]) for i in range(len(feats))], axis=1)

@@ -50,8 +50,8 @@ def new_model(method, runtime=None, **overrides):
 def images(count, seed, size=SIZE):
     """Smooth random images (count, 3, size, size) float32: low-frequency noise plus fine noise."""
     rng = np.random.default_rng(seed)
-    coarse = rng.standard_normal((count, 3, size // 8, size // 8))
-    smooth = ndimage.zoom(coarse, (1, 1, 8, 8), order=1)
+    coarse = rng.standard_normal((count, 3, -(-size // 8), -(-size // 8)))
+    smooth = ndimage.zoom(coarse, (1, 1, 8, 8), order=1)[:, :, :size, :size]
     return (smooth + 0.3 * rng.standard_normal((count, 3, size, size))).astype(np.float32)
 
 
@@ -275,7 +275,8 @@ def test_accumulator_rejects_wrong_shape():
 # -- embeddings --------------------------------------------------------------------------------
 def random_features(grids, seed, channels=R18_CHANNELS, count=2):
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((count, c, g, g)).astype(np.float32) for c, g in zip(channels, grids, strict=True)]
+    return [rng.standard_normal((count, c, g, g)).astype(np.float32)
+            for c, g in zip(channels, grids, strict=True)]
 
 
 def concatenated(feats):
@@ -414,6 +415,26 @@ def test_inference_runtime_scores_match_dynamic(fitted, test_images, tmp_path):
     np.testing.assert_allclose(scores_inf, scores_dyn, rtol=1e-4)
 
 
+def test_calibrate_takes_highest_out_of_fold_score(fitted, train_images, tmp_path):
+    method = fitted.config.method
+    model = new_model(method).fit([train_images[:10], train_images[10:]])
+    threshold = model.calibrate([train_images[:7], train_images[7:]])
+    # without paths, image i of the fit is in fold i % 2 and is scored by the other fold's Gaussian
+    even = new_model(method).fit([train_images[0::2]])
+    odd = new_model(method).fit([train_images[1::2]])
+    expected = max(odd.score(train_images[0::2])[1].max(), even.score(train_images[1::2])[1].max())
+    assert model.threshold == threshold
+    np.testing.assert_allclose(threshold, expected, rtol=1e-5)
+    in_sample = model.score(train_images)[1].max()
+    assert threshold > in_sample  # out-of-fold scores of training images are higher
+    # a loaded checkpoint has no folds: the full model scores the calibration images
+    path = str(tmp_path / "m.npz")
+    model.save(path)
+    loaded = load_model(path, runtime=dynamic())
+    assert loaded.threshold == threshold
+    np.testing.assert_allclose(loaded.calibrate([train_images]), in_sample, rtol=1e-6)
+
+
 def test_score_before_fit_is_an_error():
     with pytest.raises(ConfigError, match="not fitted"):
         new_model("padim").score(images(1, seed=0))
@@ -422,8 +443,7 @@ def test_score_before_fit_is_an_error():
 # -- models: checkpoints -----------------------------------------------------------------------
 def test_save_load_gives_identical_scores(fitted, test_images, train_images, tmp_path):
     model = new_model(fitted.config.method).fit([train_images])
-    threshold = model.calibrate([train_images[:5], train_images[5:9]])
-    np.testing.assert_allclose(threshold, model.score(train_images[:9])[1].max(), rtol=1e-6)
+    threshold = model.calibrate([train_images[:5], train_images[5:]])
     model.category = "bottle"
     path = str(tmp_path / "sub" / "model.npz")
     model.save(path)
@@ -511,7 +531,8 @@ def checkpoint(tmp_path_factory, train_images):
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("method", "padim"), ("arch", "resnet50"), ("k", K + 1), ("image_size", 128)]
+    ("key", "value"),
+    [("method", "padim"), ("arch", "resnet50"), ("k", K + 1), ("image_size", 128), ("resize", 72)],
 )
 def test_load_model_checks_expected_identity(checkpoint, key, value):
     expect = config("ortho").identity()
@@ -578,11 +599,12 @@ def test_damaged_checkpoint_is_a_checkpoint_error(checkpoint, tmp_path, damage):
 
 
 # -- models: bad inputs and arguments ----------------------------------------------------------
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
 @pytest.mark.parametrize("engine", ["dynamic", "inference"])
-def test_nan_image_is_an_input_error_naming_its_path(train_images, engine):
+def test_non_finite_image_is_an_input_error_naming_its_path(train_images, engine, value):
     model = new_model("padim", runtime=Runtime(engine=engine))
     x = train_images[:4].copy()
-    x[2, 1, 5, 7] = np.nan
+    x[2, 1, 5, 7] = value
     paths = [f"train/good/{i:03d}.png" for i in range(4)]
     with pytest.raises(InputError) as info:
         model.fit([{"images": x, "paths": paths}])
@@ -590,14 +612,33 @@ def test_nan_image_is_an_input_error_naming_its_path(train_images, engine):
     assert paths[0] not in str(info.value)
 
 
-def test_nan_trunk_weights_are_an_input_error(train_images):
+@pytest.mark.parametrize("where", ["stem_conv_nan", "layer3_bn_inf"])
+def test_non_finite_trunk_weights_are_refused_before_running(train_images, where):
+    # A NaN stem weight would vanish in the ReLUs (features 0, scores silently wrong), so the
+    # weights themselves are checked when the layers are compiled.
     model = new_model("ortho")
-    weight = model.trunk.stem[0].weight
-    weight.set_value(np.full(weight.shape, np.nan, dtype=np.float32))
-    paths = ["x/first.png", "x/second.png"]
-    with pytest.raises(InputError, match="x/first.png"):
-        model.partial_fit(train_images[:2], paths)
-    with pytest.raises(InputError, match="image 0 of the batch"):
+    trunk = model.trunk
+    param = trunk.stem[0].weight if where == "stem_conv_nan" else trunk.stages[2][-1].bn2.bias
+    param.set_value(np.full(param.shape, np.nan if where == "stem_conv_nan" else np.inf, dtype=np.float32))
+    name = "stem.0.weight" if where == "stem_conv_nan" else "bn2.bias"
+    with pytest.raises(CheckpointError, match=name):
+        model.partial_fit(train_images[:2], ["x/first.png", "x/second.png"])
+
+
+def test_non_finite_features_are_an_input_error_naming_the_image(train_images, monkeypatch):
+    model = new_model("padim")
+    real = model.embed
+
+    def poisoned(images):
+        for part, z in real(images):
+            z = z.copy()
+            z[1, 3, 0] = np.inf
+            yield part, z
+
+    monkeypatch.setattr(model, "embed", poisoned)
+    with pytest.raises(InputError, match="x/second.png"):
+        model.partial_fit(train_images[:2], ["x/first.png", "x/second.png"])
+    with pytest.raises(InputError, match="image 1 of the batch"):
         model.partial_fit(train_images[:2])
 
 

@@ -1,0 +1,37 @@
+"""Writing benchmark figures into docs/benchmarks.md, one marked section per benchmark."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+HEADER = (
+    "# Benchmarks\n\nFigures written by the scripts in bench/; "
+    "each section says the command that made it.\n"
+)
+
+
+def machine() -> str:
+    """One line describing where the figures were measured."""
+    import paddle
+
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"Python {platform.python_version()}, Paddle {paddle.__version__}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+def update_section(name: str, body: str) -> None:
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    text = DOC.read_text() if DOC.exists() else HEADER
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOC.with_name(f".{DOC.name}.tmp")
+    tmp.write_text(text if text.endswith("\n") else text + "\n")
+    os.replace(tmp, DOC)

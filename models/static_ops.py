@@ -1,0 +1,38 @@
+"""``sum`` and ``sqrt`` that also trace under Paddle's legacy static IR (``model.pdmodel`` export).
+
+Paddle 3 implements ``paddle.sum`` and ``paddle.sqrt`` (like ``paddle.matmul`` and ``paddle.amax``)
+for eager and PIR tensors only: tracing them under the legacy IR (``FLAGS_enable_pir_api=0`` or
+``paddle.pir_utils.DygraphOldIrGuard``) fails with "must be Value, but got Variable". These call the
+Paddle API in eager and PIR mode and append the legacy operator otherwise, so one layer exports to
+both ``model.json`` and ``model.pdmodel`` with the same kernels. (For matmul and max the layers use
+``@`` and ``paddle.max``, which already support both IRs.)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import paddle
+from paddle.framework import LayerHelper, in_dynamic_or_pir_mode
+
+
+def _legacy_op(kind: str, x: paddle.Tensor, attrs: dict[str, Any]) -> paddle.Tensor:
+    """Append the legacy operator ``kind`` with input X = ``x`` and one output to the program."""
+    helper = LayerHelper(kind)
+    out = helper.create_variable_for_type_inference(x.dtype)
+    helper.append_op(type=kind, inputs={"X": x}, outputs={"Out": out}, attrs=attrs)
+    return out
+
+
+def reduce_sum(x: paddle.Tensor, axis: int) -> paddle.Tensor:
+    """``paddle.sum(x, axis=axis)``: the input's shape without ``axis``."""
+    if in_dynamic_or_pir_mode():
+        return paddle.sum(x, axis=axis)
+    return _legacy_op("reduce_sum", x, {"dim": [axis], "keep_dim": False, "reduce_all": False})
+
+
+def sqrt(x: paddle.Tensor) -> paddle.Tensor:
+    """``paddle.sqrt(x)``, elementwise, same shape."""
+    if in_dynamic_or_pir_mode():
+        return paddle.sqrt(x)
+    return _legacy_op("sqrt", x, {})
