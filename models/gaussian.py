@@ -199,27 +199,41 @@ class GaussianAccumulator:
         mean_offset = s1 / total
         self._set_state(np.array(total), reference + mean_offset, add_outer(s2, mean_offset, -total))
 
-    def covariance(self, eps: float) -> np.ndarray:
-        """Unbiased covariance + eps*I per position, (P, k, k) float64."""
+    def moments(self, basis: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Mean (P, k) and scatter M2 (P, k, k), float64, of z = basis^-1 z' (z' what was fed).
+
+        ``basis`` (k, k): the features were fed as z' = basis z; None means z' = z.
+        """
         state = self.state()
-        if self.count < 2:
+        mean, scatter = state["mean"], state["scatter"]
+        if basis is not None:
+            back = np.linalg.inv(basis)
+            mean = mean @ back.T
+            for start in range(0, self.positions, _CHUNK):
+                part = scatter[start : start + _CHUNK]
+                part[...] = back @ part @ back.T
+        return mean, scatter
+
+    def covariance(self, eps: float, basis: np.ndarray | None = None) -> np.ndarray:
+        """Unbiased covariance + eps*I per position, (P, k, k) float64 (of z, see :meth:`moments`)."""
+        if self.seen < 2:
             raise ConfigError(
-                f"a Gaussian needs at least 2 training images, got {self.count}; "
+                f"a Gaussian needs at least 2 training images, got {self.seen}; "
                 "add images to train/good"
             )
-        cov = state["scatter"]
+        cov = self.moments(basis)[1]
         cov /= self.count - 1
         cov[:, np.arange(self.dims), np.arange(self.dims)] += eps
         return cov
 
-    def finalize(self, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    def finalize(self, eps: float, basis: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean (P, k) and inverse covariance (P, k, k), both float32, via Cholesky factors.
 
         Inverts a slice of positions at a time, so the float64 temporaries stay small.
         """
-        cov = self.covariance(eps)
+        cov = self.covariance(eps, basis)
         inv_cov = np.empty(cov.shape, dtype=np.float32)
         for start in range(0, self.positions, _CHUNK):
             chol_inv = np.linalg.inv(np.linalg.cholesky(cov[start : start + _CHUNK]))
             inv_cov[start : start + _CHUNK] = np.matmul(chol_inv.transpose(0, 2, 1), chol_inv)
-        return self.state()["mean"].astype(np.float32), inv_cov
+        return self.moments(basis)[0].astype(np.float32), inv_cov

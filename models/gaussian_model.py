@@ -67,10 +67,22 @@ class GaussianModel(AnomalyModel):
     def embedding(self) -> nn.Layer:
         """Layer mapping the trunk's feature list to z (N, k, h, w) on layer1's grid."""
 
+    def fit_embedding(self) -> nn.Layer:
+        """Layer giving the features the fit accumulates: z' = basis z (:meth:`fit_basis`)."""
+        return self.embedding()
+
+    def fit_basis(self) -> np.ndarray | None:
+        """(k, k) invertible matrix of the fit's coordinates (z' = basis z), or None (z' = z).
+
+        Mahalanobis distances do not depend on the coordinates, so a method may fit in whichever
+        basis makes its embedding cheapest; statistics are turned back into z's at finalize.
+        """
+        return None
+
     def embed(self, images: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
         """Features z (b, P, k) float32 (P = h*w) of consecutive slices of images (B, 3, S, S)."""
         if self._embedder is None:
-            self._embedder = self.compile(_Pipeline(self.trunk, self.embedding(), ToRows()))
+            self._embedder = self.compile(_Pipeline(self.trunk, self.fit_embedding(), ToRows()))
         for part, (z,) in run_chunked(self._embedder, images, self.runtime.chunk):
             yield part, z
 
@@ -99,7 +111,7 @@ class GaussianModel(AnomalyModel):
     def finalize(self) -> None:
         for fold in self.folds:
             fold.release()
-        self.mean, self.inv_cov = self.fit_state().finalize(self.config.eps)
+        self.mean, self.inv_cov = self.fit_state().finalize(self.config.eps, self.fit_basis())
         self._fold_scorers = []
         self.fitted = True
         self._scorer = None
@@ -113,8 +125,8 @@ class GaussianModel(AnomalyModel):
         if any(fold.count < 2 for fold in self.folds):
             return super().calibrate(batches)
         if not self._fold_scorers:
-            eps = self.config.eps
-            self._fold_scorers = [self.compile(self._scoring_layer(*fold.finalize(eps)))
+            eps, basis = self.config.eps, self.fit_basis()
+            self._fold_scorers = [self.compile(self._scoring_layer(*fold.finalize(eps, basis)))
                                   for fold in self.folds]
         best, position = -np.inf, 0
         for batch in batches:
@@ -167,9 +179,9 @@ class GaussianModel(AnomalyModel):
         grids = [layer_grid(self.config.image_size, name) for name in self.layers]
         return _Pipeline(self.trunk, FeatureConcat(grids))
 
+    @abstractmethod
     def embedding_arrays(self) -> dict[str, np.ndarray]:
         """How x (F channels) becomes z (k): {"projection": W (F, k)} or {"channels": index (k,)}."""
-        return dict(self._random_arrays())
 
     @abstractmethod
     def _random_arrays(self) -> dict[str, np.ndarray]:

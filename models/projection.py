@@ -27,13 +27,17 @@ class ProjectedEmbedding(nn.Layer):
     """z = W^T [f1; up(f2); up(f3)] computed as sum_i up(W_i^T f_i).
 
     ``weight`` (F, k) with F = sum of ``channels``; input: the list of feature maps
-    (N, C_i, g_i, g_i); output (N, k, g_1, g_1).
+    (N, C_i, g_i, g_i); output (N, k, g_1, g_1). With ``identity_first`` the first C_1 rows of
+    ``weight`` must be [I | 0]: layer1 is then added to the first C_1 channels as it is, no GEMM.
     """
 
-    def __init__(self, weight: np.ndarray, channels: Sequence[int], grids: Sequence[int]) -> None:
+    def __init__(self, weight: np.ndarray, channels: Sequence[int], grids: Sequence[int],
+                 identity_first: bool = False) -> None:
         super().__init__()
         bounds = np.cumsum([0, *channels])
-        for i in range(len(channels)):
+        self.first = 1 if identity_first else 0
+        self.lead = int(channels[0])
+        for i in range(self.first, len(channels)):
             block = weight[bounds[i] : bounds[i + 1]].T[:, :, None, None]  # (k, C_i, 1, 1)
             self.register_buffer(f"w{i}", paddle.to_tensor(block.astype(np.float32)))
         self.count = len(channels)
@@ -41,9 +45,11 @@ class ProjectedEmbedding(nn.Layer):
 
     def forward(self, feats: list[paddle.Tensor]) -> paddle.Tensor:
         out = None
-        for i in range(self.count):
+        for i in range(self.first, self.count):
             part = self.resize[i](F.conv2d(feats[i], getattr(self, f"w{i}")))
             out = part if out is None else out + part
+        if self.first:
+            out = paddle.concat([out[:, : self.lead] + feats[0], out[:, self.lead :]], axis=1)
         return out
 
 

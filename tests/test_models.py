@@ -23,6 +23,7 @@ from models.backbone import ResNetTrunk, build_trunk, layer_grid, read_pdparams
 from models.gaussian import GaussianAccumulator
 from models.layers import nearest_indices
 from models.ortho import semi_orthogonal
+from models.ortho.model import identity_first_basis
 from models.projection import ChannelSubset, ProjectedEmbedding
 
 METHODS = ("ortho", "padim")
@@ -361,9 +362,8 @@ def test_fit_with_inference_runtime_matches_dynamic(fitted, train_images):
 
 
 # -- models: scoring ---------------------------------------------------------------------------
-def reference_scores(model, x):
-    """Slow numpy pipeline from the model's parts: eager trunk, explicit embedding, Mahalanobis,
-    scipy bilinear zoom (half-pixel centres) and scipy Gaussian filter, max over the map."""
+def reference_rows(model, x):
+    """z (N, P, k) float64 from the eager trunk and the explicit embedding of the paper."""
     with paddle.no_grad():
         feats = [f.numpy().astype(np.float64) for f in model.trunk(paddle.to_tensor(x))]
     side = feats[0].shape[2]
@@ -374,7 +374,37 @@ def reference_scores(model, x):
     else:
         z = cat[:, model.channels]
     n, k = z.shape[:2]
-    rows = z.reshape(n, k, side * side).transpose(0, 2, 1)  # (N, P, k)
+    return z.reshape(n, k, side * side).transpose(0, 2, 1)
+
+
+@pytest.mark.parametrize(("method", "k"), [("ortho", 8), ("ortho", 72), ("padim", 8)])
+def test_statistics_equal_mean_and_covariance_of_the_paper_embedding(method, k, train_images):
+    # With k >= 64, ortho fits in another basis (layer1 added without a GEMM); the stored
+    # statistics must still be those of z = W^T x.
+    model = new_model(method, k=k).fit([train_images])
+    assert (getattr(model, "basis", None) is not None) == (method == "ortho" and k >= 64)
+    rows = reference_rows(model, train_images)
+    np.testing.assert_allclose(model.mean, rows.mean(axis=0), rtol=1e-4, atol=1e-4)
+    eye = np.eye(k)
+    for p in (0, 7, rows.shape[1] - 1):
+        cov = np.cov(rows[:, p].T, ddof=1) + model.config.eps * eye
+        rel_close(model.inv_cov[p], np.linalg.inv(cov), 1e-3)
+
+
+def test_identity_first_basis_makes_layer1_block_the_identity():
+    weight = semi_orthogonal(448, 100, np.random.default_rng(5))
+    basis = identity_first_basis(weight, 64)
+    fitted_weight = weight @ basis.T
+    np.testing.assert_allclose(fitted_weight[:64], np.eye(64, 100), atol=1e-10)
+    assert np.linalg.cond(basis) < 1e3
+    assert identity_first_basis(weight[:, :50], 64) is None
+
+
+def reference_scores(model, x):
+    """Slow numpy pipeline from the model's parts: eager trunk, explicit embedding, Mahalanobis,
+    scipy bilinear zoom (half-pixel centres) and scipy Gaussian filter, max over the map."""
+    rows = reference_rows(model, x)
+    n, side = len(x), int(np.sqrt(rows.shape[1]))
     diff = rows - model.mean.astype(np.float64)[None]
     dist = np.sqrt(np.einsum("npi,pij,npj->np", diff, model.inv_cov.astype(np.float64), diff))
     dist = dist.reshape(n, side, side)

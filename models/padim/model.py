@@ -29,6 +29,9 @@ class PadimModel(GaussianModel):
         grids = [layer_grid(self.config.image_size, name) for name in self.layers]
         return ChannelSubset(self.channels, self.trunk.channels, grids)
 
+    def embedding_arrays(self) -> dict[str, np.ndarray]:
+        return self._random_arrays()
+
     def _random_arrays(self) -> dict[str, np.ndarray]:
         return {"channels": self.channels.astype(np.int64)}
 
