@@ -112,6 +112,13 @@ def read_mask(path: str | Path) -> np.ndarray:
     return values > 0
 
 
+_NORMALISED = (
+    (np.arange(256, dtype=np.float32)[None, :] / np.float32(255.0)
+     - np.asarray(IMAGENET_MEAN, np.float32)[:, None])
+    / np.asarray(IMAGENET_STD, np.float32)[:, None]
+)  # (3, 256) float32: the normalised value of every 8-bit level per channel
+
+
 @dataclass
 class Preprocess:
     """Resize to ``resize`` x ``resize`` (aspect not kept), centre-crop ``crop_size``, normalise.
@@ -148,11 +155,11 @@ class Preprocess:
         if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected uint8 (H, W, 3), got {rgb.dtype} {rgb.shape}")
         size = (self.resize, self.resize)
-        resized = np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR))
-        unit = self._crop(resized).astype(np.float32) / np.float32(255.0)
-        mean = np.asarray(IMAGENET_MEAN, np.float32)
-        std = np.asarray(IMAGENET_STD, np.float32)
-        return np.ascontiguousarray(((unit - mean) / std).transpose(2, 0, 1), dtype=np.float32)
+        crop = self._crop(np.asarray(Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)))
+        out = np.empty((3, self.size, self.size), dtype=np.float32)
+        for channel in range(3):  # a 256-entry table per channel: (v / 255 - mean) / std
+            np.take(_NORMALISED[channel], crop[:, :, channel], out=out[channel])
+        return out
 
     def mask(self, mask: np.ndarray) -> np.ndarray:
         """Map a bool (H, W) mask to uint8 (S, S) 0/1, nearest-neighbour, aligned with images."""
