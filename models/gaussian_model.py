@@ -17,7 +17,7 @@ import paddle
 from paddle import nn
 
 from engine.distributed import Collective
-from engine.errors import CheckpointError, InputError
+from engine.errors import CheckpointError, ConfigError, InputError
 from engine.runtime import RunFn, run_chunked
 from models.backbone import layer_grid
 from models.base import AnomalyModel, Batch, unpack_batch
@@ -62,6 +62,16 @@ class GaussianModel(AnomalyModel):
         self.n_train = 0
         self._embedder: RunFn | None = None
         self._fold_scorers: list[RunFn] = []
+
+    def feature_channels(self) -> int:
+        """F, the channels of the concatenated features x; a ConfigError if k exceeds it."""
+        features = sum(self.trunk.channels)
+        if self.config.k > features:
+            raise ConfigError(
+                f"--k {self.config.k}: {self.config.arch} has {features} feature channels; "
+                f"use k <= {features}"
+            )
+        return features
 
     @abstractmethod
     def embedding(self) -> nn.Layer:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from paddle import nn
 
-from engine.errors import ConfigError
 from models.backbone import layer_grid
 from models.gaussian_model import GaussianModel
 from models.projection import ProjectedEmbedding
@@ -43,12 +42,7 @@ class OrthoModel(GaussianModel):
     method = "ortho"
 
     def _init_random(self, rng: np.random.Generator) -> None:
-        features = sum(self.trunk.channels)
-        if self.config.k > features:
-            raise ConfigError(
-                f"--k {self.config.k}: {self.config.arch} has {features} feature channels; "
-                f"use k <= {features}"
-            )
+        features = self.feature_channels()
         self.weight = semi_orthogonal(features, self.config.k, rng)
         self.basis = identity_first_basis(self.weight, self.trunk.channels[0])
 

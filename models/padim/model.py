@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 from paddle import nn
 
-from engine.errors import ConfigError
 from models.backbone import layer_grid
 from models.gaussian_model import GaussianModel
 from models.projection import ChannelSubset
@@ -17,12 +16,7 @@ class PadimModel(GaussianModel):
     method = "padim"
 
     def _init_random(self, rng: np.random.Generator) -> None:
-        features = sum(self.trunk.channels)
-        if self.config.k > features:
-            raise ConfigError(
-                f"--k {self.config.k}: {self.config.arch} has {features} feature channels; "
-                f"use k <= {features}"
-            )
+        features = self.feature_channels()
         self.channels = np.sort(rng.choice(features, size=self.config.k, replace=False))
 
     def embedding(self) -> nn.Layer:
