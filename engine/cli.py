@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from engine.errors import ToolkitError
+from models import resolve_k
 
 DEMO_ROOT = Path("data/demo")
 
@@ -41,19 +42,31 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
-    """--method, --arch, --k, --eps, --seed, --pretrained."""
+    """--method, --arch, --k, --eps, --seed, --pretrained, and PatchCore's/SPADE's arguments."""
     group = parser.add_argument_group("model")
     if with_method:
-        group.add_argument("--method", default="ortho", help="ortho or padim (default ortho)")
+        group.add_argument("--method", default="ortho",
+                           help="ortho, padim, spade or patchcore (default ortho)")
     group.add_argument("--arch", default="resnet18",
                        help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
-    group.add_argument("--k", type=int, default=100, help="embedding dimension (default 100)")
+    group.add_argument("--k", type=int, default=None,
+                       help="ortho/padim: embedding dimension (default 100); spade: nearest "
+                            "training images (default 50); not used by patchcore")
     group.add_argument("--eps", type=float, default=0.01,
                        help="covariance regulariser eps*I (default 0.01)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of every random draw (projection, channels, random init)")
     group.add_argument("--pretrained", default="imagenet",
                        help="imagenet (Paddle's download and cache), PATH.pdparams, or none")
+    group.add_argument("--coreset_ratio", type=float, default=0.1,
+                       help="patchcore: fraction of training patches kept in the bank, 1 = all "
+                            "(default 0.1)")
+    group.add_argument("--projection_dim", type=int, default=128,
+                       help="patchcore: random-projection size for the coreset selection (default 128)")
+    group.add_argument("--num_neighbors", type=int, default=9,
+                       help="patchcore: bank patches in the image-score reweighting (default 9)")
+    group.add_argument("--half", action="store_true",
+                       help="spade/patchcore: store the gallery/bank in float16 (half its size)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -76,9 +89,13 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                         help="AUROC by the midpoint-rectangle rule of the reference reproduction")
 
 
-def model_dir(save_path: str, method: str, arch: str, k: int) -> Path:
-    """Folder of a configuration's checkpoints: SAVE_PATH/<method>_<arch>_<k>."""
-    return Path(save_path) / f"{method}_{arch}_{k}"
+def model_dir(save_path: str, method: str, arch: str, k: int | None) -> Path:
+    """Folder of a configuration's checkpoints: SAVE_PATH/<method>_<arch>_<k>.
+
+    ``k`` None means the method's default; patchcore, which has no k, uses SAVE_PATH/patchcore_<arch>.
+    """
+    k = resolve_k(method, k)
+    return Path(save_path) / (f"{method}_{arch}_{k}" if k else f"{method}_{arch}")
 
 
 def run_main(main: Callable[[list[str] | None], int]) -> None:

@@ -54,9 +54,11 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
     config = inference.Config(model_file, params_file)
     if opts.use_gpu:
         check_gpu(opts.gpu_id)
-        config.enable_use_gpu(opts.gpu_mem, opts.gpu_id)
+        precision = getattr(inference.PrecisionType, _PRECISIONS[opts.precision])
+        # Without TensorRT, fp16 is Paddle's mixed-precision GPU inference (enable_use_gpu's mode).
+        config.enable_use_gpu(opts.gpu_mem, opts.gpu_id,
+                              inference.PrecisionType.Float32 if opts.use_tensorrt else precision)
         if opts.use_tensorrt:
-            precision = getattr(inference.PrecisionType, _PRECISIONS[opts.precision])
             config.enable_tensorrt_engine(
                 workspace_size=1 << 30,
                 max_batch_size=opts.max_batch_size,

@@ -29,7 +29,7 @@ from engine.distributed import Collective, World
 from engine.errors import CheckpointError, ConfigError
 from engine.evaluate import metrics, score_batches
 from engine.runtime import Runtime
-from models import AnomalyModel, ModelConfig, build_model, load_model
+from models import AnomalyModel, ModelConfig, build_model, load_model, method_class, resolve_k
 
 
 def data_root(args: argparse.Namespace) -> Path:
@@ -66,9 +66,11 @@ def runtime_from(args: argparse.Namespace, world: World | None = None) -> Runtim
 
 def config_from(args: argparse.Namespace) -> ModelConfig:
     """Model configuration from the model and data arguments."""
-    return ModelConfig(method=args.method, arch=args.arch, k=args.k,
+    return ModelConfig(method=args.method, arch=args.arch, k=resolve_k(args.method, args.k),
                        image_size=preprocess_from(args).size, resize=args.resize, eps=args.eps,
-                       seed=args.seed, pretrained=args.pretrained)
+                       seed=args.seed, pretrained=args.pretrained,
+                       coreset_ratio=args.coreset_ratio, projection_dim=args.projection_dim,
+                       num_neighbors=args.num_neighbors, half=args.half)
 
 
 def with_progress(loader: BatchLoader, total: int, desc: str,
@@ -126,6 +128,7 @@ def fit_category(args: argparse.Namespace, root: Path, category: str, runtime: R
     processes, combines their statistics. Returns the finalised and calibrated model on the main
     process, None on the others.
     """
+    method_class(args.method).check_world(world.size)
     samples = list_samples(root, category, "train")
     dataset = AnomalyDataset(samples, preprocess_from(args))
     if world.size > 1 and (args.resume or args.save_every):

@@ -9,15 +9,30 @@ from engine.runtime import Runtime
 from models.base import AnomalyModel, ModelConfig, load_checkpoint
 from models.ortho import OrthoModel
 from models.padim import PadimModel
+from models.patchcore import PatchCoreModel
+from models.spade import SpadeModel
 
-METHODS: dict[str, type[AnomalyModel]] = {"ortho": OrthoModel, "padim": PadimModel}
+METHODS: dict[str, type[AnomalyModel]] = {
+    "ortho": OrthoModel, "padim": PadimModel, "spade": SpadeModel, "patchcore": PatchCoreModel,
+}
+
+
+def method_class(method: str) -> type[AnomalyModel]:
+    """The class of ``--method``; a ConfigError listing the methods if there is none."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method}: choose one of {', '.join(METHODS)}")
+    return METHODS[method]
+
+
+def resolve_k(method: str, k: int | None) -> int:
+    """``--k`` for ``method``: as given, else the method's default (ortho/padim 100, spade 50);
+    0 for patchcore, which has no k."""
+    return method_class(method).resolve_k(k)
 
 
 def build_model(config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
     """A new, unfitted model of ``config.method``."""
-    if config.method not in METHODS:
-        raise ConfigError(f"--method {config.method}: choose one of {', '.join(METHODS)}")
-    return METHODS[config.method].create(config, runtime)
+    return method_class(config.method).create(config, runtime)
 
 
 def load_model(
@@ -27,4 +42,5 @@ def load_model(
     return load_checkpoint(path, METHODS, expect, runtime)
 
 
-__all__ = ["METHODS", "AnomalyModel", "ModelConfig", "Runtime", "build_model", "load_model"]
+__all__ = ["METHODS", "AnomalyModel", "ModelConfig", "Runtime", "build_model", "load_model",
+           "method_class", "resolve_k"]

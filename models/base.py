@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,7 +34,11 @@ _TRUNK_PREFIX = "backbone."
 
 @dataclass
 class ModelConfig:
-    """Everything that defines a fitted model. ``image_size`` is the (square) network input."""
+    """Everything that defines a fitted model. ``image_size`` is the (square) network input.
+
+    ``coreset_ratio``, ``projection_dim`` and ``num_neighbors`` are PatchCore's, ``half`` (bank
+    stored in float16) SPADE's and PatchCore's; the other methods ignore them.
+    """
 
     method: str
     arch: str = "resnet18"
@@ -45,6 +49,10 @@ class ModelConfig:
     sigma: float = 4.0
     seed: int = 0
     pretrained: str = "imagenet"
+    coreset_ratio: float = 0.1
+    projection_dim: int = 128
+    num_neighbors: int = 9
+    half: bool = False
 
     def identity(self) -> dict[str, Any]:
         """The fields a loaded checkpoint must match: method, arch, k and input sizes."""
@@ -64,6 +72,8 @@ class AnomalyModel(ABC):
 
     method: ClassVar[str]
     layers: ClassVar[tuple[str, ...]] = ("layer1", "layer2", "layer3")
+    default_k: ClassVar[int | None] = 100
+    """``k`` when none is given; None for a method without k (its config then holds k = 0)."""
 
     def __init__(self, config: ModelConfig, trunk: ResNetTrunk, runtime: Runtime | None) -> None:
         self.config = config
@@ -77,9 +87,30 @@ class AnomalyModel(ABC):
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
+    def resolve_k(cls, k: int | None) -> int:
+        """``k`` as given, else :attr:`default_k`; always 0 for a method without k."""
+        if cls.default_k is None:
+            return 0
+        return cls.default_k if k is None else k
+
+    @classmethod
+    def check_world(cls, size: int) -> None:
+        """Raise a ConfigError if a fit cannot be spread over ``size`` processes.
+
+        A method can if it overrides :meth:`reduce_across` (its fit is a sum of per-image terms);
+        the workflow calls this before fitting, so a launched job fails at once.
+        """
+        if size > 1 and cls.reduce_across is AnomalyModel.reduce_across:
+            raise ConfigError(
+                f"--method {cls.method} cannot be fitted across processes; run train.py as a "
+                "single process (without paddle.distributed.launch)"
+            )
+
+    @classmethod
     def create(cls, config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
         """A new, unfitted model: trunk weights from ``config.pretrained``, random parts from seed."""
-        if config.k < 1:
+        config = dataclasses.replace(config, k=cls.resolve_k(config.k))
+        if cls.default_k is not None and config.k < 1:
             raise ConfigError(f"--k {config.k}: must be a positive number")
         trunk = build_trunk(config.arch, cls.layers, config.pretrained, config.seed)
         model = cls(config, trunk, runtime)
@@ -143,22 +174,29 @@ class AnomalyModel(ABC):
         return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
 
     def reduce_across(self, collective: Collective) -> None:
-        """Combine the fit states of all processes of a launched job (see engine.distributed)."""
-        raise ConfigError(
-            f"--method {self.method} cannot be fitted across processes; run train.py as a "
-            "single process (without paddle.distributed.launch)"
-        )
+        """Combine the fit states of all processes of a launched job (see engine.distributed).
+
+        This default refuses a job of several processes (see :meth:`check_world`).
+        """
+        self.check_world(collective.world.size)
 
     def calibrate(self, batches: Iterable[Batch]) -> float:
         """Set the default threshold to the highest image score over ``batches`` of normal images."""
-        best = -np.inf
-        for batch in batches:
-            images, _ = unpack_batch(batch)
-            best = max(best, float(self.score(images)[1].max()))
+        best = max((float(s.max()) for s in self.calibration_scores(batches)), default=-np.inf)
         if not np.isfinite(best):
             raise InputError("no calibration images: the training folder yielded no batches")
         self.threshold = best
         return best
+
+    def calibration_scores(self, batches: Iterable[Batch]) -> Iterator[np.ndarray]:
+        """Image scores (B,) of each batch that :meth:`calibrate` takes the threshold from.
+
+        Here the model's own scores; methods that can score training images out of sample
+        override this.
+        """
+        for batch in batches:
+            images, _ = unpack_batch(batch)
+            yield self.score(images)[1]
 
     def compile(self, layer: nn.Layer) -> RunFn:
         """``layer`` (input: images (N, 3, S, S)) as a function on numpy arrays, in the runtime.

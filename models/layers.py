@@ -106,18 +106,25 @@ class SmoothUpsample(nn.Layer):
     """Bilinear upsampling of (N, 1, h, w) distance maps to (N, 1, H, W) followed by a Gaussian blur.
 
     Both steps are linear along each axis, so the layer computes ``A_h @ D @ A_w^T`` with
-    ``A = blur @ bilinear`` of shape (H, h) and (W, w): one pair of small matmuls.
+    ``A = blur @ bilinear`` of shape (H, h) and (W, w): one pair of small matmuls. Both are plain
+    2-D products over the stacked maps: under oneDNN (Paddle 3.3) the broadcast ``A_h @ D`` of a
+    2-D by a 4-D tensor gives NaN or crashes for batches of more than one image.
     """
 
     def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int], sigma: float) -> None:
         super().__init__()
+        self.size_in, self.size_out = tuple(size_in), tuple(size_out)
         rows = gaussian_blur_matrix(size_out[0], sigma) @ bilinear_matrix(size_in[0], size_out[0])
         cols = gaussian_blur_matrix(size_out[1], sigma) @ bilinear_matrix(size_in[1], size_out[1])
         self.register_buffer("rows", paddle.to_tensor(rows.astype(np.float32)), persistable=True)
         self.register_buffer("cols_t", paddle.to_tensor(cols.T.astype(np.float32)), persistable=True)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.rows @ x @ self.cols_t
+        (h, w), (height, width) = self.size_in, self.size_out
+        wide = paddle.reshape(x, [-1, w]) @ self.cols_t  # (N h, W)
+        wide = paddle.reshape(paddle.transpose(paddle.reshape(wide, [-1, h, width]), [1, 0, 2]), [h, -1])
+        tall = paddle.reshape(self.rows @ wide, [height, -1, width])  # (H, N, W)
+        return paddle.transpose(tall, [1, 0, 2]).unsqueeze(1)
 
 
 class MahalanobisMap(nn.Layer):

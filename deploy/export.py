@@ -1,0 +1,172 @@
+"""Export a fitted model to a deploy folder that infer.py (or any Paddle Inference user) runs.
+
+Layouts:
+
+* fused (default): one static graph, images (N, 3, S, S) -> (anomaly map (N, 1, S, S), image score
+  (N,)), with the statistics as its parameters: ``model.json|pdmodel`` + ``model.pdiparams``.
+* unfused: the graph stops at the embedding x (N, F, h, w) (trunk features, layer2/3 nearest-
+  upsampled to layer1's grid); ``stats.npz`` holds the rest, finished in numpy (deploy.postprocess).
+
+Files are written to a staging folder beside the target, the graph (and the ONNX file) is run once
+on a probe image and compared with the dynamic-graph layer, then the files are moved into place and
+``deploy.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import paddle
+
+from datasets import IMAGENET_MEAN, IMAGENET_STD
+from deploy.manifest import MANIFEST, Manifest, sha256_file, write_manifest
+from deploy.onnx_model import ONNX, OnnxRunner, convert, require
+from deploy.stats import STATS, write_stats
+from engine.errors import ConfigError
+from engine.inference import Predictor, PredictorOptions
+from engine.runtime import RunFn, Runtime, compile_layer, save_static
+from models.base import AnomalyModel
+from models.gaussian_model import GaussianModel
+
+FORMATS = ("json", "pdmodel")
+PARAMS = "model.pdiparams"
+ARTEFACTS = ("model.json", "model.pdmodel", PARAMS, f"{PARAMS}.info", STATS, ONNX)
+"""Files an export may leave in its folder; those a new export does not write are removed."""
+PROBE_TOLERANCE = 1e-3
+"""Largest accepted |exported - dynamic| / max|dynamic| on the probe image."""
+
+
+def _pir_enabled() -> bool:
+    """Whether Paddle traces to PIR by default (FLAGS_enable_pir_api, on in Paddle 3)."""
+    try:
+        return bool(paddle.get_flags("FLAGS_enable_pir_api")["FLAGS_enable_pir_api"])
+    except ValueError:  # Paddle < 2.6 has no PIR at all
+        return False
+
+
+@contextlib.contextmanager
+def ir_guard(fmt: str) -> Iterator[None]:
+    """Trace and save under the IR that writes ``model.<fmt>``: PIR (json) or legacy (pdmodel)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"--format {fmt}: use json or pdmodel")
+    if fmt == "json" and int(paddle.__version__.split(".")[0]) < 3:
+        raise ConfigError(f"--format json needs Paddle 3; this is Paddle {paddle.__version__}: "
+                          "use --format pdmodel")
+    pir = _pir_enabled()
+    if fmt == "pdmodel" and pir:
+        guard = paddle.pir_utils.DygraphOldIrGuard()
+    elif fmt == "json" and not pir:
+        guard = paddle.pir_utils.DygraphPirGuard()
+    else:
+        guard = contextlib.nullcontext()
+    with guard:
+        yield
+
+
+def probe_image(size: int) -> np.ndarray:
+    """A fixed pseudo-random normalised image (1, 3, S, S) float32 for checking exports."""
+    return np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+
+
+def check_outputs(run: RunFn, expected: list[np.ndarray], probe: np.ndarray, what: Path) -> float:
+    """Largest relative deviation of ``run(probe)`` from ``expected``; ConfigError past tolerance."""
+    actual = run(probe)
+    worst = max(float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12))
+                for a, e in zip(actual, expected, strict=True))
+    if not worst <= PROBE_TOLERANCE:
+        raise ConfigError(f"{what}: the exported graph's outputs differ from the model's by "
+                          f"{worst:.2e} (relative) on a test image; this Paddle/runtime does not "
+                          "reproduce the model: try the other --format or report the versions")
+    return worst
+
+
+def _outputs(model: AnomalyModel, names: list[str], fuse: bool) -> list[dict[str, object]]:
+    """The graph outputs' names, meanings and shapes (-1 = batch) for deploy.json."""
+    size, (h, w) = model.config.image_size, model.grid
+    if fuse:
+        return [{"name": names[0], "meaning": "anomaly_map", "shape": [-1, 1, size, size]},
+                {"name": names[1], "meaning": "image_score", "shape": [-1]}]
+    features = sum(model.trunk.channels)
+    return [{"name": names[0], "meaning": "embedding", "shape": [-1, features, h, w]}]
+
+
+def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: bool = True,
+                 onnx: bool = False, source: str = "") -> Manifest:
+    """Export ``model`` to ``save_dir`` (see the module docstring) and return its deploy.json.
+
+    Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a Gaussian method.
+    """
+    if save_dir.exists() and not save_dir.is_dir():
+        raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
+    if not fuse and not isinstance(model, GaussianModel):
+        raise ConfigError(f"--no-fuse: --method {model.config.method} has no unfused layout "
+                          "(ortho and padim have); export it fused")
+    try:
+        save_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.export-", dir=save_dir.parent))
+    except OSError as exc:
+        raise ConfigError(f"--save_dir {save_dir}: cannot write there ({exc.strerror}); "
+                          "pass a writable folder") from exc
+    try:
+        manifest = _build(model, staging, fmt, fuse, onnx, source)
+        _publish(staging, save_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
+           source: str) -> Manifest:
+    """Write the export's files into ``staging`` and return their manifest."""
+    if onnx:
+        require("paddle2onnx", "--onnx")
+        require("onnxruntime", "--onnx")
+    size = model.config.image_size
+    layer = model.fused_layer() if fuse else model.feature_layer()
+    probe = probe_image(size)
+    expected = compile_layer(layer, size, Runtime(engine="dynamic"))(probe)
+    with ir_guard(fmt):
+        model_file = Path(save_static(layer, [None, 3, size, size], str(staging / "model")))
+    predictor = Predictor(str(model_file), str(staging / PARAMS), PredictorOptions())
+    verified = {"paddle_max_rel_diff": check_outputs(predictor.run, expected, probe, model_file)}
+    files = [model_file.name, PARAMS]
+    if not fuse:
+        write_stats(staging / STATS, model)
+        files.append(STATS)
+    if onnx:
+        convert(model_file, staging / PARAMS, staging / ONNX)
+        runner = OnnxRunner(staging / ONNX, cpu_threads=2)
+        verified["onnx_max_rel_diff"] = check_outputs(runner.run, expected, probe, staging / ONNX)
+        files.append(ONNX)
+    return Manifest(
+        method=model.config.method, arch=model.config.arch, k=model.config.k,
+        category=model.category, image_size=size, resize=model.config.resize,
+        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), threshold=model.threshold, fused=fuse,
+        format=fmt, model_file=model_file.name, params_file=PARAMS,
+        inputs=[{"name": predictor.input_names[0], "shape": [-1, 3, size, size],
+                 "dtype": "float32", "layout": "NCHW", "color": "RGB"}],
+        outputs=_outputs(model, predictor.output_names, fuse), paddle_version=paddle.__version__,
+        stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
+        files={name: sha256_file(staging / name) for name in files}, verified=verified,
+        source={"checkpoint": source,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+    )
+
+
+def _publish(staging: Path, save_dir: Path, manifest: Manifest) -> None:
+    """Move the staged files into ``save_dir``, drop stale artefacts, write deploy.json last."""
+    save_dir.mkdir(exist_ok=True)
+    (save_dir / MANIFEST).unlink(missing_ok=True)
+    for name in ARTEFACTS:
+        if name not in manifest.files:
+            (save_dir / name).unlink(missing_ok=True)
+    for name in manifest.files:
+        os.replace(staging / name, save_dir / name)
+    write_manifest(save_dir, manifest)

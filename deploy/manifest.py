@@ -1,0 +1,106 @@
+"""``deploy.json``: what an exported folder holds and how to feed it, written beside the model.
+
+It names every file of the export with its SHA-256, so a model, params or stats file taken from
+another export is refused with one line instead of silently giving wrong scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import InputError
+from engine.io import atomic_write_text
+
+MANIFEST = "deploy.json"
+FORMAT_VERSION = 1
+IDENTITY = ("method", "arch", "k", "category", "image_size", "resize")
+"""Fields that a stats file must share with the manifest."""
+
+
+@dataclass
+class Manifest:
+    """The contents of ``deploy.json`` (see docs/deploy.md for every field)."""
+
+    method: str
+    arch: str
+    k: int
+    category: str
+    image_size: int
+    resize: int
+    mean: list[float]
+    std: list[float]
+    threshold: float | None
+    fused: bool
+    format: str
+    model_file: str
+    params_file: str
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    paddle_version: str
+    stats_file: str | None = None
+    onnx_file: str | None = None
+    files: dict[str, str] = field(default_factory=dict)
+    verified: dict[str, float] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    def identity(self) -> dict[str, Any]:
+        """The model's method/arch/k/category/sizes, compared against a stats file."""
+        return {key: getattr(self, key) for key in IDENTITY}
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> Path:
+    """Write ``folder/deploy.json`` atomically and return its path."""
+    target = folder / MANIFEST
+    atomic_write_text(target, json.dumps(dataclasses.asdict(manifest), indent=2) + "\n")
+    return target
+
+
+def read_manifest(folder: Path) -> Manifest:
+    """Read ``folder/deploy.json``; a missing, unreadable or foreign file is one InputError."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise InputError(
+            f"{path}: not found; infer.py needs the deploy.json that export_model.py writes beside "
+            "the model: pass a model file from an export folder or export again"
+        )
+    try:
+        record = json.loads(path.read_text())
+        if record.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format_version {record.get('format_version')}, "
+                             f"this version reads {FORMAT_VERSION}")
+        known = {f.name for f in dataclasses.fields(Manifest)}
+        return Manifest(**{key: value for key, value in record.items() if key in known})
+    except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
+        raise InputError(f"{path}: not a deploy.json of this toolkit ({exc}); export again "
+                         "with export_model.py") from exc
+
+
+def check_file(manifest: Manifest, folder: Path, path: Path, what: str) -> None:
+    """Fail unless ``path`` is the file named ``path.name`` that the export in ``folder`` wrote."""
+    if not path.is_file():
+        raise InputError(f"{path}: {what} file not found; pass the {what} file of the export in "
+                         f"{folder} or export again with export_model.py")
+    expected = manifest.files.get(path.name)
+    if expected is None:
+        raise InputError(f"{path}: {folder / MANIFEST} lists no {what} file of this name "
+                         f"(it lists {', '.join(sorted(manifest.files))}); pass one of those")
+    if sha256_file(path) != expected:
+        raise InputError(
+            f"{path}: not the {what} file exported with {folder / MANIFEST} (its SHA-256 differs: "
+            "it belongs to another model or export); use the files of one export_model.py run"
+        )

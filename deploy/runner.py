@@ -1,0 +1,157 @@
+"""An export folder loaded for inference: its preprocessing, graph and (unfused) numpy tail.
+
+    deployed = DeployedModel.load("export/model.json")
+    maps, scores = deployed.score(images)   # images (N, 3, S, S) -> (N, S, S), (N,) float32
+
+Every file is checked against deploy.json (identity and SHA-256) before anything runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import paddle
+
+from datasets import Preprocess
+from deploy.benchmark import Timer, timed
+from deploy.manifest import Manifest, check_file, read_manifest
+from deploy.onnx_model import OnnxRunner
+from deploy.postprocess import GaussianHead
+from deploy.stats import read_stats
+from engine.errors import ConfigError, InputError, ToolkitError
+from engine.inference import Predictor, PredictorOptions
+from engine.predict import batches
+from engine.runtime import RunFn, run_chunked
+
+BACKENDS = {"paddle": (".json", ".pdmodel"), "onnxruntime": (".onnx",)}
+
+
+def _paddle_runner(model_file: Path, params_file: Path, options: PredictorOptions) -> Predictor:
+    """A Paddle Inference predictor; a graph Paddle cannot load becomes one InputError."""
+    try:
+        return Predictor(str(model_file), str(params_file), options)
+    except ToolkitError:
+        raise
+    except Exception as exc:  # Paddle raises assorted C++ error types for unloadable graphs
+        reason = " ".join(str(exc).split())[:200]
+        raise InputError(f"{model_file}: Paddle Inference {paddle.__version__} cannot load it with "
+                         f"{params_file} ({type(exc).__name__}: {reason}); pass the params file exported "
+                         "with it, or export again with this Paddle version") from exc
+
+
+def paddle_status(predictor: Predictor) -> dict[str, object]:
+    """The predictor's settings under auto_log's config keys (make_config enables memory_optim)."""
+    config = predictor.config
+    return {"runtime_device": "gpu" if config.use_gpu() else "cpu", "ir_optim": config.ir_optim(),
+            "enable_memory_optim": True, "enable_tensorrt": config.tensorrt_engine_enabled(),
+            "precision": predictor.options.precision, "enable_mkldnn": config.mkldnn_enabled(),
+            "cpu_math_library_num_threads": config.cpu_math_library_num_threads()}
+
+
+def _model_path(model_file: Path, manifest: Manifest, backend: str) -> Path:
+    """``model_file`` itself, or the backend's model in the export folder ``model_file``."""
+    if not model_file.is_dir():
+        return model_file
+    name = manifest.onnx_file if backend == "onnxruntime" else manifest.model_file
+    if name is None:
+        raise InputError(f"{model_file}: this export has no ONNX model; export it again with --onnx")
+    return model_file / name
+
+
+@dataclass
+class DeployedModel:
+    """A loaded export: ``forward`` runs the graph, ``finish`` turns its outputs into results."""
+
+    manifest: Manifest
+    run: RunFn
+    chunk: int
+    head: GaussianHead | None
+    status: dict[str, object]
+
+    @classmethod
+    def load(cls, model_file: str | Path, params_file: str | Path | None = None,
+             stats_file: str | Path | None = None, options: PredictorOptions | None = None,
+             backend: str = "paddle") -> DeployedModel:
+        """Load an export; ``model_file`` is a model file or the export folder itself.
+
+        ``params_file`` and ``stats_file`` default to the files deploy.json names beside the model.
+        """
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backend {backend}: use {' or '.join(BACKENDS)}")
+        options = options or PredictorOptions()
+        given = Path(model_file)
+        folder = given if given.is_dir() else given.parent
+        manifest = read_manifest(folder)
+        model_path = _model_path(given, manifest, backend)
+        if model_path.suffix not in BACKENDS[backend]:
+            other = next(name for name in BACKENDS if name != backend)
+            raise ConfigError(f"--model_file {model_path}: --backend {backend} runs "
+                              f"{' or '.join(BACKENDS[backend])} files; pass one of those or "
+                              f"add --backend {other}")
+        check_file(manifest, folder, model_path, "model")
+        head = cls._head(manifest, folder, stats_file)
+        if backend == "onnxruntime":
+            if options.use_tensorrt or options.precision != "fp32":
+                raise ConfigError("--use_tensorrt and --precision fp16 apply to --backend paddle")
+            runner = OnnxRunner(model_path, options.cpu_threads, options.use_gpu, options.gpu_id)
+            return cls(manifest, runner.run, 0, head, runner.status)
+        params = Path(params_file) if params_file else folder / manifest.params_file
+        check_file(manifest, folder, params, "params")
+        # oneDNN runs one image per call: fastest there, and safe: Paddle 3.3's oneDNN has given
+        # wrong results for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
+        chunk = 1 if options.enable_mkldnn and not options.use_gpu else 0
+        predictor = _paddle_runner(model_path, params, options)
+        return cls(manifest, predictor.run, chunk, head, paddle_status(predictor))
+
+    @staticmethod
+    def _head(manifest: Manifest, folder: Path, stats_file: str | Path | None) -> GaussianHead | None:
+        """The numpy tail of an unfused export (None for a fused one)."""
+        if manifest.fused:
+            if stats_file:
+                raise ConfigError(f"--stats {stats_file}: {folder} holds a fused export, which "
+                                  "needs no stats file; drop --stats")
+            return None
+        path = Path(stats_file) if stats_file else folder / str(manifest.stats_file)
+        path = path if path.suffix == ".npz" else path.with_name(path.name + ".npz")
+        stats = read_stats(path, manifest)
+        check_file(manifest, folder, path, "stats")
+        return GaussianHead(stats)
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The training preprocessing: resize, centre crop to the input size, normalise."""
+        return Preprocess(resize=self.manifest.resize, crop_size=self.manifest.image_size)
+
+    def forward(self, images: np.ndarray) -> list[np.ndarray]:
+        """The graph's outputs for images (N, 3, S, S) float32."""
+        parts = [outs for _, outs in run_chunked(self.run, images, self.chunk)]
+        return [np.concatenate(group) for group in zip(*parts, strict=True)]
+
+    def finish(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Anomaly maps (N, S, S) and image scores (N,) from the graph's outputs."""
+        if self.head is None:
+            amaps, scores = outputs
+            return amaps[:, 0], scores
+        return self.head(outputs[0])
+
+    def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Anomaly maps (N, S, S) and image scores (N,) of images (N, 3, S, S) float32."""
+        return self.finish(self.forward(images))
+
+    def results(self, paths: Sequence[Path], batch_size: int,
+                timer: Timer) -> Iterator[tuple[Path, np.ndarray, np.ndarray, float]]:
+        """(path, image (3, S, S), map (S, S), score) of each image file, batch by batch.
+
+        ``timer`` is stamped the auto_log way: reading + preprocessing, inference, postprocessing
+        of each batch; whatever the caller does with a result is not timed.
+        """
+        for chunk, images in timed(batches(paths, self.preprocess, batch_size), timer):
+            outputs = self.forward(images)
+            timer.stamp()
+            amaps, scores = self.finish(outputs)
+            timer.end(stamp=True)
+            for path, image, amap, score in zip(chunk, images, amaps, scores, strict=True):
+                yield path, image, amap, float(score)

@@ -1,0 +1,166 @@
+"""PatchCore (Roth et al. 2022): a coreset of locally aware patch features, nearest-neighbour scores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+from engine.errors import ConfigError
+from models.backbone import layer_grid
+from models.bank_model import MemoryBankModel
+from models.knn import BankSearch, knn
+from models.layers import SmoothUpsample, ToRows
+from models.projection import FeatureConcat
+from models.sampling import kcenter_greedy, project, random_projection, take_rows
+from models.static_ops import arg_max, exp, reduce_sum, sqrt
+
+SLICE_ENTRIES = 1 << 24
+"""Entries of one (bank slice x patches) distance block in the scoring graph (64 MB float32)."""
+
+
+class LocalAverage(nn.Layer):
+    """3x3 average of every feature map of a list, stride 1, same size.
+
+    The zero padding counts in the average (always / 9), as PyTorch's ``AvgPool2d(3, 1, 1)`` of the
+    reference implementations does: Paddle's ``exclusive=False``.
+    """
+
+    def forward(self, feats: list[paddle.Tensor]) -> list[paddle.Tensor]:
+        return [F.avg_pool2d(f, kernel_size=3, stride=1, padding=1, exclusive=False) for f in feats]
+
+
+def reweighted(score: paddle.Tensor, gaps: paddle.Tensor, scale: float) -> paddle.Tensor:
+    """PatchCore's image score w * s*, w = 1 - exp(scale s*) / sum_j exp(scale gaps_j).
+
+    ``score`` s* (N,) is the largest patch distance; ``gaps`` (N, b) are the distances of that patch
+    to the b bank rows nearest (in the bank) its nearest bank row m*, m* included. Computed as
+    w = 1 - 1 / sum_j exp(scale (gaps_j - s*)): every gap is >= s* (m* is the nearest row), so
+    the sum is >= 1; exponents are capped at 80 (w is then 1 to float precision).
+    """
+    excess = paddle.clip(scale * (gaps - score.unsqueeze(1)), max=80.0)
+    return (1.0 - 1.0 / reduce_sum(exp(excess), axis=1)) * score
+
+
+class PatchCoreScorer(nn.Layer):
+    """Images (N, 3, S, S) -> (anomaly map (N, 1, S, S), image score (N,)).
+
+    Map: each patch's distance to its nearest bank row, bilinear upsampling, Gaussian blur. Image
+    score: the largest patch distance s*, reweighted (:func:`reweighted`) with the b rows nearest
+    (in the bank) to the bank row m* nearest that patch. ``bank`` (M, D).
+    """
+
+    def __init__(self, features: nn.Layer, bank: np.ndarray, neighbours: int,
+                 grid: tuple[int, int], image_size: int, sigma: float) -> None:
+        super().__init__()
+        self.features = features
+        self.patches = grid[0] * grid[1]
+        self.grid = grid
+        self.dims = bank.shape[1]
+        self.search = BankSearch(bank, slice_rows=max(1, SLICE_ENTRIES // self.patches))
+        self.neighbours = neighbours
+        self.smooth = SmoothUpsample(grid, (image_size, image_size), sigma)
+
+    def forward(self, x: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        rows = self.search.center(self.features(x))  # (N, P, D)
+        dist, nearest = self.search.nearest(paddle.reshape(rows, [-1, self.dims]))
+        dist = paddle.reshape(dist, [-1, self.patches])
+        nearest = paddle.reshape(nearest, [-1, self.patches])
+        worst = arg_max(dist, axis=1).unsqueeze(1)  # (N, 1)
+        anchor = paddle.flatten(paddle.take_along_axis(nearest, worst, axis=1))  # m*, (N,)
+        query = paddle.take_along_axis(rows, worst.unsqueeze(2), axis=1, broadcast=True)  # (N, 1, D)
+        _, support = self.search.smallest(self.search.rows(anchor), self.neighbours)  # (N, b)
+        near = paddle.reshape(self.search.rows(paddle.flatten(support)), [-1, self.neighbours, self.dims])
+        gaps = sqrt(reduce_sum((near - query) * (near - query), axis=2))
+        score = reweighted(paddle.max(dist, axis=1), gaps, 1.0 / math.sqrt(self.dims))
+        return self.smooth(paddle.reshape(dist, [-1, 1, *self.grid])), score
+
+
+class PatchCoreModel(MemoryBankModel):
+    """PatchCore (``--method patchcore``): the bank is a k-center coreset of training patches."""
+
+    method = "patchcore"
+    layers = ("layer2", "layer3")
+    default_k = None
+    fit_outputs = ("patches",)
+
+    @property
+    def dims(self) -> int:
+        """Patch feature size D (384 for resnet18, 1536 for resnet50 / wide_resnet50_2)."""
+        return sum(self.trunk.channels)
+
+    def _init_random(self, rng: np.random.Generator) -> None:
+        config = self.config
+        if not 0.0 < config.coreset_ratio <= 1.0:
+            raise ConfigError(f"--coreset_ratio {config.coreset_ratio}: must be in (0, 1] "
+                              "(1 keeps every patch)")
+        for name in ("projection_dim", "num_neighbors"):
+            if getattr(config, name) < 1:
+                raise ConfigError(f"--{name} {getattr(config, name)}: must be a positive number")
+        self.projection = random_projection(self.dims, config.projection_dim, rng)
+        self.start = float(rng.random())
+
+    def fit_layer(self) -> nn.Layer:
+        grids = [layer_grid(self.config.image_size, name) for name in self.layers]
+        return nn.Sequential(self.trunk, LocalAverage(), FeatureConcat(grids), ToRows())
+
+    def _build(self, parts: dict[str, list[np.ndarray]]) -> None:
+        blocks = [batch.reshape(-1, self.dims) for batch in parts["patches"]]  # (b_j P, D) each
+        total = sum(len(b) for b in blocks)
+        per_image = total // self.n_train
+        count = max(1, int(self.config.coreset_ratio * total))
+        if count == total:
+            chosen = np.arange(total)
+        else:
+            chosen = kcenter_greedy(project(blocks, self.projection), count,
+                                    start=int(self.start * total),
+                                    desc=f"coreset {self.category}".rstrip())
+        self.bank = self.stored(take_rows(blocks, chosen))
+        self.bank_owner = chosen // per_image
+        if self.config.num_neighbors > count:
+            self.warn(f"--num_neighbors {self.config.num_neighbors} is more than the {count} "
+                      f"bank patches: the score uses {count}")
+
+    def fused_layer(self) -> nn.Layer:
+        return PatchCoreScorer(self.fit_layer(), self.bank, min(self.config.num_neighbors, len(self.bank)),
+                               self.grid, self.config.image_size, self.config.sigma)
+
+    def _held_out_scores(self, images: np.ndarray, owners: list[int | None]) -> np.ndarray:
+        """The scoring layer's image score computed in numpy, without the bank rows taken from
+        training image ``owners[i]`` (none of them if it would leave the bank empty)."""
+        scores = []
+        for part, (patches,) in self.extract(images):
+            for rows, owner in zip(patches, owners[part], strict=True):
+                exclude = None if owner is None else self.bank_owner == owner
+                if exclude is not None and exclude.all():
+                    exclude = None
+                scores.append(self._image_score(rows, exclude))
+        return np.array(scores)
+
+    def _image_score(self, rows: np.ndarray, exclude: np.ndarray | None) -> float:
+        """Image score of one image's patch features (P, D) against the bank minus ``exclude``."""
+        dist, nearest = knn(rows, self.bank, 1, exclude)
+        worst = int(np.argmax(dist[:, 0]))
+        left = len(self.bank) - (0 if exclude is None else int(exclude.sum()))
+        neighbours = min(self.config.num_neighbors, left)
+        _, support = knn(self.bank[nearest[worst]], self.bank, neighbours, exclude)
+        gaps = np.linalg.norm(self.bank[support[0]].astype(np.float64) - rows[worst], axis=1)
+        score = reweighted(paddle.to_tensor(dist[worst].astype(np.float64)), paddle.to_tensor(gaps[None]),
+                           1.0 / math.sqrt(self.dims))
+        return float(score.numpy()[0])
+
+    def _random_arrays(self) -> dict[str, np.ndarray]:
+        return {"projection": self.projection, "coreset_start": np.array(self.start)}
+
+    def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
+        self.projection = arrays["projection"]
+        self.start = float(arrays["coreset_start"])
+
+    def _bank_arrays(self) -> dict[str, np.ndarray]:
+        return {"bank": self.bank}
+
+    def _restore_bank(self, arrays: dict[str, np.ndarray]) -> None:
+        self.bank = arrays["bank"]
