@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -57,9 +58,12 @@ def worker(data_path: str, images: int, method: str = "ortho", threads: int = 2,
     if processes > 1:
         cmd[1:1] = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(processes),
                     "--log_dir", "/tmp/orthoad-bench-launch"]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
     logs = Path("/tmp/orthoad-bench-launch")
-    text = out.stdout + "".join(p.read_text() for p in sorted(logs.glob("workerlog.0")))
+    shutil.rmtree(logs, ignore_errors=True)
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    text = out.stdout
+    if processes > 1:  # rank 0 prints into the launcher's log
+        text += "".join(p.read_text() for p in sorted(logs.glob("workerlog.0")))
     lines = [line for line in text.splitlines() if line.startswith('{"images"')]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"worker failed: {' '.join(cmd)}\n{out.stdout}\n{out.stderr}")
