@@ -2,6 +2,10 @@
 
     python export_model.py --method ortho --arch resnet18 --k 100 \
         --model_path output/ortho_resnet18_100/bottle.npz --save_dir export/bottle
+    python export_model.py --method patchcore --model_path output/patchcore_resnet18/bottle.npz \
+        --save_dir export/bottle_patchcore
+
+Every method (ortho, padim, spade, patchcore) exports fused; --no-fuse is ortho's and padim's.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ from deploy.export import FORMATS, export_model
 from engine.cli import run_main
 from engine.errors import ConfigError
 from engine.runtime import Runtime
-from models import load_model
+from models import load_model, resolve_k
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="ortho", help="method of the checkpoint (default ortho)")
+    parser.add_argument("--method", default="ortho",
+                        help="method of the checkpoint: ortho (default), padim, spade or patchcore")
     parser.add_argument("--arch", default="resnet18", help="backbone of the checkpoint (default resnet18)")
-    parser.add_argument("--k", type=int, default=100, help="embedding dimension of the checkpoint")
+    parser.add_argument("--k", type=int, default=None,
+                        help="k of the checkpoint (default: the method's, ortho/padim 100, spade 50; "
+                             "patchcore has none)")
     parser.add_argument("--model_path", required=True, help="the checkpoint .npz written by train.py")
     parser.add_argument("--save_dir", required=True,
                         help="folder for model.*, model.pdiparams, deploy.json (and stats.npz, model.onnx)")
@@ -38,14 +45,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    expect = {"method": args.method, "arch": args.arch, "k": args.k, "image_size": args.img_size}
+    expect = {"method": args.method, "arch": args.arch, "k": resolve_k(args.method, args.k),
+              "image_size": args.img_size}
     model = load_model(args.model_path, expect=expect, runtime=Runtime(engine="dynamic"))
     if not model.fitted:
         raise ConfigError(f"{args.model_path}: holds an unfinished fit; finish training it first")
     save_dir = Path(args.save_dir)
     manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, args.model_path)
     layout = "fused" if manifest.fused else "unfused"
-    print(f"exported {layout} {manifest.method} {manifest.arch} k={manifest.k} "
+    k = f" k={manifest.k}" if manifest.k else ""  # patchcore has no k
+    print(f"exported {layout} {manifest.method} {manifest.arch}{k} "
           f"({manifest.category or 'no category'}) to {save_dir}: {', '.join(manifest.files)}, deploy.json")
     return 0
 

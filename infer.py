@@ -76,7 +76,8 @@ def open_benchmark(args: argparse.Namespace, deployed: DeployedModel) -> StageLo
     """Warm the model up on one blank image (untimed) and open the benchmark log."""
     manifest, size = deployed.manifest, deployed.manifest.image_size
     deployed.score(np.zeros((1, 3, size, size), np.float32))
-    name = f"{manifest.method}_{manifest.arch}_{manifest.k}_{manifest.category}"
+    k = f"_{manifest.k}" if manifest.k else ""  # patchcore has no k (0), as in its folder name
+    name = f"{manifest.method}_{manifest.arch}{k}_{manifest.category}"
     return open_log(RunInfo(name, args.precision, args.batch_size, [-1, 3, size, size],
                             deployed.status, args.gpu_id if args.use_gpu else None))
 

@@ -107,7 +107,7 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
     if not fuse and not isinstance(model, GaussianModel):
         raise ConfigError(f"--no-fuse: --method {model.config.method} has no unfused layout "
-                          "(ortho and padim have); export it fused")
+                          "(ortho and padim have); drop --no-fuse to export it fused")
     try:
         save_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.export-", dir=save_dir.parent))

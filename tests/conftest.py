@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,3 +15,13 @@ def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small synthetic dataset root (categories tiles and disc, 64x64 px) in MVTec layout."""
     dst = tmp_path_factory.mktemp("synthetic") / "demo"
     return generate(dst, n_train=8, n_test_good=3, n_test_defect=3, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def images_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Five test images of "tiles" (two good, three with a defect) in one folder (infer.py's input)."""
+    folder = tmp_path_factory.mktemp("images")
+    test = demo_root / "tiles" / "test"
+    for path in [*sorted((test / "good").glob("*.png"))[:2], *sorted((test / "spot").glob("*.png"))]:
+        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
+    return folder

@@ -1,9 +1,11 @@
 """Tests of export_model.py, infer.py and the deploy package.
 
-A random-initialised resnet18 (k=16, 64 px) of each method is fitted on the demo data; every
-export layout (fused / --no-fuse) and format (json / pdmodel) runs through infer.py with oneDNN on
-and off, and its scores and maps must equal the dynamic graph's (what ``predict.py --engine
-dynamic`` computes) within 1e-4 relative. Scripts run as subprocesses, as users run them.
+A random-initialised resnet18 (k=16, 64 px) of each Gaussian method (ortho, padim) is fitted on
+the demo data; every export layout (fused / --no-fuse) and format (json / pdmodel) runs through
+infer.py with oneDNN on and off, and its scores and maps must equal the dynamic graph's (what
+``predict.py --engine dynamic`` computes) within 1e-4 relative. Scripts run as subprocesses, as
+users run them.
+The helpers (fitting, exporting, checking an export) serve tests/test_deploy_bank.py too.
 """
 
 from __future__ import annotations
@@ -58,37 +60,30 @@ def assert_rel_close(actual, expected, what):
     assert worst <= RTOL, f"{what}: relative deviation {worst:.2e}"
 
 
+def fit_checkpoint(config: ModelConfig, demo_root: Path, path: Path) -> Path:
+    """Fit and calibrate ``config`` on the demo category "tiles" and save the checkpoint at ``path``."""
+    dataset = AnomalyDataset(list_samples(demo_root, "tiles", "train"), Preprocess(SIZE))
+    model = build_model(config, Runtime(engine="dynamic"))
+    model.category = "tiles"
+    model.fit(BatchLoader(dataset, 8, 0))
+    model.calibrate(BatchLoader(dataset, 8, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model.save(str(path))
+    return path
+
+
 @pytest.fixture(scope="module")
 def checkpoints(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """method -> checkpoint fitted and calibrated on the demo category "tiles"."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    dataset = AnomalyDataset(list_samples(demo_root, "tiles", "train"), Preprocess(SIZE))
-    paths = {}
-    for method in METHODS:
-        config = ModelConfig(method, arch="resnet18", k=K, image_size=SIZE, resize=SIZE,
-                             pretrained="none")
-        model = build_model(config, Runtime(engine="dynamic"))
-        model.category = "tiles"
-        model.fit(BatchLoader(dataset, 8, 0))
-        model.calibrate(BatchLoader(dataset, 8, 0))
-        paths[method] = folder / f"{method}.npz"
-        model.save(str(paths[method]))
-    return paths
+    return {method: fit_checkpoint(ModelConfig(method, arch="resnet18", k=K, image_size=SIZE,
+                                               resize=SIZE, pretrained="none"),
+                                   demo_root, folder / f"{method}.npz")
+            for method in METHODS}
 
 
-@pytest.fixture(scope="module")
-def images_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Five test images (two good, three with a defect) in one folder."""
-    folder = tmp_path_factory.mktemp("images")
-    test = demo_root / "tiles" / "test"
-    for path in [*sorted((test / "good").glob("*.png"))[:2], *sorted((test / "spot").glob("*.png"))]:
-        shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def references(checkpoints: dict[str, Path],
-               images_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def dynamic_references(checkpoints: dict[str, Path],
+                       images_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """method -> (images, maps, scores) of the dynamic graph (predict.py --engine dynamic)."""
     paths = sorted(images_dir.iterdir())
     images = np.stack([Preprocess(SIZE)(read_image(p)) for p in paths])
@@ -97,6 +92,20 @@ def references(checkpoints: dict[str, Path],
         maps, scores = load_model(str(path), runtime=Runtime(engine="dynamic")).score(images)
         out[method] = (images, maps, scores)
     return out
+
+
+@pytest.fixture(scope="module")
+def references(checkpoints: dict[str, Path],
+               images_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return dynamic_references(checkpoints, images_dir)
+
+
+def export_with_script(checkpoint: Path, folder: Path, method: str, fmt: str, *extra: object) -> Path:
+    """Run export_model.py on a 64 px ``checkpoint`` into ``folder``; the test fails unless it works."""
+    proc = run("export_model.py", "--method", method, "--img_size", SIZE, "--model_path", checkpoint,
+               "--save_dir", folder, "--format", fmt, *extra)
+    assert proc.returncode == 0, proc.stderr
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -109,11 +118,9 @@ def exports(checkpoints: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
         key = (method, fuse, fmt, onnx)
         if key not in made:
             folder = root / "_".join([method, "fused" if fuse else "unfused", fmt, *(["onnx"] * onnx)])
-            proc = run("export_model.py", "--method", method, "--arch", "resnet18", "--k", K,
-                       "--img_size", SIZE, "--model_path", checkpoints[method], "--save_dir", folder,
-                       "--format", fmt, "--fuse" if fuse else "--no-fuse", *(["--onnx"] * onnx))
-            assert proc.returncode == 0, proc.stderr
-            made[key] = folder
+            made[key] = export_with_script(checkpoints[method], folder, method, fmt, "--arch", "resnet18",
+                                           "--k", K, "--fuse" if fuse else "--no-fuse",
+                                           *(["--onnx"] * onnx))
         return made[key]
 
     return export
@@ -140,6 +147,25 @@ def check_infer_outputs(proc: subprocess.CompletedProcess, out: Path, images_dir
     assert all(line.endswith((" anomalous=yes", " anomalous=no")) for line in lines)
 
 
+def check_export(folder: Path, images_dir: Path, reference: tuple, out: Path) -> None:
+    """infer.py (subprocess) and DeployedModel run the export in ``folder`` with oneDNN on (batch 2)
+    and off (batch 3) and reproduce ``reference``: (images, maps, scores) of the dynamic graph."""
+    manifest = read_manifest(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest.files, "deploy.json"])
+    model_file = folder / manifest.model_file
+    images, maps, scores = reference
+    for mkldnn, batch in ((True, 2), (False, 3)):
+        save = out / f"mkldnn{mkldnn}"
+        proc = run("infer.py", "--model_file", model_file,
+                   "--params_file", folder / "model.pdiparams", "--input_file", images_dir,
+                   "--save_path", save, "--enable_mkldnn", mkldnn, "--batch_size", batch)
+        check_infer_outputs(proc, save, images_dir, scores, manifest.threshold)
+        deployed = DeployedModel.load(model_file, options=PredictorOptions(enable_mkldnn=mkldnn))
+        api_maps, api_scores = deployed.score(images)
+        assert_rel_close(api_maps, maps, f"maps, oneDNN {mkldnn}")
+        np.testing.assert_allclose(api_scores, scores, rtol=RTOL)
+
+
 @pytest.mark.parametrize(("method", "fuse", "fmt"), CASES,
                          ids=[f"{m}-{'fused' if f else 'unfused'}-{x}" for m, f, x in CASES])
 def test_infer_equals_dynamic_graph(method, fuse, fmt, exports, references, images_dir, tmp_path):
@@ -147,20 +173,7 @@ def test_infer_equals_dynamic_graph(method, fuse, fmt, exports, references, imag
     manifest = read_manifest(folder)
     assert (manifest.method, manifest.k, manifest.category, manifest.fused, manifest.format) == (
         method, K, "tiles", fuse, fmt)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [*manifest.files, "deploy.json"])
-    images, maps, scores = references[method]
-    for mkldnn, batch in ((True, 2), (False, 3)):
-        out = tmp_path / f"mkldnn{mkldnn}"
-        proc = run("infer.py", "--model_file", folder / f"model.{fmt}",
-                   "--params_file", folder / "model.pdiparams", "--input_file", images_dir,
-                   "--save_path", out, "--enable_mkldnn", mkldnn, "--batch_size", batch)
-        check_infer_outputs(proc, out, images_dir, scores, manifest.threshold)
-        deployed = DeployedModel.load(folder / f"model.{fmt}",
-                                      options=PredictorOptions(enable_mkldnn=mkldnn))
-        api_maps, api_scores = deployed.score(images)
-        assert_rel_close(api_maps, maps, f"maps, oneDNN {mkldnn}")
-        np.testing.assert_allclose(api_scores, scores, rtol=RTOL)
+    check_export(folder, images_dir, references[method], tmp_path)
 
 
 def test_unfused_stats_file_is_plain_arrays(exports):
@@ -224,20 +237,25 @@ def test_benchmark_uses_auto_log_when_installed(exports, images_dir, tmp_path):
     assert len(read_results(tmp_path / "out")) == 5
 
 
+def check_onnx_export(folder: Path, images_dir: Path, reference: tuple, out: Path) -> None:
+    """infer.py --backend onnxruntime reproduces the scores of ``reference`` (images, maps, scores),
+    and DeployedModel's ONNX maps and scores equal Paddle Inference's on the same export."""
+    images, _, scores = reference
+    proc = run("infer.py", "--model_file", folder / "model.onnx", "--backend", "onnxruntime",
+               "--input_file", images_dir, "--save_path", out)
+    check_infer_outputs(proc, out, images_dir, scores, read_manifest(folder).threshold)
+    onnx_maps, onnx_scores = DeployedModel.load(folder, backend="onnxruntime").score(images)
+    paddle_maps, paddle_scores = DeployedModel.load(folder).score(images)
+    assert_rel_close(onnx_maps, paddle_maps, "ONNX maps")
+    np.testing.assert_allclose(onnx_scores, paddle_scores, rtol=RTOL)
+
+
 def test_onnx_export_runs_in_onnxruntime(exports, references, images_dir, tmp_path):
     pytest.importorskip("paddle2onnx")
     pytest.importorskip("onnxruntime")
-    images, maps, scores = references["ortho"]
     for fuse, fmt in ((True, "json"), (False, "pdmodel")):
-        folder = exports("ortho", fuse, fmt, onnx=True)
-        out = tmp_path / fmt
-        proc = run("infer.py", "--model_file", folder / "model.onnx", "--backend", "onnxruntime",
-                   "--input_file", images_dir, "--save_path", out)
-        check_infer_outputs(proc, out, images_dir, scores, read_manifest(folder).threshold)
-        onnx_maps, onnx_scores = DeployedModel.load(folder, backend="onnxruntime").score(images)
-        paddle_maps, paddle_scores = DeployedModel.load(folder).score(images)
-        assert_rel_close(onnx_maps, paddle_maps, "ONNX maps")
-        np.testing.assert_allclose(onnx_scores, paddle_scores, rtol=RTOL)
+        check_onnx_export(exports("ortho", fuse, fmt, onnx=True), images_dir, references["ortho"],
+                          tmp_path / fmt)
 
 
 def test_export_replaces_a_previous_layout(checkpoints, tmp_path):

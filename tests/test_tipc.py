@@ -1,4 +1,4 @@
-"""Tests of test_tipc/: the config parser in common_func.sh, both configs, and the driver's logic.
+"""Tests of test_tipc/: the config parser in common_func.sh, the four configs, and the driver's logic.
 
 The bash helpers are called through ``bash -c 'source test_tipc/common_func.sh; ...'``. The driver
 and prepare.sh are exercised on a throw-away copy of test_tipc/ whose train.py, eval.py,
@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 
+from engine.cli import model_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 TIPC = ROOT / "test_tipc"
 COMMON = TIPC / "common_func.sh"
 MODES = ("lite_train_lite_infer", "lite_train_whole_infer", "whole_infer", "whole_train_whole_infer")
-CONFIGS = {
-    "OrthoAD": ("ortho", TIPC / "configs" / "OrthoAD" / "train_infer_python.txt"),
-    "PaDiM": ("padim", TIPC / "configs" / "PaDiM" / "train_infer_python.txt"),
-}
+METHOD_OF = {"OrthoAD": "ortho", "PaDiM": "padim", "SPADE": "spade", "PatchCore": "patchcore"}
+CONFIGS = {name: (method, TIPC / "configs" / name / "train_infer_python.txt")
+           for name, method in METHOD_OF.items()}
 
 # 1-based line number -> key of the line (section headers and "##" checked separately).
 EXPECTED_KEYS = {
@@ -195,6 +196,12 @@ def flags(command: str) -> dict[str, str]:
     return {w: words[i + 1] for i, w in enumerate(words[:-1]) if w.startswith("--")}
 
 
+def test_every_config_folder_is_checked():
+    """CI runs every folder of test_tipc/configs: each must be one of the configs checked here."""
+    folders = {path.parent.name for path in (TIPC / "configs").glob("*/train_infer_python.txt")}
+    assert folders == set(CONFIGS)
+
+
 @needs_bash
 @pytest.mark.parametrize("model", sorted(CONFIGS))
 def test_config_has_the_expected_keys_at_the_expected_lines(model):
@@ -248,7 +255,8 @@ def test_config_names_one_model_everywhere(model):
     commands = {line_no: values[line_no] for line_no in (17, 25, 31, 39)}
     for line_no, command in commands.items():
         f = flags(command)
-        assert f"{f['--method']}_{f['--arch']}_{f['--k']}" == name, f"line {line_no}"
+        k = int(f["--k"]) if "--k" in f else None
+        assert model_dir("", f["--method"], f["--arch"], k).name == name, f"line {line_no}"
         assert f["--method"] == method
     assert commands[17].split()[0] == "train.py"
     assert commands[25].split()[0] == "eval.py"

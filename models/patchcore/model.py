@@ -38,11 +38,13 @@ def reweighted(score: paddle.Tensor, gaps: paddle.Tensor, scale: float) -> paddl
 
     ``score`` s* (N,) is the largest patch distance; ``gaps`` (N, b) are the distances of that patch
     to the b bank rows nearest (in the bank) its nearest bank row m*, m* included. Computed as
-    w = 1 - 1 / sum_j exp(scale (gaps_j - s*)): every gap is >= s* (m* is the nearest row), so
-    the sum is >= 1; exponents are capped at 80 (w is then 1 to float precision).
+    w = (t - 1) / t, t = sum_j exp(scale (gaps_j - s*)): every gap is >= s* (m* is the nearest row),
+    so t >= 1; exponents are capped at 80 (w is then 1 to float precision). (1 - 1 / t would put a
+    scalar-by-tensor division in the graph, which paddle2onnx 2.1 cannot convert.)
     """
     excess = paddle.clip(scale * (gaps - score.unsqueeze(1)), max=80.0)
-    return (1.0 - 1.0 / reduce_sum(exp(excess), axis=1)) * score
+    total = reduce_sum(exp(excess), axis=1)
+    return (total - 1.0) / total * score
 
 
 class PatchCoreScorer(nn.Layer):
