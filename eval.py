@@ -11,12 +11,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from engine.cli import (
-    add_data_args,
     add_eval_args,
-    add_model_args,
-    add_runtime_args,
     model_dir,
     run_main,
+    script_parser,
 )
 from engine.evaluate import write_results
 from engine.workflow import categories, config_from, data_root, evaluate_category, runtime_from
@@ -24,10 +22,7 @@ from models import load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_args(parser)
-    add_model_args(parser)
-    add_runtime_args(parser)
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--model_path", default=None,
                         help="folder of <category>.npz checkpoints, or one .npz file "
                              "(default: ./output/<method>_<arch>_<k>)")

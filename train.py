@@ -12,12 +12,10 @@ import argparse
 from tqdm import tqdm
 
 from engine.cli import (
-    add_data_args,
     add_eval_args,
-    add_model_args,
-    add_runtime_args,
     model_dir,
     run_main,
+    script_parser,
 )
 from engine.distributed import current_world
 from engine.evaluate import write_results
@@ -32,10 +30,7 @@ from engine.workflow import (
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_data_args(parser)
-    add_model_args(parser)
-    add_runtime_args(parser)
+    parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--save_path", default="./output",
                         help="checkpoints go to SAVE_PATH/<method>_<arch>_<k>/ (default ./output)")
     parser.add_argument("--calib_images", type=int, default=200,

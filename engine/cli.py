@@ -82,6 +82,15 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                        help="use oneDNN on the CPU (default True)")
 
 
+def script_parser(description: str) -> argparse.ArgumentParser:
+    """A parser with the data, model and runtime groups shared by train.py and eval.py."""
+    parser = argparse.ArgumentParser(description=description)
+    add_data_args(parser)
+    add_model_args(parser)
+    add_runtime_args(parser)
+    return parser
+
+
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
     """--eval_PRO, --non_partial_AUC."""
     parser.add_argument("--eval_PRO", action="store_true", help="also compute the PRO score")
