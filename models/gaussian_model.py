@@ -17,7 +17,7 @@ import paddle
 from paddle import nn
 
 from engine.distributed import Collective
-from engine.errors import CheckpointError, ConfigError, InputError
+from engine.errors import CheckpointError, ConfigError
 from engine.runtime import RunFn, run_chunked
 from models.backbone import layer_grid
 from models.base import AnomalyModel, Batch, unpack_batch
@@ -61,7 +61,6 @@ class GaussianModel(AnomalyModel):
         self.inv_cov: np.ndarray | None = None
         self.n_train = 0
         self._embedder: RunFn | None = None
-        self._fold_scorers: list[RunFn] = []
 
     def feature_channels(self) -> int:
         """F, the channels of the concatenated features x; a ConfigError if k exceeds it."""
@@ -122,35 +121,30 @@ class GaussianModel(AnomalyModel):
         for fold in self.folds:
             fold.release()
         self.mean, self.inv_cov = self.fit_state().finalize(self.config.eps, self.fit_basis())
-        self._fold_scorers = []
         self.fitted = True
         self._scorer = None
 
-    def calibrate(self, batches: Iterable[Batch]) -> float:
-        """Threshold = highest out-of-fold image score over ``batches`` of training images.
+    def calibration_scores(self, batches: Iterable[Batch]) -> Iterator[np.ndarray]:
+        """Out-of-fold image scores: each image is scored by the Gaussian of the other fold.
 
-        Each image is scored by the Gaussian fitted on the other fold. Without fold statistics
-        (a loaded checkpoint, or a fold with fewer than 2 images) the full model scores them.
+        Without fold statistics (a loaded checkpoint, or a fold with fewer than 2 images) the
+        full model scores them.
         """
         if any(fold.count < 2 for fold in self.folds):
-            return super().calibrate(batches)
-        if not self._fold_scorers:
-            eps, basis = self.config.eps, self.fit_basis()
-            self._fold_scorers = [self.compile(self._scoring_layer(*fold.finalize(eps, basis)))
-                                  for fold in self.folds]
-        best, position = -np.inf, 0
+            yield from super().calibration_scores(batches)
+            return
+        eps, basis = self.config.eps, self.fit_basis()
+        scorers = [self.compile(self._scoring_layer(*fold.finalize(eps, basis)))
+                   for fold in self.folds]
+        position = 0
         for batch in batches:
             images, paths = unpack_batch(batch)
+            scores = np.empty(len(images), dtype=np.float32)
             for i, image in enumerate(images):
                 fold = self.fold_of(paths[i] if paths else None, position)
-                other = self._fold_scorers[(fold + 1) % self.folds_count]
-                best = max(best, float(other(image[None])[1][0]))
+                scores[i] = scorers[(fold + 1) % self.folds_count](image[None])[1][0]
                 position += 1
-        if not np.isfinite(best):
-            raise InputError("no calibration images: the training folder yielded no batches")
-        self.threshold = best
-        self._fold_scorers = []
-        return best
+            yield scores
 
     def merge(self, other: GaussianModel) -> None:
         """Add the fit state of ``other`` (same configuration, disjoint images) to this one."""
