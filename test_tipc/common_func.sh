@@ -113,6 +113,13 @@ func_read_config() {
     done < "${file}"
 }
 
+# key N / val N: the key / the value for MODE of line N+1 of the config that func_read_config
+# loaded into the array `lines` (N is the array index); both read the globals lines and MODE.
+# shellcheck disable=SC2154  # lines is the caller's array
+key() { func_parser_key "${lines[$1]}"; }
+# shellcheck disable=SC2154,SC2153  # lines and MODE are the caller's
+val() { func_parser_params "${lines[$1]}" "${MODE}"; }
+
 # func_has_cuda PYTHON -> True or False: whether this Paddle build has CUDA.
 # TIPC_HAS_CUDA=True|False overrides the check (used by the tests).
 func_has_cuda() {

@@ -56,8 +56,6 @@ declare -a lines
 func_read_config "${FILENAME}" lines
 [[ ${#lines[@]} -ge 53 ]] || usage "${FILENAME}: ${#lines[@]} lines, the format needs 53"
 
-key() { func_parser_key "${lines[$1]}"; }
-val() { func_parser_params "${lines[$1]}" "${MODE}"; }
 
 model_name=$(val 1)
 python=$(val 2)

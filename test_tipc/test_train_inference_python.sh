@@ -46,8 +46,6 @@ func_read_config "${FILENAME}" lines
     && ${lines[27]} == *infer_params* ]] \
     || usage "${FILENAME}: section headers must be on lines 1, 24 and 28"
 
-key() { func_parser_key "${lines[$1]}"; }
-val() { func_parser_params "${lines[$1]}" "${MODE}"; }
 
 # ---- train_params (lines 1-23; array index = line number - 1) ----
 model_name=$(val 1)
