@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     threshold = args.threshold if args.threshold is not None else model.threshold
     preprocess = Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
     reporter = Reporter(args.save_path, threshold)
-    names = output_names(paths)
+    names = dict(zip(paths, output_names(paths), strict=True))
     for chunk, images in batches(paths, preprocess, args.batch_size):
         amaps, scores = model.score(images, [str(p) for p in chunk])
         for path, image, amap, score in zip(chunk, images, amaps, scores, strict=True):
-            reporter.add(path, names[paths.index(path)], image, amap, float(score))
+            reporter.add(path, names[path], image, amap, float(score))
     print(f"wrote {len(paths)} pictures and {reporter.write_jsonl()}")
     return 0
 
