@@ -205,11 +205,46 @@ def test_kcenter_equals_naive_greedy(count, start):
     assert len(set(chosen.tolist())) == count
 
 
+@pytest.mark.parametrize(("cells", "count"), [(1, 60), (2, 60), (9, 60), (60, 60), (100, 300),
+                                             (4096, 500)])
+def test_kcenter_bounded_steps_equal_naive_greedy(cells, count):
+    # 64 full passes at most, then cells regrouped at 128, 256 chosen points (up to ``cells``)
+    points = blobs(3, count=1000) @ np.random.default_rng(4).standard_normal((8, 6))
+    before = points.copy()
+    chosen = kcenter_greedy(points, count, 11, cells=cells)
+    np.testing.assert_array_equal(chosen, naive_kcenter(points, count, 11))
+    np.testing.assert_array_equal(points, before)  # rows regrouped while selecting, then restored
+
+
+@pytest.mark.parametrize("cells", [1, 4, 30])
+def test_kcenter_breaks_exact_ties_like_naive_greedy(cells):
+    # small integer coordinates: every float32 distance is exact and ties abound (duplicates too),
+    # so the bounded steps must pick the same lowest index as the definition at every step
+    points = np.random.default_rng(5).integers(0, 4, (300, 3)).astype(np.float32)
+    for count in (50, 64, 80):  # 64 distinct points at most: later steps choose among zeros
+        np.testing.assert_array_equal(kcenter_greedy(points, count, 17, cells=cells, chunk=64),
+                                      naive_kcenter(points.astype(np.float64), count, 17))
+
+
+def test_kcenter_float32_steps_take_a_farthest_point():
+    # continuous float32 data: each chosen point is farthest from the points chosen before it,
+    # up to float32 rounding of the distances
+    points = (blobs(6, count=3000, dims=16) * 7.0).astype(np.float32)
+    chosen = kcenter_greedy(points, 400, 0, cells=300)
+    assert len(set(chosen.tolist())) == 400
+    exact = points.astype(np.float64)
+    nearest = cdist(exact, exact[[0]])[:, 0]
+    for index in chosen[1:]:
+        assert nearest[index] >= nearest.max() * (1 - 1e-5)
+        nearest = np.minimum(nearest, cdist(exact, exact[[index]])[:, 0])
+
+
 def test_chunked_selection_equals_unchunked():
     points = blobs(1, count=1000).astype(np.float32)
     whole = kcenter_greedy(points, 80, 3, chunk=len(points))
     for chunk in (1, 7, 256):
         np.testing.assert_array_equal(kcenter_greedy(points, 80, 3, chunk=chunk), whole)
+        np.testing.assert_array_equal(kcenter_greedy(points, 80, 3, chunk=chunk, cells=5), whole)
 
 
 @pytest.mark.parametrize("seed", range(5))
