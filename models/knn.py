@@ -128,7 +128,7 @@ class BankSearch(nn.Layer):
                 best, best_index = low, low_index
             else:
                 best_index = paddle.where(low < best, low_index, best_index)
-                best = paddle.minimum(low, best)
+                best = paddle.where(low < best, low, best)  # paddle.minimum: no legacy IR
         return sqrt(best), best_index
 
     def smallest(self, queries: paddle.Tensor, k: int) -> tuple[paddle.Tensor, paddle.Tensor]:

@@ -392,7 +392,8 @@ def test_fused_layer_exports_under_the_legacy_ir(fitted, test_images, tmp_path):
     np.testing.assert_allclose(scores, expected_scores, rtol=1e-4)
 
 
-def test_patchcore_graph_searches_a_long_bank_in_slices(train_images, test_images, monkeypatch):
+def test_patchcore_graph_searches_a_long_bank_in_slices(train_images, test_images, monkeypatch,
+                                                        tmp_path):
     model = new_model("patchcore", runtime=Runtime(engine="inference")).fit([train_images])
     maps, scores = model.score(test_images)
     monkeypatch.setattr("models.patchcore.model.SLICE_ENTRIES", 50 * 64)  # 50-row slices
@@ -401,6 +402,13 @@ def test_patchcore_graph_searches_a_long_bank_in_slices(train_images, test_image
     sliced_maps, sliced_scores = compile_layer(sliced, SIZE, Runtime(engine="inference"))(test_images)
     rel_close(sliced_maps[:, 0], maps, 1e-5)
     np.testing.assert_allclose(sliced_scores, scores, rtol=1e-5)
+    # the slices' running minimum also traces under the legacy IR (--format pdmodel)
+    with paddle.pir_utils.DygraphOldIrGuard():
+        model_file = save_static(model.fused_layer(), [None, 3, SIZE, SIZE], str(tmp_path / "model"))
+    legacy_maps, legacy_scores = Predictor(model_file, str(tmp_path / "model.pdiparams"),
+                                           PredictorOptions()).run(test_images)
+    rel_close(legacy_maps[:, 0], maps, 1e-5)
+    np.testing.assert_allclose(legacy_scores, scores, rtol=1e-5)
 
 
 def test_save_load_round_trip_gives_identical_scores(fitted, test_images, tmp_path):
