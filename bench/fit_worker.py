@@ -64,7 +64,7 @@ def main() -> None:
     if collective is not None:
         model.reduce_across(collective)
     else:
-        for fold in model.folds:  # wait for the background folds
+        for fold in model.folds:  # fold what is still buffered
             fold.flush()
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()

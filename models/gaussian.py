@@ -7,7 +7,10 @@ into float64 totals with batched GEMMs::
     s1 += sum_b (z_b - c)          s2 += sum_b (z_b - c)(z_b - c)^T
 
 ``c`` is the mean of the first block, so the shifted values are centred and the sums lose no
-precision to a large mean; products and sums are float64. The canonical state is (n, mean, M2) with
+precision to a large mean; products and sums are float64. A fold runs in the caller's thread,
+its positions split over ``threads`` threads (each on one BLAS thread): running it on a
+background thread beside the backbone's oneDNN threads was slower, since the two fight for the
+same cores. The canonical state is (n, mean, M2) with
 ``mean = c + s1 / n`` and ``M2 = s2 - s1 s1^T / n``; states of disjoint image sets merge with the
 pairwise rule of Chan et al. (``M2 = M2_a + M2_b + d d^T na nb / n``, d the difference of means), so
 fits on shards combine exactly. Memory does not depend on the number of images.
@@ -15,7 +18,7 @@ fits on shards combine exactly. Memory does not depend on the number of images.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -24,16 +27,14 @@ from engine.distributed import Collective
 from engine.errors import ConfigError
 
 _CHUNK = 256  # positions per slice in the float64 passes: bounds their temporaries
-_folder: ThreadPoolExecutor | None = None
+_folders: dict[int, ThreadPoolExecutor] = {}
 
 
-def _fold_executor() -> ThreadPoolExecutor:
-    """The one background thread of the process: folds of all accumulators run in turn, so their
-    temporaries never add up and each accumulator's blocks are folded in submission order."""
-    global _folder
-    if _folder is None:
-        _folder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gaussian-fold")
-    return _folder
+def _fold_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's pool of ``threads`` fold threads (one per thread count, made once)."""
+    if threads not in _folders:
+        _folders[threads] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gaussian-fold")
+    return _folders[threads]
 
 
 def add_outer(target: np.ndarray, vectors: np.ndarray, weight: float) -> np.ndarray:
@@ -47,83 +48,72 @@ def add_outer(target: np.ndarray, vectors: np.ndarray, weight: float) -> np.ndar
 class GaussianAccumulator:
     """Per-position mean and scatter of k-dim features over P positions.
 
-    Full blocks are folded on a background thread (the GEMM releases the GIL) while the caller
-    computes the next features; blocks are folded one at a time, in order, so results do not depend
-    on timing. Two block buffers alternate, so memory stays bounded: 2 x block x P x k float32 plus
-    the float64 totals.
+    A full block is folded at once, its positions split over ``threads`` threads (the GEMMs
+    release the GIL); each position is folded by one thread, so results do not depend on timing or
+    on ``threads``. Memory stays bounded: one block x P x k float32 buffer plus the float64 totals.
     """
 
-    def __init__(self, positions: int, dims: int, block: int = 32) -> None:
+    def __init__(self, positions: int, dims: int, block: int = 64, threads: int = 1) -> None:
         self.positions = positions
         self.dims = dims
         self.block = block
+        self.threads = max(1, threads)
         self.count = 0
         self.shift: np.ndarray | None = None  # (P, k) float32
         self.s1 = np.zeros((positions, dims))
         self.s2 = np.zeros((positions, dims, dims))
-        self._buffers: list[np.ndarray] = []
-        self._current = 0
+        self._buffer: np.ndarray | None = None
         self._filled = 0
-        self._pending: Future | None = None
 
     @property
     def seen(self) -> int:
         """Images added so far, buffered ones included."""
-        return self.count + self._filled + (self.block if self._pending is not None else 0)
+        return self.count + self._filled
 
     def update(self, z: np.ndarray) -> None:
         """Add features ``z`` of shape (B, P, k) (B images)."""
         if z.ndim != 3 or z.shape[1:] != (self.positions, self.dims):
             raise ValueError(f"expected features (B, {self.positions}, {self.dims}), got {z.shape}")
-        if not self._buffers:
-            shape = (self.block, self.positions, self.dims)
-            self._buffers = [np.empty(shape, dtype=np.float32) for _ in range(2)]
+        if self._buffer is None:
+            self._buffer = np.empty((self.block, self.positions, self.dims), dtype=np.float32)
         for row in z:
-            target = self._buffers[self._current][self._filled]
+            target = self._buffer[self._filled]
             if self.shift is None:
                 target[...] = row
             else:
                 np.subtract(row, self.shift, out=target)
             self._filled += 1
             if self._filled == self.block:
-                self._submit()
+                self.flush()
 
     def flush(self) -> None:
-        """Fold everything buffered into the totals and wait until that is done."""
-        if self._filled:
-            self._submit()
-        self._wait()
-
-    def release(self) -> None:
-        """Flush, then free the block buffers (they are allocated again if more data comes)."""
-        self.flush()
-        self._buffers = []
-
-    def _submit(self) -> None:
-        block = self._buffers[self._current][: self._filled]
+        """Fold everything buffered into the totals."""
+        if not self._filled:
+            return
+        block = self._buffer[: self._filled]
         if self.shift is None:
             self.shift = block.mean(axis=0)
             block -= self.shift
-        self._wait()
-        self._pending = _fold_executor().submit(self._fold, block)
-        self._current = 1 - self._current
+        starts = range(0, self.positions, _CHUNK)
+        with threadpool_limits(1, user_api="blas"):
+            if self.threads == 1:
+                for start in starts:
+                    self._fold_slice(block, start)
+            else:
+                list(_fold_pool(self.threads).map(lambda start: self._fold_slice(block, start), starts))
+        self.s1 += block.sum(axis=0, dtype=np.float64)
+        self.count += self._filled
         self._filled = 0
 
-    def _wait(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.result()
+    def release(self) -> None:
+        """Flush, then free the block buffer (it is allocated again if more data comes)."""
+        self.flush()
+        self._buffer = None
 
-    def _fold(self, block: np.ndarray) -> None:
-        """Add one shifted block (B, P, k) to s1, s2 and the count (float64 products and sums)."""
-        with threadpool_limits(1, user_api="blas"):
-            for start in range(0, self.positions, _CHUNK):
-                part = block[:, start : start + _CHUNK, :].astype(np.float64)
-                self.s2[start : start + _CHUNK] += np.matmul(
-                    part.transpose(1, 2, 0), part.transpose(1, 0, 2)
-                )
-        self.s1 += block.sum(axis=0, dtype=np.float64)
-        self.count += block.shape[0]
+    def _fold_slice(self, block: np.ndarray, start: int) -> None:
+        """Add the products of one slice of positions of a shifted block (B, P, k) to s2."""
+        part = block[:, start : start + _CHUNK, :].astype(np.float64)
+        self.s2[start : start + _CHUNK] += np.matmul(part.transpose(1, 2, 0), part.transpose(1, 0, 2))
 
     def state(self) -> dict[str, np.ndarray]:
         """Canonical totals: count (), mean (P, k) float64, scatter M2 (P, k, k) float64."""

@@ -56,7 +56,8 @@ class GaussianModel(AnomalyModel):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         positions = self.grid[0] * self.grid[1]
-        self.folds = [GaussianAccumulator(positions, self.config.k) for _ in range(self.folds_count)]
+        self.folds = [GaussianAccumulator(positions, self.config.k, threads=self.runtime.cpu_threads)
+                      for _ in range(self.folds_count)]
         self.mean: np.ndarray | None = None
         self.inv_cov: np.ndarray | None = None
         self.n_train = 0
