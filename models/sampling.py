@@ -73,15 +73,17 @@ def kcenter_greedy(points: np.ndarray, count: int, start: int, chunk: int = CHUN
     (up to ``cells`` cells), and triangle-inequality bounds skip what a new point cannot change
     (:class:`_Cells`): the same selection, except that among near-ties (within rounding of the
     distances) either may be taken. The rows of ``points`` are reordered in place while that runs
-    and restored before returning. With ``desc``, a tqdm bar on stderr counts the chosen points.
-    Everything runs on one BLAS thread: the work is memory-bound, and threads only add
-    synchronisation per chunk.
+    and restored before returning (a read-only ``points`` is copied first). With ``desc``, a tqdm
+    bar on stderr counts the chosen points. Everything runs on one BLAS thread: the work is
+    memory-bound, and threads only add synchronisation per chunk.
     """
     total = len(points)
     if not 1 <= count <= total:
         raise ValueError(f"cannot choose {count} of {total} points")
     if not 0 <= start < total:
         raise ValueError(f"start index {start} is not one of the {total} points")
+    if count > min(cells, FIRST_CELLS) and not points.flags.writeable:
+        points = points.copy()  # the cells reorder its rows in place
     norms = np.einsum("ij,ij->i", points, points)
     nearest = np.full(total, np.inf, dtype=norms.dtype)
     owner = np.zeros(total, dtype=np.int32)  # index in ``chosen`` of each point's nearest

@@ -214,6 +214,8 @@ def test_kcenter_bounded_steps_equal_naive_greedy(cells, count):
     chosen = kcenter_greedy(points, count, 11, cells=cells)
     np.testing.assert_array_equal(chosen, naive_kcenter(points, count, 11))
     np.testing.assert_array_equal(points, before)  # rows regrouped while selecting, then restored
+    points.flags.writeable = False  # e.g. a memory-mapped file: selected from a copy
+    np.testing.assert_array_equal(kcenter_greedy(points, count, 11, cells=cells), chosen)
 
 
 @pytest.mark.parametrize("cells", [1, 4, 30])
