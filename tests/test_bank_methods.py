@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import numpy as np
 import paddle
 import pytest
+from helpers import assert_served_matches_dynamic, rel_close
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
@@ -61,14 +62,6 @@ def images(count, seed):
 def batches(x, names):
     """Loader-style batches of 4 with paths."""
     return [{"images": x[i : i + 4], "paths": names[i : i + 4]} for i in range(0, len(x), 4)]
-
-
-def rel_close(actual, expected, rtol):
-    """|actual - expected| <= rtol * max|expected| everywhere."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    err, scale = np.abs(actual - expected).max(), np.abs(expected).max()
-    assert err <= rtol * scale, f"max error {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
 @pytest.fixture(scope="module")
@@ -368,13 +361,8 @@ def test_patchcore_scores_equal_reference(train_images, test_images):
 
 # -- runtimes, checkpoints ---------------------------------------------------------------------
 def test_inference_runtime_matches_dynamic(fitted, test_images, tmp_path):
-    path = str(tmp_path / "model.npz")
-    fitted.save(path)
-    served = load_model(path, runtime=Runtime(engine="inference"))
+    assert_served_matches_dynamic(fitted, test_images, tmp_path)
     maps, scores = fitted.score(test_images)
-    maps_inf, scores_inf = served.score(test_images)
-    rel_close(maps_inf, maps, 1e-4)
-    np.testing.assert_allclose(scores_inf, scores, rtol=1e-4)
     # the traced graph takes any batch size ([None, 3, S, S]), not only the runtime's one image
     run = compile_layer(fitted.fused_layer(), SIZE, Runtime(engine="inference"))
     batch_maps, batch_scores = run(test_images[:3])

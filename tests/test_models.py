@@ -14,6 +14,7 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from helpers import assert_served_matches_dynamic, rel_close
 from scipy import ndimage
 
 import models.ortho.model as ortho_module
@@ -54,15 +55,6 @@ def images(count, seed, size=SIZE):
     coarse = rng.standard_normal((count, 3, -(-size // 8), -(-size // 8)))
     smooth = ndimage.zoom(coarse, (1, 1, 8, 8), order=1)[:, :, :size, :size]
     return (smooth + 0.3 * rng.standard_normal((count, 3, size, size))).astype(np.float32)
-
-
-def rel_close(actual, expected, rtol):
-    """|actual - expected| <= rtol * max|expected| everywhere (relative to the array's scale)."""
-    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-    assert actual.shape == expected.shape
-    scale = np.abs(expected).max()
-    err = np.abs(actual - expected).max()
-    assert err <= rtol * scale, f"max error {err:.3g} > {rtol:g} * {scale:.3g}"
 
 
 def random_parts(model):
@@ -436,13 +428,7 @@ def test_training_images_score_lower_than_altered_ones(fitted, train_images):
 
 
 def test_inference_runtime_scores_match_dynamic(fitted, test_images, tmp_path):
-    path = str(tmp_path / "model.npz")
-    fitted.save(path)
-    served = load_model(path, runtime=Runtime(engine="inference"))
-    maps_dyn, scores_dyn = fitted.score(test_images)
-    maps_inf, scores_inf = served.score(test_images)
-    rel_close(maps_inf, maps_dyn, 1e-4)
-    np.testing.assert_allclose(scores_inf, scores_dyn, rtol=1e-4)
+    assert_served_matches_dynamic(fitted, test_images, tmp_path)
 
 
 def test_calibrate_takes_highest_out_of_fold_score(fitted, train_images, tmp_path):
