@@ -10,12 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from deploy.stats import Stats
-from models.layers import bilinear_matrix, gaussian_blur_matrix
-
-
-def smoothing_matrix(size_in: int, size_out: int, sigma: float) -> np.ndarray:
-    """Blur after bilinear upsampling along one axis as one float32 matrix (size_out, size_in)."""
-    return (gaussian_blur_matrix(size_out, sigma) @ bilinear_matrix(size_in, size_out)).astype(np.float32)
+from models.layers import smoothing_matrix
 
 
 class GaussianHead:

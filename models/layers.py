@@ -95,6 +95,11 @@ class NearestResize(nn.Layer):
         return paddle.reshape(x, [-1, channels, h * fh, w * fw])
 
 
+def smoothing_matrix(size_in: int, size_out: int, sigma: float) -> np.ndarray:
+    """Blur after bilinear upsampling along one axis as one float32 matrix (size_out, size_in)."""
+    return (gaussian_blur_matrix(size_out, sigma) @ bilinear_matrix(size_in, size_out)).astype(np.float32)
+
+
 class ToRows(nn.Layer):
     """(N, k, h, w) maps -> (N, h*w, k) rows, the layout the Gaussian accumulator reads."""
 
@@ -114,10 +119,10 @@ class SmoothUpsample(nn.Layer):
     def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int], sigma: float) -> None:
         super().__init__()
         self.size_in, self.size_out = tuple(size_in), tuple(size_out)
-        rows = gaussian_blur_matrix(size_out[0], sigma) @ bilinear_matrix(size_in[0], size_out[0])
-        cols = gaussian_blur_matrix(size_out[1], sigma) @ bilinear_matrix(size_in[1], size_out[1])
-        self.register_buffer("rows", paddle.to_tensor(rows.astype(np.float32)), persistable=True)
-        self.register_buffer("cols_t", paddle.to_tensor(cols.T.astype(np.float32)), persistable=True)
+        rows = smoothing_matrix(size_in[0], size_out[0], sigma)
+        cols_t = smoothing_matrix(size_in[1], size_out[1], sigma).T
+        self.register_buffer("rows", paddle.to_tensor(rows), persistable=True)
+        self.register_buffer("cols_t", paddle.to_tensor(np.ascontiguousarray(cols_t)), persistable=True)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         (h, w), (height, width) = self.size_in, self.size_out
