@@ -40,7 +40,7 @@ _NP_SCALAR = np.float32(0).__reduce__()[0]
 _NUMERIC_KINDS = "biuf"
 """dtype kinds a weights array may have: bool, signed and unsigned integers, floats."""
 _ZIP_MAGIC = b"PK\x03\x04"
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 """The first value pickled into a PyTorch file of the pre-1.6 (non-zip) format."""
 _CONVERT_HINT = "convert it with: python -m models.convert_weights SRC.pth DST.pdparams --arch ARCH"
 
@@ -249,9 +249,9 @@ def read_pdparams(path: str) -> dict[str, np.ndarray]:
                 f"{path}: not a plain Paddle state dict ({exc}); save it with "
                 "paddle.save(model.state_dict(), path)"
             ) from exc
-    if state == _TORCH_LEGACY_MAGIC:
-        raise CheckpointError(f"{path}: is a PyTorch file of the pre-1.6 format, not a .pdparams; "
-                              "re-save it with torch >= 1.6, then " + _CONVERT_HINT)
+    if state == TORCH_LEGACY_MAGIC:
+        raise CheckpointError(f"{path}: is a PyTorch file (pre-1.6 format), not a .pdparams; "
+                              + _CONVERT_HINT)
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state dict")
     arrays = {k: v for k, v in state.items() if isinstance(v, np.ndarray)}

@@ -219,11 +219,23 @@ class _TorchPickler(pickle.Pickler):
         return None
 
 
+class _LegacyPickler(_TorchPickler):
+    """torch < 1.6 added the storage view to the persistent id (None: the whole storage)."""
+
+    def persistent_id(self, obj: object) -> tuple | None:
+        pid = super().persistent_id(obj)
+        return pid and (*pid, None)
+
+
 def write_pth(path: Path, state: dict[str, np.ndarray], prefix: str = "archive",
-              payload: object = None) -> None:
+              payload: object = None, legacy: bool = False) -> None:
     """Write ``state`` (torchvision names) as torch.save does: each array its own storage, except
     that bn1's running mean and variance share one storage (as views of one buffer do) and fc.weight
-    is a transposed view (stride (1, out)). ``payload`` replaces the pickled object if given."""
+    is a transposed view (stride (1, out)). ``payload`` replaces the pickled object if given.
+
+    ``legacy`` writes torch < 1.6's format instead of the zip archive: one stream of pickles (magic
+    number, format version 1001, system info, the object, the storage keys), then each storage as
+    its int64 element count and its little-endian elements."""
     with stand_in_torch() as torch:
         rebuild = torch._utils._rebuild_tensor_v2
         storages: list[_Storage] = []
@@ -250,13 +262,23 @@ def write_pth(path: Path, state: dict[str, np.ndarray], prefix: str = "archive",
                 strides = tuple(s // value.itemsize for s in value.strides)
                 pickled[name] = _Tensor(storage(value.ravel(), kind), 0, value.shape, strides, rebuild)
         buffer = io.BytesIO()
-        _TorchPickler(buffer, protocol=2).dump(pickled if payload is None else payload)
+        (_LegacyPickler if legacy else _TorchPickler)(buffer, protocol=2).dump(
+            pickled if payload is None else payload)
+    raw = {item.key: item.values.astype(item.values.dtype.newbyteorder("<")).tobytes() for item in storages}
+    if legacy:
+        sys_info = {"protocol_version": 1001, "little_endian": True,
+                    "type_sizes": {"short": 2, "int": 4, "long": 8}}
+        head = b"".join(pickle.dumps(v, protocol=2) for v in (0x1950A86A20F9469CFC6C, 1001, sys_info))
+        keys = pickle.dumps([item.key for item in storages], protocol=2)
+        body = b"".join(np.int64(item.values.size).astype("<i8").tobytes() + raw[item.key]
+                        for item in storages)
+        path.write_bytes(head + buffer.getvalue() + keys + body)
+        return
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr(f"{prefix}/data.pkl", buffer.getvalue())
         archive.writestr(f"{prefix}/byteorder", "little")
-        for item in storages:
-            archive.writestr(f"{prefix}/data/{item.key}", item.values.astype("<" + item.values.dtype.str[1:])
-                             .tobytes())
+        for key, data in raw.items():
+            archive.writestr(f"{prefix}/data/{key}", data)
         archive.writestr(f"{prefix}/version", "3\n")
         archive.writestr(f"{prefix}/.data/serialization_id", "1234567890")
 
@@ -331,10 +353,11 @@ class _Exploit:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_pth_asking_for_os_system_is_refused_unrun(tmp_path: Path) -> None:
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_pth_asking_for_os_system_is_refused_unrun(tmp_path: Path, legacy: bool) -> None:
     marker = tmp_path / "pwned"
     src = tmp_path / "evil.pth"
-    write_pth(src, {}, payload=collections.OrderedDict(w=_Exploit(marker)))
+    write_pth(src, {}, payload=collections.OrderedDict(w=_Exploit(marker)), legacy=legacy)
     proc = convert(src, tmp_path / "out.pdparams")
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"error: {src}: not a plain torch state dict (")
@@ -342,33 +365,53 @@ def test_pth_asking_for_os_system_is_refused_unrun(tmp_path: Path) -> None:
     assert not marker.exists() and not (tmp_path / "out.pdparams").exists()
 
 
-def test_pth_tensor_outside_its_storage_is_refused(tmp_path: Path) -> None:
-    # stride 1000 over a storage of 4 floats: numpy would read memory outside the file's bytes
+def single_tensor_pth(path: Path, raw: np.ndarray, kind: str, offset: int, size: tuple,
+                      stride: tuple) -> None:
+    """A torch.save archive of one tensor ``w``: a (size, stride) view at ``offset`` of a storage of
+    type ``torch.<kind>`` holding ``raw``."""
     with stand_in_torch() as torch:
-        tensor = _Tensor(_Storage("0", np.zeros(4, np.float32), torch.FloatStorage), 0, (3,), (1000,),
+        tensor = _Tensor(_Storage("0", raw, getattr(torch, kind)), offset, size, stride,
                          torch._utils._rebuild_tensor_v2)
         buffer = io.BytesIO()
         _TorchPickler(buffer, protocol=2).dump(collections.OrderedDict(w=tensor))
-    src = tmp_path / "strided.pth"
-    with zipfile.ZipFile(src, "w") as archive:
+    with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
-        archive.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
+        archive.writestr("archive/data/0", raw.tobytes())
+
+
+def test_pth_tensor_outside_its_storage_is_refused(tmp_path: Path) -> None:
+    # stride 1000 over a storage of 4 floats: numpy would read memory outside the file's bytes
+    src = tmp_path / "strided.pth"
+    single_tensor_pth(src, np.zeros(4, np.float32), "FloatStorage", 0, (3,), (1000,))
     with pytest.raises(CheckpointError, match="reaching element 2000 of a storage of 4"):
         read_pth(str(src))
 
 
 def test_pth_untyped_storage_is_read_as_bytes(tmp_path: Path) -> None:
+    src = tmp_path / "bytes.pth"
+    single_tensor_pth(src, np.arange(6, dtype=np.uint8), "UntypedStorage", 1, (2, 2), (2, 1))
+    np.testing.assert_array_equal(read_pth(str(src))["w"], [[1, 2], [3, 4]])
+
+
+class _ClaimingPickler(_TorchPickler):
+    def persistent_id(self, obj: object) -> tuple | None:
+        pid = super().persistent_id(obj)
+        return pid and (*pid[:4], 2 ** 40)
+
+
+def test_pth_storage_larger_than_the_file_is_refused(tmp_path: Path) -> None:
+    # the persistent id claims 2**40 floats; the archive holds 16 bytes
+    src = tmp_path / "claims.pth"
     with stand_in_torch() as torch:
-        raw = np.arange(6, dtype=np.uint8)
-        tensor = _Tensor(_Storage("0", raw, torch.UntypedStorage), 1, (2, 2), (2, 1),
+        tensor = _Tensor(_Storage("0", np.zeros(4, np.float32), torch.FloatStorage), 0, (4,), (1,),
                          torch._utils._rebuild_tensor_v2)
         buffer = io.BytesIO()
-        _TorchPickler(buffer, protocol=2).dump(collections.OrderedDict(w=tensor))
-    src = tmp_path / "bytes.pth"
+        _ClaimingPickler(buffer, protocol=2).dump(collections.OrderedDict(w=tensor))
     with zipfile.ZipFile(src, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
-        archive.writestr("archive/data/0", raw.tobytes())
-    np.testing.assert_array_equal(read_pth(str(src))["w"], [[1, 2], [3, 4]])
+        archive.writestr("archive/data/0", np.zeros(4, np.float32).tobytes())
+    with pytest.raises(CheckpointError, match=f"asks for an array of {2 ** 42} bytes but the file holds"):
+        read_pth(str(src))
 
 
 def test_pth_given_as_pretrained_says_how_to_convert(r18: Saved, tmp_path: Path) -> None:
@@ -379,13 +422,30 @@ def test_pth_given_as_pretrained_says_how_to_convert(r18: Saved, tmp_path: Path)
         build_trunk("resnet18", LAYERS, str(src), seed=0)
 
 
-def test_legacy_torch_file_is_named_as_such(tmp_path: Path) -> None:
-    # torch < 1.6 wrote a pickled magic number first, then the protocol version and the data
-    src = tmp_path / "old.pth"
-    src.write_bytes(pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2))
-    with pytest.raises(CheckpointError, match="pre-1.6"):
+def test_legacy_torch_file_converts_too(r18: Saved, tmp_path: Path) -> None:
+    # e.g. wide_resnet50_2-95faca4d.pth dates from before PyTorch 1.6
+    model, _ = r18
+    src, dst = tmp_path / "old.pth", tmp_path / "old.pdparams"
+    state = torchvision_state(model)
+    write_pth(src, state, legacy=True)
+    assert not zipfile.is_zipfile(src)
+    arrays = read_pth(str(src))
+    assert set(arrays) == set(state)
+    for name, value in state.items():
+        np.testing.assert_array_equal(arrays[name], value, err_msg=name)
+    with pytest.raises(CheckpointError, match="pre-1.6 format.*models.convert_weights"):
         read_pdparams(str(src))
-    with pytest.raises(CheckpointError, match="older format"):
+    proc = convert(src, dst)
+    assert proc.returncode == 0, proc.stderr
+    assert_same_features(build_trunk("resnet18", LAYERS, str(dst), seed=0), model)
+
+
+def test_legacy_torch_file_cut_short_is_refused(r18: Saved, tmp_path: Path) -> None:
+    model, _ = r18
+    src = tmp_path / "old.pth"
+    write_pth(src, torchvision_state(model), legacy=True)
+    src.write_bytes(src.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match="not a plain torch state dict .*does not hold"):
         read_pth(str(src))
 
 
