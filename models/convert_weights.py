@@ -200,7 +200,8 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
         arrays = {name: _tensor(ref) for name, ref in state.items() if isinstance(ref, _TensorRef)}
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, ValueError, TypeError,
             AttributeError, KeyError) as exc:
-        raise CheckpointError(f"{path}: not a plain torch state dict ({exc}); it is refused") from exc
+        raise CheckpointError(f"{path}: not a plain torch state dict ({exc}); give the .pth file "
+                              "torchvision downloaded") from exc
     check_numeric(path, arrays)
     return arrays
 

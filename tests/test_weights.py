@@ -440,6 +440,17 @@ def test_legacy_torch_file_converts_too(r18: Saved, tmp_path: Path) -> None:
     assert_same_features(build_trunk("resnet18", LAYERS, str(dst), seed=0), model)
 
 
+@pytest.mark.parametrize("content", [None, b"not a torch file at all"], ids=["missing", "garbage"])
+def test_convert_names_a_missing_or_foreign_source(tmp_path: Path, content: bytes | None) -> None:
+    src = tmp_path / "r18.pth"
+    if content is not None:
+        src.write_bytes(content)
+    proc = convert(src, tmp_path / "out.pdparams")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+    start = "file not found" if content is None else "not a plain torch state dict"
+    assert proc.stderr.startswith(f"error: {src}: {start}")
+
+
 def test_legacy_torch_file_cut_short_is_refused(r18: Saved, tmp_path: Path) -> None:
     model, _ = r18
     src = tmp_path / "old.pth"
