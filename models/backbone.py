@@ -249,7 +249,7 @@ def read_pdparams(path: str) -> dict[str, np.ndarray]:
                 f"{path}: not a plain Paddle state dict ({exc}); save it with "
                 "paddle.save(model.state_dict(), path)"
             ) from exc
-    if state == TORCH_LEGACY_MAGIC:
+    if isinstance(state, int) and state == TORCH_LEGACY_MAGIC:
         raise CheckpointError(f"{path}: is a PyTorch file (pre-1.6 format), not a .pdparams; "
                               + _CONVERT_HINT)
     if not isinstance(state, dict):

@@ -472,6 +472,14 @@ def test_pdparams_with_non_numeric_array_is_refused(tmp_path: Path, values: np.n
     assert path in str(info.value)
 
 
+def test_pdparams_holding_a_bare_array_is_refused(tmp_path: Path) -> None:
+    path = str(tmp_path / "bare.pdparams")
+    with open(path, "wb") as f:
+        pickle.dump(np.ones(3, np.float32), f, protocol=4)
+    with pytest.raises(CheckpointError, match="holds a ndarray, not a state dict"):
+        read_pdparams(path)
+
+
 # A 16 TiB array asked for by a few bytes: numpy's _reconstruct(ndarray, (2**44,), b'b'),
 # and numpy.ndarray((2**44,), dtype('u1')) called directly.
 HUGE = {
