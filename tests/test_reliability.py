@@ -296,6 +296,7 @@ def write_again(kind: str, target: Path, checkpoint: Path) -> None:
 
 
 @pytest.mark.parametrize("kind", ["checkpoint", "export", "dataset", "results"])
+@pytest.mark.bad_input
 def test_temporaries_of_killed_writers_are_removed(kind, request, tmp_path):
     target = tmp_path / {"checkpoint": "tiles.npz", "export": "deploy", "dataset": "demo",
                          "results": "results.jsonl"}[kind]
