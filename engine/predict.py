@@ -181,10 +181,10 @@ def report_all(results: Iterable[Result], reporter: Reporter, names: dict[Path, 
                 reporter.add(path, names[path], image, amap, score)
             except InputError as error:
                 bad(path, error)
-    except InputError as error:
-        raise InputError(f"{error}; or pass --skip_bad to go on without it (the "
-                         f"{len(reporter.records)} images scored before it are in "
-                         f"{reporter.jsonl_path})") from error
+    except InputError as error:  # with --skip_bad too: a batch that fails as a whole stops the run
+        hint = "" if bad.skip else "; or pass --skip_bad to go on without it"
+        raise InputError(f"{error}{hint} (the {len(reporter.records)} images scored before it "
+                         f"are in {reporter.jsonl_path})") from error
     finally:
         reporter.write_jsonl()
     print(f"wrote {len(reporter.records)} pictures and {reporter.jsonl_path}")
