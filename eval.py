@@ -17,7 +17,8 @@ from engine.cli import (
     script_parser,
 )
 from engine.evaluate import write_results
-from engine.workflow import categories, config_from, data_root, evaluate_category, runtime_from
+from engine.plots import write_plots
+from engine.workflow import categories, category_metrics, config_from, data_root, runtime_from, score_category
 from models import load_model
 
 
@@ -28,6 +29,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "(default: ./output/<method>_<arch>_<k>)")
     parser.add_argument("--save_path", default=None,
                         help="where results.csv/md go (default: the checkpoint folder)")
+    parser.add_argument("--plots", action="store_true",
+                        help="also write <category>_roc.png, _pro.png and _hist.png beside results.csv")
     add_eval_args(parser)
     return parser.parse_args(argv)
 
@@ -40,12 +43,16 @@ def main(argv: list[str] | None = None) -> int:
     given = Path(args.model_path) if args.model_path else None
     folder = given or model_dir("./output", args.method, args.arch, args.k)
     expect = config_from(args).identity()
+    out = Path(args.save_path) if args.save_path else (folder.parent if folder.suffix else folder)
     rows = []
     for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
         path = folder if folder.suffix == ".npz" else folder / f"{category}.npz"
         model = load_model(str(path), expect=expect, runtime=runtime)
-        rows.append(evaluate_category(args, root, category, model))
-    out = Path(args.save_path) if args.save_path else (folder.parent if folder.suffix else folder)
+        scored = score_category(args, root, category, model)
+        rows.append(category_metrics(args, category, scored))
+        if args.plots:
+            written = write_plots(out, category, scored, model.threshold)
+            print(f"wrote {', '.join(str(p) for p in written)}")
     write_results(out, rows)
     return 0
 

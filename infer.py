@@ -11,6 +11,7 @@ import argparse
 import numpy as np
 
 from deploy.benchmark import AutoLog, RunInfo, StageLog, StageTimes, open_log
+from deploy.manifest import Manifest
 from deploy.runner import BACKENDS, DeployedModel
 from engine.cli import run_main, str2bool
 from engine.errors import ConfigError
@@ -60,13 +61,13 @@ def options_from(args: argparse.Namespace) -> PredictorOptions:
                             max_batch_size=args.batch_size)
 
 
-def open_reporter(args: argparse.Namespace, default_threshold: float | None) -> Reporter:
+def open_reporter(args: argparse.Namespace, manifest: Manifest) -> Reporter:
     """predict.py's reporter writing into --save_path, with --threshold or the exported one."""
-    threshold = args.threshold if args.threshold is not None else default_threshold
+    threshold = args.threshold if args.threshold is not None else manifest.threshold
     if threshold is None:
         raise ConfigError(f"{args.model_file}: deploy.json holds no threshold (the checkpoint was "
                           "never calibrated); pass --threshold")
-    reporter = Reporter(args.save_path, threshold)
+    reporter = Reporter(args.save_path, threshold, manifest.score_min, f"{args.model_file} (deploy.json)")
     try:
         reporter.folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = collect_images([args.input_file])
     deployed = DeployedModel.load(args.model_file, args.params_file, args.stats,
                                   options_from(args), args.backend)
-    reporter = open_reporter(args, deployed.manifest.threshold)
+    reporter = open_reporter(args, deployed.manifest)
     names = dict(zip(paths, output_names(paths), strict=True))
     log = open_benchmark(args, deployed) if args.enable_benchmark else None
     timer = log.times if log else StageTimes()

@@ -55,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(str(checkpoint_path(args.model_path, args.category)),
                        runtime=runtime_from(args))
     threshold = args.threshold if args.threshold is not None else model.threshold
+    source = str(checkpoint_path(args.model_path, args.category))
     preprocess = Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
     names = dict(zip(paths, output_names(paths), strict=True))
     bad = BadInputs(args.skip_bad)
     return report_all(scored(model, batches(paths, preprocess, args.batch_size, bad)),
-                      Reporter(args.save_path, threshold), names, bad)
+                      Reporter(args.save_path, threshold, model.score_min, source), names, bad)
 
 
 def scored(model: AnomalyModel, chunks: Iterable[tuple[list[Path], np.ndarray]]) -> Iterator[Result]:

@@ -47,6 +47,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     verified: dict[str, float] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    score_min: float | None = None
     format_version: int = FORMAT_VERSION
 
     def identity(self) -> dict[str, Any]:

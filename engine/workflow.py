@@ -27,7 +27,7 @@ from engine.cli import DEMO_ROOT, model_dir
 from engine.device import parse_device, select_device
 from engine.distributed import Collective, World
 from engine.errors import CheckpointError, ConfigError
-from engine.evaluate import metrics, score_batches
+from engine.evaluate import ScoredSet, metrics, score_batches
 from engine.runtime import Runtime
 from models import AnomalyModel, ModelConfig, build_model, load_model, method_class, resolve_k
 
@@ -157,12 +157,22 @@ def fit_category(args: argparse.Namespace, root: Path, category: str, runtime: R
     return model
 
 
-def evaluate_category(args: argparse.Namespace, root: Path, category: str,
-                      model: AnomalyModel) -> dict[str, Any]:
-    """Score the test split of ``category`` and compute the metrics row."""
+def score_category(args: argparse.Namespace, root: Path, category: str,
+                   model: AnomalyModel) -> ScoredSet:
+    """Score the test split of ``category``: scores, labels, maps and masks."""
     samples = list_samples(root, category, "test")
     dataset = AnomalyDataset(samples, preprocess_from(args))
     loader = BatchLoader(dataset, args.batch_size, args.num_workers)
-    scored = score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+    return score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+
+
+def category_metrics(args: argparse.Namespace, category: str, scored: ScoredSet) -> dict[str, Any]:
+    """The metrics row of a scored test split (--eval_PRO, --non_partial_AUC)."""
     rule = "midpoint" if args.non_partial_AUC else "trapezoid"
     return metrics(scored, category, args.eval_PRO, rule)
+
+
+def evaluate_category(args: argparse.Namespace, root: Path, category: str,
+                      model: AnomalyModel) -> dict[str, Any]:
+    """Score the test split of ``category`` and compute the metrics row."""
+    return category_metrics(args, category, score_category(args, root, category, model))
