@@ -36,6 +36,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
 
+@pytest.mark.bad_input
 def test_check_image_refuses_non_images(tmp_path, demo_root):
     toolkit = pytest.importorskip("app.toolkit")
     text = tmp_path / "notes.txt"
@@ -126,8 +127,7 @@ def test_app_in_chromium(browser, demo_root, tmp_path):
         wait.until(lambda d: "spot/" in text_of("picked") or "scratch/" in text_of("picked")
                    or d.find_element(By.CSS_SELECTOR, "#picked input").get_attribute("value"))
         browser.find_element(By.CSS_SELECTOR, "#category input").click()  # choose "tiles"
-        wait.until(lambda d: [o for o in d.find_elements(By.CSS_SELECTOR, "ul.options li")
-                              if o.text.strip() == "tiles"])[0].click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#category li[aria-label='tiles']"))[0].click()
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#picked input").get_attribute("value")
                    .startswith("spot/"))
         browser.find_element(By.ID, "fit").click()

@@ -83,6 +83,7 @@ def test_predict_reports_normalized_score(checkpoint, images_dir, tmp_path):
         assert (normalized > 0.5) == (record["label"] == "anomalous")
 
 
+@pytest.mark.bad_input
 def test_old_checkpoint_falls_back_to_zero_minimum(checkpoint, images_dir, tmp_path):
     path, _, high = checkpoint
     meta, arrays = read_npz(str(path))
