@@ -15,10 +15,19 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home: the page is local only
 
 import gradio as gr  # noqa: E402
+import numpy as np  # noqa: E402
 
 from app import toolkit  # noqa: E402
 
 SIZES = (64, 128, 224, 256)
+SHOWN = 256
+"""Pictures smaller than this are enlarged (nearest neighbour, whole factor) for the page."""
+
+
+def enlarge(rgb: np.ndarray) -> np.ndarray:
+    """``rgb`` (S, S, 3) repeated ``max(1, SHOWN // S)`` times along both axes, so pixels stay sharp."""
+    factor = max(1, SHOWN // max(rgb.shape[:2]))
+    return np.repeat(np.repeat(rgb, factor, axis=0), factor, axis=1)
 LOCAL_FONTS = ["ui-sans-serif", "system-ui", "sans-serif"]
 LOCAL_MONO = ["ui-monospace", "monospace"]
 
@@ -98,7 +107,7 @@ def run_score(model: Any, picked: str | None, upload: str | None) -> tuple[Any, 
     verdict = "ANOMALOUS" if result.anomalous else "normal"
     text = (f"**{verdict}** score={result.score:.4f} normalized={result.normalized:.3f} "
             f"(threshold {result.threshold:.4f} = 0.5) — {Path(path).name}")
-    return result.image, result.heatmap, result.outline, text
+    return enlarge(result.image), enlarge(result.heatmap), enlarge(result.outline), text
 
 
 @_shown
@@ -131,7 +140,7 @@ def build(default_root: str = "", pretrained: str = "imagenet",
                 gr.Markdown("**2. Model**")
                 method = gr.Radio(list(toolkit.METHODS), value="ortho", label="method", elem_id="method")
                 arch = gr.Dropdown(list(toolkit.ARCHS), value="resnet18", label="backbone")
-                k = gr.Number(value=0, precision=0, label="k (0 = the method's default)")
+                k = gr.Number(value=0, precision=0, label="k (0 = the method's default)", elem_id="k")
                 size = gr.Dropdown(list(SIZES), value=image_size, label="image size")
                 pretrained = gr.Textbox(value=pretrained, label="weights: imagenet, none or a .pdparams path",
                                         elem_id="pretrained")

@@ -25,6 +25,7 @@ import pytest
 from PIL import Image
 
 from datasets import AnomalyDataset, BatchLoader, Preprocess, denormalize, list_samples, read_image
+from datasets.synthetic import generate
 from engine.errors import InputError
 from engine.scores import normalized_score
 from engine.visualize import heat_overlay
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "screenshots" / "app.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
+K = 32
 
 
 @pytest.mark.bad_input
@@ -72,7 +74,7 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
 
 def _reference(demo_root: Path, category: str, image: Path) -> tuple[float, float, float, np.ndarray]:
     """Threshold, score, normalised score and heat overlay of ``image`` by the model API alone."""
-    config = ModelConfig(method="ortho", arch="resnet18", k=100, image_size=64, resize=64,
+    config = ModelConfig(method="ortho", arch="resnet18", k=K, image_size=64, resize=64,
                          pretrained="none", seed=0)
     model = build_model(config)
     train = AnomalyDataset(list_samples(demo_root, category, "train"), Preprocess(64))
@@ -95,7 +97,7 @@ def browser():
                                     reason="browser test skipped: selenium missing (requirements-app.txt)")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1300"):
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
     driver.set_page_load_timeout(60)
@@ -103,13 +105,20 @@ def browser():
     driver.quit()
 
 
-def test_app_in_chromium(browser, demo_root, tmp_path):
+@pytest.fixture(scope="module")
+def app_root(tmp_path_factory) -> Path:
+    """Demo data with 16 training images per category (64 px): enough for a readable heat map."""
+    return generate(tmp_path_factory.mktemp("app") / "demo", n_train=16, n_test_good=2,
+                    n_test_defect=2, size=64, seed=0)
+
+
+def test_app_in_chromium(browser, app_root, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     port = _free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp_path)}
-    command = [sys.executable, "-m", "app", "--port", str(port), "--data_path", str(demo_root),
+    command = [sys.executable, "-m", "app", "--port", str(port), "--data_path", str(app_root),
                "--pretrained", "none", "--image_size", "64"]
     log = open(tmp_path / "app.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -130,6 +139,9 @@ def test_app_in_chromium(browser, demo_root, tmp_path):
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#category li[aria-label='tiles']"))[0].click()
         wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#picked input").get_attribute("value")
                    .startswith("spot/"))
+        k_field = browser.find_element(By.CSS_SELECTOR, "#k input")
+        k_field.clear()
+        k_field.send_keys(str(K))
         browser.find_element(By.ID, "fit").click()
         wait.until(lambda d: "Fitted" in text_of("status"))
         picked = browser.find_element(By.CSS_SELECTOR, "#picked input").get_attribute("value")
@@ -142,8 +154,8 @@ def test_app_in_chromium(browser, demo_root, tmp_path):
 
         category = browser.find_element(By.CSS_SELECTOR, "#category input").get_attribute("value")
         assert category == "tiles"
-        image = demo_root / category / "test" / picked
-        threshold, score, normalized, heat = _reference(demo_root, category, image)
+        image = app_root / category / "test" / picked
+        threshold, score, normalized, heat = _reference(app_root, category, image)
         shown = float(re.search(r"score=([0-9.]+)", result).group(1))
         shown_normalized = float(re.search(r"normalized=([0-9.]+)", result).group(1))
         assert shown == pytest.approx(score, rel=1e-3, abs=1e-4)
@@ -153,6 +165,7 @@ def test_app_in_chromium(browser, demo_root, tmp_path):
         src = browser.find_element(By.CSS_SELECTOR, "#heatmap img").get_attribute("src")
         with urllib.request.urlopen(src, timeout=10) as response:
             displayed = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+        heat = np.repeat(np.repeat(heat, 4, axis=0), 4, axis=1)  # the page shows 64 px enlarged x4
         assert displayed.shape == heat.shape
         assert np.abs(displayed.astype(int) - heat.astype(int)).max() <= 2
 
