@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.errors import ConfigError
+from core.runtime import Runtime
 from deploy.export import FORMATS, export_model
 from engine.cli import run_main
-from engine.errors import ConfigError
-from engine.runtime import Runtime
 from models import load_model, resolve_k
 
 

@@ -10,12 +10,12 @@ import argparse
 
 import numpy as np
 
+from core.errors import ConfigError
+from core.inference import PredictorOptions
 from deploy.benchmark import AutoLog, RunInfo, StageLog, StageTimes, open_log
+from deploy.report import Reporter, collect_images, output_names
 from deploy.runner import BACKENDS, DeployedModel
 from engine.cli import run_main, str2bool
-from engine.errors import ConfigError
-from engine.inference import PredictorOptions
-from engine.predict import Reporter, collect_images, output_names
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

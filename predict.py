@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.errors import ConfigError
 from datasets import Preprocess
+from deploy.report import Reporter, batches, collect_images, output_names
 from engine.cli import add_runtime_args, run_main
-from engine.errors import ConfigError
-from engine.predict import Reporter, batches, collect_images, output_names
 from engine.workflow import runtime_from
 from models import load_model
 

@@ -11,13 +11,13 @@ import argparse
 
 from tqdm import tqdm
 
+from core.distributed import current_world
 from engine.cli import (
     add_eval_args,
     model_dir,
     run_main,
     script_parser,
 )
-from engine.distributed import current_world
 from engine.evaluate import write_results
 from engine.workflow import (
     categories,

@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, update_section  # noqa: E402
+from core.inference import Predictor, PredictorOptions  # noqa: E402
+from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import DeployedModel, export_model  # noqa: E402
 from deploy.benchmark import StageTimes  # noqa: E402
-from engine.inference import Predictor, PredictorOptions  # noqa: E402
-from engine.runtime import Runtime, save_static  # noqa: E402
 from models import ModelConfig, build_model, load_model  # noqa: E402
 
 SIZE, K, THREADS, TARGET = 256, 100, 2, 1.3

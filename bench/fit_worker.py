@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.distributed import Collective, current_world  # noqa: E402
+from core.runtime import Runtime  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, shard_indices  # noqa: E402
-from engine.distributed import Collective, current_world  # noqa: E402
-from engine.runtime import Runtime  # noqa: E402
 from models import ModelConfig, build_model  # noqa: E402
 
 

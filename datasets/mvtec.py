@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InputError
 from datasets.image import Preprocess, read_image, read_mask
-from engine.errors import InputError
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 OBJECTS = (

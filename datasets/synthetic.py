@@ -32,8 +32,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import ConfigError, ToolkitError
 from datasets.mvtec import build_atomically
-from engine.errors import ConfigError, ToolkitError
 
 CATEGORIES = ("tiles", "disc")
 DEFECTS = ("scratch", "spot")

@@ -9,7 +9,7 @@ postprocess (their numpy tail), onnx_model (paddle2onnx / onnxruntime), runner (
 benchmark (--enable_benchmark reports).
 """
 
-import engine  # noqa: F401  (first: quiets Paddle's import-time glog and warnings)
+import core  # noqa: F401  (first: quiets Paddle's import-time glog and warnings)
 from deploy.export import export_model
 from deploy.manifest import Manifest, read_manifest
 from deploy.runner import DeployedModel

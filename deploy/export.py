@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from core.errors import ConfigError
+from core.inference import Predictor, PredictorOptions
+from core.runtime import RunFn, Runtime, compile_layer, save_static
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import MANIFEST, Manifest, sha256_file, write_manifest
 from deploy.onnx_model import ONNX, OnnxRunner, convert, require
 from deploy.stats import STATS, write_stats
-from engine.errors import ConfigError
-from engine.inference import Predictor, PredictorOptions
-from engine.runtime import RunFn, Runtime, compile_layer, save_static
 from models.base import AnomalyModel
-from models.gaussian_model import GaussianModel
+from models.components.gaussian_model import GaussianModel
 
 FORMATS = ("json", "pdmodel")
 PARAMS = "model.pdiparams"

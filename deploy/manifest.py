@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InputError
-from engine.io import atomic_write_text
+from core.errors import InputError
+from core.io import atomic_write_text
 
 MANIFEST = "deploy.json"
 FORMAT_VERSION = 1

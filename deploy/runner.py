@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from core.errors import ConfigError, InputError, ToolkitError
+from core.inference import Predictor, PredictorOptions
+from core.runtime import RunFn, run_chunked
 from datasets import Preprocess
 from deploy.benchmark import Timer, timed
 from deploy.manifest import Manifest, check_file, read_manifest
 from deploy.onnx_model import OnnxRunner
 from deploy.postprocess import GaussianHead
+from deploy.report import batches
 from deploy.stats import read_stats
-from engine.errors import ConfigError, InputError, ToolkitError
-from engine.inference import Predictor, PredictorOptions
-from engine.predict import batches
-from engine.runtime import RunFn, run_chunked
 
 BACKENDS = {"paddle": (".json", ".pdmodel"), "onnxruntime": (".onnx",)}
 

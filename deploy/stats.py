@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InputError
 from deploy.manifest import MANIFEST, Manifest
-from engine.errors import InputError
-from models.gaussian_model import GaussianModel
+from models.components.gaussian_model import GaussianModel
 
 STATS = "stats.npz"
 _META = "meta"

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.errors import ToolkitError
+from core.errors import ToolkitError
 from models import resolve_k
 
 DEMO_ROOT = Path("data/demo")

@@ -13,6 +13,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from core.device import parse_device, select_device
+from core.distributed import Collective, World
+from core.errors import CheckpointError, ConfigError
+from core.runtime import Runtime
 from datasets import (
     AnomalyDataset,
     BatchLoader,
@@ -24,11 +28,7 @@ from datasets import (
 )
 from datasets.synthetic import generate
 from engine.cli import DEMO_ROOT, model_dir
-from engine.device import parse_device, select_device
-from engine.distributed import Collective, World
-from engine.errors import CheckpointError, ConfigError
 from engine.evaluate import metrics, score_batches
-from engine.runtime import Runtime
 from models import AnomalyModel, ModelConfig, build_model, load_model, method_class, resolve_k
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.errors import ConfigError
-from engine.runtime import Runtime
+from core.errors import ConfigError
+from core.runtime import Runtime
 from models.base import AnomalyModel, ModelConfig, load_checkpoint
 from models.ortho import OrthoModel
 from models.padim import PadimModel

@@ -22,11 +22,11 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from engine.distributed import Collective
-from engine.errors import CheckpointError, ConfigError, InputError
-from engine.runtime import RunFn, Runtime, compile_layer, run_chunked
-from models.backbone import ResNetTrunk, build_trunk, layer_grid, weights_digest
+from core.distributed import Collective
+from core.errors import CheckpointError, ConfigError, InputError
+from core.runtime import RunFn, Runtime, compile_layer, run_chunked
 from models.checkpoint import check_identity, read_npz, write_npz
+from models.components.backbone import ResNetTrunk, build_trunk, layer_grid, weights_digest
 
 Batch = np.ndarray | dict[str, Any]
 _TRUNK_PREFIX = "backbone."
@@ -174,7 +174,7 @@ class AnomalyModel(ABC):
         return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
 
     def reduce_across(self, collective: Collective) -> None:
-        """Combine the fit states of all processes of a launched job (see engine.distributed).
+        """Combine the fit states of all processes of a launched job (see core.distributed).
 
         This default refuses a job of several processes (see :meth:`check_world`).
         """

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import CheckpointError
+from core.errors import CheckpointError
 
 FORMAT_VERSION = 1
 SUFFIX = ".npz"

@@ -23,19 +23,19 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 import train
+from core.distributed import World
+from core.errors import CheckpointError, ConfigError, InputError
+from core.inference import Predictor, PredictorOptions
+from core.runtime import compile_layer, save_static
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image
 from datasets.synthetic import generate
 from engine.cli import model_dir
-from engine.distributed import World
-from engine.errors import CheckpointError, ConfigError, InputError
 from engine.evaluate import metrics, score_batches
-from engine.inference import Predictor, PredictorOptions
-from engine.runtime import compile_layer, save_static
 from engine.workflow import config_from, fit_category
 from models import METHODS, ModelConfig, Runtime, build_model, load_model, resolve_k
-from models.knn import BankSearch, knn
-from models.layers import SmoothUpsample
-from models.sampling import kcenter_greedy, project, take_rows
+from models.components.knn import BankSearch, knn
+from models.components.layers import SmoothUpsample
+from models.components.sampling import kcenter_greedy, project, take_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -371,7 +371,7 @@ def test_inference_runtime_matches_dynamic(fitted, test_images, tmp_path):
 
 
 def test_fused_layer_exports_under_the_legacy_ir(fitted, test_images, tmp_path):
-    # export_model.py --format pdmodel traces under the legacy IR (models.static_ops)
+    # export_model.py --format pdmodel traces under the legacy IR (models.components.static_ops)
     with paddle.pir_utils.DygraphOldIrGuard():
         model_file = save_static(fitted.fused_layer(), [None, 3, SIZE, SIZE], str(tmp_path / "model"))
     assert model_file.endswith(".pdmodel")

@@ -22,10 +22,10 @@ import numpy as np
 import paddle
 import pytest
 
+from core.inference import PredictorOptions
+from core.runtime import Runtime
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image
 from deploy import DeployedModel, export_model, read_manifest
-from engine.inference import PredictorOptions
-from engine.runtime import Runtime
 from models import ModelConfig, build_model, load_model
 
 ROOT = Path(__file__).resolve().parents[1]

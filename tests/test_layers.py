@@ -1,4 +1,4 @@
-"""Tests of models.layers against Paddle's own ops, scipy.ndimage and explicit numpy loops."""
+"""Tests of models.components.layers against Paddle's own ops, scipy.ndimage and explicit numpy loops."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import paddle.nn.functional as F
 import pytest
 from scipy import ndimage
 
-from models.layers import (
+from models.components.layers import (
     AnomalyMapHead,
     MahalanobisMap,
     NearestResize,

@@ -18,14 +18,14 @@ from helpers import assert_served_matches_dynamic, rel_close
 from scipy import ndimage
 
 import models.ortho.model as ortho_module
-from engine.errors import CheckpointError, ConfigError, InputError
+from core.errors import CheckpointError, ConfigError, InputError
 from models import ModelConfig, Runtime, build_model, load_model
-from models.backbone import ResNetTrunk, build_trunk, layer_grid, read_pdparams
-from models.gaussian import GaussianAccumulator
-from models.layers import nearest_indices
+from models.components.backbone import ResNetTrunk, build_trunk, layer_grid, read_pdparams
+from models.components.gaussian import GaussianAccumulator
+from models.components.layers import nearest_indices
+from models.components.projection import ChannelSubset, ProjectedEmbedding
 from models.ortho import semi_orthogonal
 from models.ortho.model import identity_first_basis
-from models.projection import ChannelSubset, ProjectedEmbedding
 
 METHODS = ("ortho", "padim")
 SIZE = 64

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from paddle import nn
 
-from models.backbone import layer_grid
-from models.gaussian_model import GaussianModel
-from models.projection import ProjectedEmbedding
+from models.components.backbone import layer_grid
+from models.components.gaussian_model import GaussianModel
+from models.components.projection import ProjectedEmbedding
 
 
 def semi_orthogonal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:

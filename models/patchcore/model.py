@@ -9,14 +9,14 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from engine.errors import ConfigError
-from models.backbone import layer_grid
-from models.bank_model import MemoryBankModel
-from models.knn import BankSearch, knn
-from models.layers import SmoothUpsample, ToRows
-from models.projection import FeatureConcat
-from models.sampling import kcenter_greedy, project, random_projection, take_rows
-from models.static_ops import arg_max, exp, reduce_sum, sqrt
+from core.errors import ConfigError
+from models.components.backbone import layer_grid
+from models.components.bank_model import MemoryBankModel
+from models.components.knn import BankSearch, knn
+from models.components.layers import SmoothUpsample, ToRows
+from models.components.projection import FeatureConcat
+from models.components.sampling import kcenter_greedy, project, random_projection, take_rows
+from models.components.static_ops import arg_max, exp, reduce_sum, sqrt
 
 SLICE_ENTRIES = 1 << 24
 """Entries of one (bank slice x patches) distance block in the scoring graph (64 MB float32)."""

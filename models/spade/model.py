@@ -9,10 +9,10 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from models.bank_model import MemoryBankModel, concatenate_released
-from models.knn import BankSearch, knn
-from models.layers import SmoothUpsample
-from models.static_ops import reduce_sum, sqrt
+from models.components.bank_model import MemoryBankModel, concatenate_released
+from models.components.knn import BankSearch, knn
+from models.components.layers import SmoothUpsample
+from models.components.static_ops import reduce_sum, sqrt
 
 MAP_LAYERS = ("layer1", "layer2", "layer3")
 

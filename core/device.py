@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import paddle
 
-from engine.errors import ConfigError
+from core.errors import ConfigError
 
 
 def parse_device(spec: str) -> tuple[str, int]:

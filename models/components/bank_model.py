@@ -19,8 +19,8 @@ from typing import ClassVar
 import numpy as np
 from paddle import nn
 
-from engine.errors import InputError
-from engine.runtime import Chunks, RunFn, run_chunked
+from core.errors import InputError
+from core.runtime import Chunks, RunFn, run_chunked
 from models.base import AnomalyModel, Batch, unpack_batch
 
 

@@ -16,14 +16,14 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from engine.distributed import Collective
-from engine.errors import CheckpointError, ConfigError
-from engine.runtime import RunFn, run_chunked
-from models.backbone import layer_grid
+from core.distributed import Collective
+from core.errors import CheckpointError, ConfigError
+from core.runtime import RunFn, run_chunked
 from models.base import AnomalyModel, Batch, unpack_batch
-from models.gaussian import GaussianAccumulator
-from models.layers import AnomalyMapHead, MahalanobisMap, ToRows
-from models.projection import FeatureConcat
+from models.components.backbone import layer_grid
+from models.components.gaussian import GaussianAccumulator
+from models.components.layers import AnomalyMapHead, MahalanobisMap, ToRows
+from models.components.projection import FeatureConcat
 
 
 class _Pipeline(nn.Layer):

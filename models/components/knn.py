@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from models.static_ops import arg_min, reduce_sum, sqrt
+from models.components.static_ops import arg_min, reduce_sum, sqrt
 
 BLOCK = 1 << 22
 """Entries of the distance block (and of the bank block) :func:`knn` computes at once."""

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from engine.distributed import Collective
-from engine.errors import ConfigError
+from core.distributed import Collective
+from core.errors import ConfigError
 
 _CHUNK = 256  # positions per slice in the float64 passes: bounds their temporaries
 _folders: dict[int, ThreadPoolExecutor] = {}

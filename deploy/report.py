@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InputError
 from datasets import Preprocess, denormalize, read_image
 from datasets.mvtec import IMAGE_SUFFIXES
-from engine.errors import InputError
-from engine.visualize import four_panel, save_png
+from deploy.visualize import four_panel, save_png
 
 
 def collect_images(inputs: Sequence[str]) -> list[Path]:

@@ -18,7 +18,7 @@ import paddle
 from paddle import nn
 from paddle.vision.models import resnet
 
-from engine.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError
 
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
 _LAYER_CHANNELS = {

@@ -5,7 +5,7 @@ Resizing and blurring are linear maps along each image axis, so they are precomp
 ``F.interpolate`` + ``scipy.ndimage.gaussian_filter`` and runs under oneDNN in Paddle Inference,
 where a PIR graph holding ``F.interpolate`` fails on Paddle 3.3.
 
-Every op also traces under the legacy static IR (``@``, ``paddle.max`` and models.static_ops instead
+Every op also traces under the legacy static IR (``@``, ``paddle.max`` and static_ops instead
 of ``paddle.matmul``/``amax``/``sum``/``sqrt``), so the layers export to ``model.pdmodel`` as well
 as to ``model.json``; ``paddle.max`` rather than ``amax`` also lets paddle2onnx convert the graph.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from models.static_ops import reduce_sum, sqrt
+from models.components.static_ops import reduce_sum, sqrt
 
 
 def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
