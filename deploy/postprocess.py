@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.resample import smoothing_matrix
 from deploy.stats import Stats
-from models.components.layers import smoothing_matrix
 
 
 class GaussianHead:

@@ -1,4 +1,4 @@
-"""Tests of models.components.layers against Paddle's own ops, scipy.ndimage and explicit numpy loops."""
+"""Tests of the layers and core.resample against Paddle's ops, scipy.ndimage and numpy loops."""
 
 from __future__ import annotations
 
@@ -8,15 +8,13 @@ import paddle.nn.functional as F
 import pytest
 from scipy import ndimage
 
+from core.resample import bilinear_matrix, gaussian_blur_matrix, nearest_indices
 from models.components.layers import (
     AnomalyMapHead,
     MahalanobisMap,
     NearestResize,
     SmoothUpsample,
     ToRows,
-    bilinear_matrix,
-    gaussian_blur_matrix,
-    nearest_indices,
 )
 
 # (size_in, size_out) pairs: integer factors, non-integer up-sizing and down-sizing
