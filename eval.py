@@ -10,14 +10,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from engine.cli import (
-    add_eval_args,
-    model_dir,
-    run_main,
-    script_parser,
-)
+from core.script import run_main
+from datasets import resolve_categories
+from engine.cli import add_eval_args, config_from, data_plan_from, eval_plan_from, runtime_from, script_parser
 from engine.evaluate import write_results
-from engine.workflow import categories, config_from, data_root, evaluate_category, runtime_from
+from engine.workflow import evaluate_category
 from models import load_model
 
 
@@ -34,17 +31,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = data_root(args)
-    names = categories(args, root)
+    data = data_plan_from(args)
+    plan = eval_plan_from(args, data)
+    names = resolve_categories(data.root, args.category)
     runtime = runtime_from(args)
+    config = config_from(args)
     given = Path(args.model_path) if args.model_path else None
-    folder = given or model_dir("./output", args.method, args.arch, args.k)
-    expect = config_from(args).identity()
+    folder = given or Path("./output") / config.run_name
     rows = []
     for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
         path = folder if folder.suffix == ".npz" else folder / f"{category}.npz"
-        model = load_model(str(path), expect=expect, runtime=runtime)
-        rows.append(evaluate_category(args, root, category, model))
+        model = load_model(str(path), expect=config.identity(), runtime=runtime)
+        rows.append(evaluate_category(plan, category, model))
     out = Path(args.save_path) if args.save_path else (folder.parent if folder.suffix else folder)
     write_results(out, rows)
     return 0

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from core.errors import ConfigError
 from core.runtime import Runtime
+from core.script import run_main
 from deploy.export import FORMATS, export_model
-from engine.cli import run_main
-from models import load_model, resolve_k
+from models import load_model, model_config
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,16 +45,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    expect = {"method": args.method, "arch": args.arch, "k": resolve_k(args.method, args.k),
-              "image_size": args.img_size}
+    config = model_config(args.method, strict=False, arch=args.arch, k=args.k, image_size=args.img_size)
+    expect = {key: value for key, value in config.identity().items() if key != "resize"}
     model = load_model(args.model_path, expect=expect, runtime=Runtime(engine="dynamic"))
     if not model.fitted:
         raise ConfigError(f"{args.model_path}: holds an unfinished fit; finish training it first")
     save_dir = Path(args.save_dir)
     manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, args.model_path)
     layout = "fused" if manifest.fused else "unfused"
-    k = f" k={manifest.k}" if manifest.k else ""  # patchcore has no k
-    print(f"exported {layout} {manifest.method} {manifest.arch}{k} "
+    print(f"exported {layout} {manifest.run_name} "
           f"({manifest.category or 'no category'}) to {save_dir}: {', '.join(manifest.files)}, deploy.json")
     return 0
 

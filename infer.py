@@ -12,10 +12,10 @@ import numpy as np
 
 from core.errors import ConfigError
 from core.inference import PredictorOptions
+from core.script import run_main, str2bool
 from deploy.benchmark import AutoLog, RunInfo, StageLog, StageTimes, open_log
 from deploy.report import Reporter, collect_images, output_names
 from deploy.runner import BACKENDS, DeployedModel
-from engine.cli import run_main, str2bool
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,8 +76,7 @@ def open_benchmark(args: argparse.Namespace, deployed: DeployedModel) -> StageLo
     """Warm the model up on one blank image (untimed) and open the benchmark log."""
     manifest, size = deployed.manifest, deployed.manifest.image_size
     deployed.score(np.zeros((1, 3, size, size), np.float32))
-    k = f"_{manifest.k}" if manifest.k else ""  # patchcore has no k (0), as in its folder name
-    name = f"{manifest.method}_{manifest.arch}{k}_{manifest.category}"
+    name = f"{manifest.run_name}_{manifest.category}"
     return open_log(RunInfo(name, args.precision, args.batch_size, [-1, 3, size, size],
                             deployed.status, args.gpu_id if args.use_gpu else None))
 

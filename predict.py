@@ -9,10 +9,10 @@ import argparse
 from pathlib import Path
 
 from core.errors import ConfigError
+from core.script import run_main
 from datasets import Preprocess
 from deploy.report import Reporter, batches, collect_images, output_names
-from engine.cli import add_runtime_args, run_main
-from engine.workflow import runtime_from
+from engine.cli import add_runtime_args, runtime_from
 from models import load_model
 
 

@@ -12,21 +12,18 @@ import argparse
 from tqdm import tqdm
 
 from core.distributed import current_world
+from core.script import run_main
+from datasets import resolve_categories
 from engine.cli import (
     add_eval_args,
-    model_dir,
-    run_main,
+    data_plan_from,
+    eval_plan_from,
+    fit_plan_from,
+    runtime_from,
     script_parser,
 )
 from engine.evaluate import write_results
-from engine.workflow import (
-    categories,
-    data_root,
-    evaluate_category,
-    fit_category,
-    fit_state_path,
-    runtime_from,
-)
+from engine.workflow import evaluate_category, train_category
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,25 +44,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     world = current_world()
-    root = data_root(args)
-    names = categories(args, root)
+    data = data_plan_from(args)
+    plan = fit_plan_from(args, data)
+    evaluation = eval_plan_from(args, data) if args.eval else None
+    names = resolve_categories(data.root, args.category)
     runtime = runtime_from(args, world)
-    folder = model_dir(args.save_path, args.method, args.arch, args.k)
     rows = []
     quiet = len(names) < 2 or not world.is_main
     for category in tqdm(names, desc="categories", unit="cat", disable=quiet):
-        model = fit_category(args, root, category, runtime, world)
-        if model is None:  # not the main process: its statistics went to rank 0
-            continue
-        path = folder / f"{category}.npz"
-        model.save(str(path))
-        fit_state_path(args, category).unlink(missing_ok=True)
-        print(f"{category}: fitted on {model.n_train} images, threshold {model.threshold:.4f}, "
-              f"saved {path}")
-        if args.eval:
-            rows.append(evaluate_category(args, root, category, model))
-    if args.eval and world.is_main:
-        write_results(folder, rows)
+        model = train_category(plan, category, runtime, world)
+        if model is not None and evaluation is not None:
+            rows.append(evaluate_category(evaluation, category, model))
+    if evaluation is not None and world.is_main:
+        write_results(plan.folder, rows)
     return 0
 
 

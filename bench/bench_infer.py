@@ -38,7 +38,7 @@ from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import DeployedModel, export_model  # noqa: E402
 from deploy.benchmark import StageTimes  # noqa: E402
-from models import ModelConfig, build_model, load_model  # noqa: E402
+from models import build_model, load_model, model_config  # noqa: E402
 
 SIZE, K, THREADS, TARGET = 256, 100, 2, 1.3
 SECTION = "bench_infer"
@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
 
 def fit(root: Path, count: int, folder: Path) -> Path:
     """Fit and calibrate ortho on ``count`` training images; returns the checkpoint path."""
-    config = ModelConfig("ortho", "resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
+    config = model_config("ortho", arch="resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
     model = build_model(config, Runtime(cpu_threads=THREADS))
     model.category = CATEGORY
     dataset = AnomalyDataset(list_samples(root, CATEGORY, "train")[:count], Preprocess(SIZE))

@@ -32,8 +32,7 @@ from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import MANIFEST, Manifest, sha256_file, write_manifest
 from deploy.onnx_model import ONNX, OnnxRunner, convert, require
 from deploy.stats import STATS, write_stats
-from models.base import AnomalyModel
-from models.components.gaussian_model import GaussianModel
+from models.base import AnomalyModel, UnfusedParts
 
 FORMATS = ("json", "pdmodel")
 PARAMS = "model.pdiparams"
@@ -87,25 +86,34 @@ def check_outputs(run: RunFn, expected: list[np.ndarray], probe: np.ndarray, wha
     return worst
 
 
-def _outputs(model: AnomalyModel, names: list[str], fuse: bool) -> list[dict[str, object]]:
+def _outputs(model: AnomalyModel, names: list[str], unfused: UnfusedParts | None) -> list[dict[str, object]]:
     """The graph outputs' names, meanings and shapes (-1 = batch) for deploy.json."""
-    size, (h, w) = model.config.image_size, model.grid
-    if fuse:
+    size = model.config.image_size
+    if unfused is None:
         return [{"name": names[0], "meaning": "anomaly_map", "shape": [-1, 1, size, size]},
                 {"name": names[1], "meaning": "image_score", "shape": [-1]}]
-    features = sum(model.trunk.channels)
-    return [{"name": names[0], "meaning": "embedding", "shape": [-1, features, h, w]}]
+    h, w = unfused.meta["grid"]
+    return [{"name": names[0], "meaning": "embedding", "shape": [-1, unfused.meta["features"], h, w]}]
+
+
+def _identity(model: AnomalyModel) -> dict[str, object]:
+    """What deploy.json and stats.npz record of the model: method, arch, k (0: the method has
+    none), category, input sizes."""
+    config = model.config
+    return {"method": config.method, "arch": config.arch, "k": config.identity().get("k", 0),
+            "category": model.category, "image_size": config.image_size, "resize": config.resize}
 
 
 def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: bool = True,
                  onnx: bool = False, source: str = "") -> Manifest:
     """Export ``model`` to ``save_dir`` (see the module docstring) and return its deploy.json.
 
-    Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a Gaussian method.
+    Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
+    :meth:`unfused_parts` (ortho, padim).
     """
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
-    if not fuse and not isinstance(model, GaussianModel):
+    if not fuse and model.unfused_parts() is None:
         raise ConfigError(f"--no-fuse: --method {model.config.method} has no unfused layout "
                           "(ortho and padim have); drop --no-fuse to export it fused")
     try:
@@ -129,7 +137,8 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         require("paddle2onnx", "--onnx")
         require("onnxruntime", "--onnx")
     size = model.config.image_size
-    layer = model.fused_layer() if fuse else model.feature_layer()
+    unfused = None if fuse else model.unfused_parts()
+    layer = model.fused_layer() if unfused is None else unfused.layer
     probe = probe_image(size)
     expected = compile_layer(layer, size, Runtime(engine="dynamic"))(probe)
     with ir_guard(fmt):
@@ -137,8 +146,9 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
     predictor = Predictor(str(model_file), str(staging / PARAMS), PredictorOptions())
     verified = {"paddle_max_rel_diff": check_outputs(predictor.run, expected, probe, model_file)}
     files = [model_file.name, PARAMS]
-    if not fuse:
-        write_stats(staging / STATS, model)
+    if unfused is not None:
+        write_stats(staging / STATS, {**_identity(model), **unfused.meta, "threshold": model.threshold},
+                    unfused.arrays)
         files.append(STATS)
     if onnx:
         convert(model_file, staging / PARAMS, staging / ONNX)
@@ -146,13 +156,12 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         verified["onnx_max_rel_diff"] = check_outputs(runner.run, expected, probe, staging / ONNX)
         files.append(ONNX)
     return Manifest(
-        method=model.config.method, arch=model.config.arch, k=model.config.k,
-        category=model.category, image_size=size, resize=model.config.resize,
+        **_identity(model), run_name=model.config.run_name,
         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), threshold=model.threshold, fused=fuse,
         format=fmt, model_file=model_file.name, params_file=PARAMS,
         inputs=[{"name": predictor.input_names[0], "shape": [-1, 3, size, size],
                  "dtype": "float32", "layout": "NCHW", "color": "RGB"}],
-        outputs=_outputs(model, predictor.output_names, fuse), paddle_version=paddle.__version__,
+        outputs=_outputs(model, predictor.output_names, unfused), paddle_version=paddle.__version__,
         stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
         files={name: sha256_file(staging / name) for name in files}, verified=verified,
         source={"checkpoint": source,

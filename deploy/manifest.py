@@ -48,6 +48,12 @@ class Manifest:
     verified: dict[str, float] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    run_name: str = ""
+    """The checkpoint folder's name, ``<method>_<arch>[_<k>]`` (models.base.ModelConfig.run_name)."""
+
+    def __post_init__(self) -> None:
+        if not self.run_name:  # a deploy.json written before run_name was recorded
+            self.run_name = f"{self.method}_{self.arch}" + (f"_{self.k}" if self.k else "")
 
     def identity(self) -> dict[str, Any]:
         """The model's method/arch/k/category/sizes, compared against a stats file."""

@@ -1,29 +1,23 @@
-"""Argument groups shared by the scripts, and the top-level error handling they all use."""
+"""Argument groups shared by the scripts, and the plans, model config and runtime built from them."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-from core.errors import ToolkitError
-from models import resolve_k
+from core.device import parse_device, select_device
+from core.distributed import World
+from core.runtime import Runtime
+from core.script import str2bool
+from datasets import Preprocess
+from datasets.synthetic import generate
+from engine.workflow import DataPlan, EvalPlan, FitPlan
+from models import METHODS, ModelConfig, model_config
 
 DEMO_ROOT = Path("data/demo")
-
-
-def str2bool(value: str | bool) -> bool:
-    """Parse True/False style flags the way Paddle's tools do (``--use_gpu True``)."""
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in ("true", "t", "yes", "y", "1"):
-        return True
-    if lowered in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -41,32 +35,48 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="image-loading threads, 0 = load in the main thread (default 2)")
 
 
+def method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every registered method's option fields by name: {name: [(method, field), ...]}."""
+    fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method, cls in METHODS.items():
+        for field in dataclasses.fields(cls.Options):
+            fields.setdefault(field.name, []).append((method, field))
+    return fields
+
+
+def _option_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
+    """"m1/m2: help (default d); m3: ..." for the methods that share an option name."""
+    parts: dict[tuple[str, str], list[str]] = {}
+    for method, field in owners:
+        default = "off" if field.default is False else field.default
+        parts.setdefault((field.metadata.get("help", ""), str(default)), []).append(method)
+    return "; ".join(f"{'/'.join(methods)}: {text} (default {default})"
+                     for (text, default), methods in parts.items())
+
+
 def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
-    """--method, --arch, --k, --eps, --seed, --pretrained, and PatchCore's/SPADE's arguments."""
+    """--method, --arch, --seed, --pretrained, and every method's options (``--k``, ``--eps``,
+    PatchCore's, SPADE's, ...) as the methods declare them (models.base.MethodOptions)."""
     group = parser.add_argument_group("model")
     if with_method:
         group.add_argument("--method", default="ortho",
-                           help="ortho, padim, spade or patchcore (default ortho)")
+                           help=f"{', '.join(METHODS)} (default ortho)")
     group.add_argument("--arch", default="resnet18",
                        help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
-    group.add_argument("--k", type=int, default=None,
-                       help="ortho/padim: embedding dimension (default 100); spade: nearest "
-                            "training images (default 50); not used by patchcore")
-    group.add_argument("--eps", type=float, default=0.01,
-                       help="covariance regulariser eps*I (default 0.01)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of every random draw (projection, channels, random init)")
     group.add_argument("--pretrained", default="imagenet",
                        help="imagenet (Paddle's download and cache), PATH.pdparams, or none")
-    group.add_argument("--coreset_ratio", type=float, default=0.1,
-                       help="patchcore: fraction of training patches kept in the bank, 1 = all "
-                            "(default 0.1)")
-    group.add_argument("--projection_dim", type=int, default=128,
-                       help="patchcore: random-projection size for the coreset selection (default 128)")
-    group.add_argument("--num_neighbors", type=int, default=9,
-                       help="patchcore: bank patches in the image-score reweighting (default 9)")
-    group.add_argument("--half", action="store_true",
-                       help="spade/patchcore: store the gallery/bank in float16 (half its size)")
+    options = parser.add_argument_group("method options (each method reads its own; default: the method's)")
+    for name, owners in method_option_fields().items():
+        field = owners[0][1]
+        flag = field.metadata.get("flag") or f"--{name}"
+        if field.type in (bool, "bool"):
+            options.add_argument(flag, dest=name, action="store_true", default=None,
+                                 help=_option_help(owners))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
+            options.add_argument(flag, dest=name, type=kind, default=None, help=_option_help(owners))
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -98,23 +108,55 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                         help="AUROC by the midpoint-rectangle rule of the reference reproduction")
 
 
-def model_dir(save_path: str, method: str, arch: str, k: int | None) -> Path:
-    """Folder of a configuration's checkpoints: SAVE_PATH/<method>_<arch>_<k>.
+def config_from(args: argparse.Namespace, method: str | None = None) -> ModelConfig:
+    """The model configuration the model and data arguments describe (options the method does
+    not have, and options not given, are left to the method)."""
+    method = method or args.method
+    given = {name: getattr(args, name, None) for name in method_option_fields()}
+    preprocess = preprocess_from(args)
+    return model_config(method, strict=False, arch=args.arch, seed=args.seed,
+                        pretrained=args.pretrained, image_size=preprocess.size,
+                        resize=preprocess.resize, **given)
 
-    ``k`` None means the method's default; patchcore, which has no k, uses SAVE_PATH/patchcore_<arch>.
+
+def data_root(args: argparse.Namespace) -> Path:
+    """The dataset root: --data_path, or the demo data (generated on first use)."""
+    if args.data_path:
+        return Path(args.data_path)
+    if not (DEMO_ROOT / ".synthetic.json").is_file():
+        print(f"no --data_path: generating the demo dataset in {DEMO_ROOT}", file=sys.stderr)
+    return generate(DEMO_ROOT)
+
+
+def preprocess_from(args: argparse.Namespace) -> Preprocess:
+    """Preprocessing from --resize / --crop_size."""
+    return Preprocess(resize=args.resize, crop_size=args.crop_size)
+
+
+def data_plan_from(args: argparse.Namespace) -> DataPlan:
+    """The data arguments as a plan (the demo data is generated if no --data_path is given)."""
+    return DataPlan(data_root(args), preprocess_from(args), args.batch_size, args.num_workers)
+
+
+def fit_plan_from(args: argparse.Namespace, data: DataPlan) -> FitPlan:
+    """train.py's arguments as a fit plan."""
+    return FitPlan(data, config_from(args), Path(args.save_path), args.calib_images,
+                   args.save_every, args.resume)
+
+
+def eval_plan_from(args: argparse.Namespace, data: DataPlan) -> EvalPlan:
+    """--eval_PRO / --non_partial_AUC as an evaluation plan."""
+    return EvalPlan(data, args.eval_PRO, "midpoint" if args.non_partial_AUC else "trapezoid")
+
+
+def runtime_from(args: argparse.Namespace, world: World | None = None) -> Runtime:
+    """Runtime from --device / --engine / --cpu_threads / --enable_mkldnn (device is checked).
+
+    Launched on GPUs, each process takes the GPU the launcher selected for it.
     """
-    k = resolve_k(method, k)
-    return Path(save_path) / (f"{method}_{arch}_{k}" if k else f"{method}_{arch}")
-
-
-def run_main(main: Callable[[list[str] | None], int]) -> None:
-    """Run a script's main; a ToolkitError becomes one ``error:`` line and exit status 2."""
-    try:
-        code = main(None)
-    except ToolkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)
+    device = args.device
+    if world is not None and world.size > 1 and parse_device(device)[0] == "gpu":
+        device = f"gpu:{os.environ.get('FLAGS_selected_gpus', world.local_rank)}"
+    device = select_device(device)
+    return Runtime(engine=args.engine, device=device, cpu_threads=args.cpu_threads,
+                   enable_mkldnn=args.enable_mkldnn)

@@ -32,32 +32,85 @@ Batch = np.ndarray | dict[str, Any]
 _TRUNK_PREFIX = "backbone."
 
 
-@dataclass
-class ModelConfig:
-    """Everything that defines a fitted model. ``image_size`` is the (square) network input.
+def option(default: Any, help: str, flag: str | None = None) -> Any:
+    """A method option: a dataclass field with its command-line help (``--<name>`` unless ``flag``)."""
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
 
-    ``coreset_ratio``, ``projection_dim`` and ``num_neighbors`` are PatchCore's, ``half`` (bank
-    stored in float16) SPADE's and PatchCore's; the other methods ignore them.
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's own options; each method subclasses this with its fields (see :func:`option`).
+
+    ``name_fields`` name the fields that tell fits apart in folder names and identity checks
+    (``k`` of ortho, padim and spade; none for patchcore). The fields are stored flat in the
+    checkpoint's metadata next to the shared ones of :class:`ModelConfig`.
+    """
+
+    name_fields: ClassVar[tuple[str, ...]] = ()
+
+    def check(self) -> None:
+        """Raise a ConfigError naming the argument if a value is out of range."""
+
+
+def positive(name: str, value: float) -> None:
+    """A ConfigError ``--name value: must be a positive number`` unless ``value`` > 0."""
+    if not value > 0:
+        raise ConfigError(f"--{name} {value}: must be a positive number")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines a fitted model: the shared fields and the method's ``options``.
+
+    ``image_size`` is the (square) network input. Build one with :func:`models.model_config`,
+    which fills the options with the method's defaults.
     """
 
     method: str
+    options: MethodOptions
     arch: str = "resnet18"
-    k: int = 100
     image_size: int = 256
     resize: int = 256
-    eps: float = 0.01
     sigma: float = 4.0
     seed: int = 0
     pretrained: str = "imagenet"
-    coreset_ratio: float = 0.1
-    projection_dim: int = 128
-    num_neighbors: int = 9
-    half: bool = False
+
+    @property
+    def run_name(self) -> str:
+        """Folder name of this configuration's checkpoints: ``<method>_<arch>[_<name field>...]``."""
+        values = [str(getattr(self.options, name)) for name in self.options.name_fields]
+        return "_".join([self.method, self.arch, *values])
 
     def identity(self) -> dict[str, Any]:
-        """The fields a loaded checkpoint must match: method, arch, k and input sizes."""
-        return {"method": self.method, "arch": self.arch, "k": self.k,
-                "image_size": self.image_size, "resize": self.resize}
+        """The fields a loaded checkpoint must match: method, arch, input sizes, name fields."""
+        return {"method": self.method, "arch": self.arch, "image_size": self.image_size,
+                "resize": self.resize,
+                **{name: getattr(self.options, name) for name in self.options.name_fields}}
+
+    def to_meta(self) -> dict[str, Any]:
+        """The flat record stored in checkpoints: shared fields and the method's option fields."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**shared, **dataclasses.asdict(self.options)}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], options: type[MethodOptions]) -> ModelConfig:
+        """Inverse of :meth:`to_meta`; option fields a checkpoint lacks take their defaults
+        (checkpoints of earlier versions held every method's fields: the others are ignored)."""
+        shared = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        own = {f.name for f in dataclasses.fields(options)}
+        return cls(options=options(**{key: meta[key] for key in own if key in meta}),
+                   **{key: meta[key] for key in shared if key in meta})
+
+
+@dataclass
+class UnfusedParts:
+    """An unfused export: ``layer`` maps images (N, 3, S, S) to the embedding x (N, F, h, w);
+    ``arrays`` (projection W (F, k) float32 or channels (k,) int64, mean (P, k) and inv_cov
+    (P, k, k) float32) and ``meta`` (sigma, grid [h, w], features F) finish it in numpy."""
+
+    layer: nn.Layer
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
 
 
 def unpack_batch(batch: Batch) -> tuple[np.ndarray, list[str] | None]:
@@ -72,8 +125,8 @@ class AnomalyModel(ABC):
 
     method: ClassVar[str]
     layers: ClassVar[tuple[str, ...]] = ("layer1", "layer2", "layer3")
-    default_k: ClassVar[int | None] = 100
-    """``k`` when none is given; None for a method without k (its config then holds k = 0)."""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    """The method's options class (fields, defaults, checks)."""
 
     def __init__(self, config: ModelConfig, trunk: ResNetTrunk, runtime: Runtime | None) -> None:
         self.config = config
@@ -83,16 +136,11 @@ class AnomalyModel(ABC):
         self.fitted = False
         self.category = ""
         self.meta: dict[str, Any] = {}
+        self.n_train = 0
+        """Training images fitted so far (a trained method: steps times images, over all epochs)."""
         self._scorer: RunFn | None = None
 
     # -- construction ------------------------------------------------------------------------
-    @classmethod
-    def resolve_k(cls, k: int | None) -> int:
-        """``k`` as given, else :attr:`default_k`; always 0 for a method without k."""
-        if cls.default_k is None:
-            return 0
-        return cls.default_k if k is None else k
-
     @classmethod
     def check_world(cls, size: int) -> None:
         """Raise a ConfigError if a fit cannot be spread over ``size`` processes.
@@ -109,13 +157,19 @@ class AnomalyModel(ABC):
     @classmethod
     def create(cls, config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
         """A new, unfitted model: trunk weights from ``config.pretrained``, random parts from seed."""
-        config = dataclasses.replace(config, k=cls.resolve_k(config.k))
-        if cls.default_k is not None and config.k < 1:
-            raise ConfigError(f"--k {config.k}: must be a positive number")
+        if not isinstance(config.options, cls.Options):
+            raise ConfigError(f"--method {cls.method} takes {cls.Options.__name__}, not "
+                              f"{type(config.options).__name__}; build the config with model_config()")
+        config.options.check()
         trunk = build_trunk(config.arch, cls.layers, config.pretrained, config.seed)
         model = cls(config, trunk, runtime)
         model._init_random(np.random.default_rng(config.seed))
         return model
+
+    @property
+    def options(self) -> MethodOptions:
+        """The method's options (``config.options``)."""
+        return self.config.options
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -149,11 +203,34 @@ class AnomalyModel(ABC):
         """Inverse of :meth:`_arrays`."""
 
     # -- shared behaviour --------------------------------------------------------------------
+    # -- the fit's course: epochs over the training images (one for the statistics methods) -------
+    @property
+    def epochs(self) -> int:
+        """Passes over the training images; a statistics method needs one."""
+        return 1
+
+    def fit_position(self) -> tuple[int, int]:
+        """(epoch, images of that epoch already fitted): where a resumed fit continues."""
+        return 0, self.n_train
+
+    def epoch_order(self, count: int, epoch: int) -> np.ndarray:
+        """Order (count,) in which the ``count`` training images are visited in ``epoch``."""
+        return np.arange(count)
+
+    def end_epoch(self) -> None:  # noqa: B027  (a hook: nothing to do for a statistics method)
+        """Called after each pass over the training images (a trained method steps its schedule)."""
+
     def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
-        """Fit on an iterable of image batches (arrays or loader dicts), then finalise."""
-        for batch in batches:
-            images, paths = unpack_batch(batch)
-            self.partial_fit(images, paths)
+        """Fit on image batches (arrays or loader dicts), then finalise.
+
+        ``batches`` is iterated once per epoch, so a trained method needs a re-iterable (a list or
+        a BatchLoader); a resumed model continues at its :meth:`fit_position`'s epoch.
+        """
+        for _ in range(self.fit_position()[0], self.epochs):
+            for batch in batches:
+                images, paths = unpack_batch(batch)
+                self.partial_fit(images, paths)
+            self.end_epoch()
         self.finalize()
         return self
 
@@ -172,6 +249,10 @@ class AnomalyModel(ABC):
         outputs = [out for _, out in run_chunked(self._scorer, images, self.runtime.chunk)]
         amaps = np.concatenate([amap for amap, _ in outputs])
         return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
+
+    def unfused_parts(self) -> UnfusedParts | None:
+        """The reference deploy layout of this model, or None if it only exports fused."""
+        return None
 
     def reduce_across(self, collective: Collective) -> None:
         """Combine the fit states of all processes of a launched job (see core.distributed).
@@ -234,7 +315,7 @@ class AnomalyModel(ABC):
         """
         trunk_arrays = self.trunk.weight_arrays()
         meta = {
-            **dataclasses.asdict(self.config),
+            **self.config.to_meta(),
             "stage": "final" if self.fitted else "fit",
             "threshold": self.threshold,
             "category": self.category,
@@ -251,8 +332,7 @@ class AnomalyModel(ABC):
         cls, path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], runtime: Runtime | None
     ) -> AnomalyModel:
         """Rebuild a model of this class from checkpoint contents (see :func:`load_model`)."""
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        config = ModelConfig(**{key: value for key, value in meta.items() if key in fields})
+        config = ModelConfig.from_meta(meta, cls.Options)
         trunk = ResNetTrunk(config.arch, cls.layers)
         trunk_arrays = {
             name[len(_TRUNK_PREFIX):]: value

@@ -29,10 +29,10 @@ from core.inference import Predictor, PredictorOptions
 from core.runtime import compile_layer, save_static
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image
 from datasets.synthetic import generate
-from engine.cli import model_dir
+from engine.cli import config_from
 from engine.evaluate import metrics, score_batches
-from engine.workflow import config_from, fit_category
-from models import METHODS, ModelConfig, Runtime, build_model, load_model, resolve_k
+from engine.workflow import DataPlan, FitPlan, fit_category
+from models import METHODS, Runtime, build_model, load_model, model_config
 from models.components.knn import BankSearch, knn
 from models.components.layers import SmoothUpsample
 from models.components.sampling import kcenter_greedy, project, take_rows
@@ -49,7 +49,7 @@ def dynamic():
 def new_model(method, runtime=None, **overrides):
     fields = {"method": method, "arch": "resnet18", "image_size": SIZE, "resize": SIZE,
               "pretrained": "none", "seed": 0, **SETTINGS[method], **overrides}
-    return build_model(ModelConfig(**fields), runtime or dynamic())
+    return build_model(model_config(**fields), runtime or dynamic())
 
 
 def images(count, seed):
@@ -289,7 +289,7 @@ def smooth(dist_map, model):
 
 def reference_spade(model, train, test):
     """SPADE by its definition: image kNN over layer4 averages, then per-layer pixel kNN."""
-    k = model.config.k
+    k = model.options.k
     *train_maps, train_last = trunk_features(model, train)
     *test_maps, test_last = trunk_features(model, test)
     dist = cdist(test_last.mean(axis=(2, 3)), train_last.mean(axis=(2, 3)))
@@ -319,7 +319,7 @@ def reference_patchcore(model, train, test):
     """PatchCore by its definition: naive greedy coreset on the projected patches, nearest-bank
     distances, and the paper's reweighting exp(d / sqrt(D)) over the b neighbours of m*."""
     rows = patch_rows(model, train).reshape(-1, model.dims)
-    count = int(model.config.coreset_ratio * len(rows))
+    count = int(model.options.coreset_ratio * len(rows))
     chosen = naive_kcenter(rows @ model.projection.astype(np.float64), count, int(model.start * len(rows)))
     bank = rows[chosen]
     side = model.grid[0]
@@ -329,7 +329,7 @@ def reference_patchcore(model, train, test):
         nearest = dist.min(axis=1)
         worst = int(np.argmax(nearest))
         anchor = int(np.argmin(dist[worst]))
-        support = np.argsort(cdist(bank[[anchor]], bank)[0])[: model.config.num_neighbors]
+        support = np.argsort(cdist(bank[[anchor]], bank)[0])[: model.options.num_neighbors]
         scale = 1.0 / math.sqrt(model.dims)
         weight = 1.0 - np.exp(scale * nearest[worst]) / np.exp(scale * dist[worst, support]).sum()
         scores.append(weight * nearest[worst])
@@ -492,19 +492,22 @@ def test_new_images_are_scored_against_the_whole_bank(fitted, test_images, tmp_p
 
 # -- configuration -----------------------------------------------------------------------------
 def test_k_defaults_folders_and_configs():
-    assert [resolve_k(m, None) for m in METHODS] == [100, 100, 50, 0]
-    assert resolve_k("spade", 7) == 7 and resolve_k("patchcore", 7) == 0
-    assert model_dir("out", "spade", "resnet18", None) == Path("out/spade_resnet18_50")
-    assert model_dir("out", "ortho", "resnet18", None) == Path("out/ortho_resnet18_100")
-    assert model_dir("out", "patchcore", "resnet50", 30) == Path("out/patchcore_resnet50")
-    args = train.parse_args(["--method", "patchcore", "--coreset_ratio", "0.5", "--half"])
-    config = config_from(args)
-    assert (config.k, config.coreset_ratio, config.projection_dim, config.num_neighbors,
-            config.half) == (0, 0.5, 128, 9, True)
-    assert config_from(train.parse_args(["--method", "spade"])).k == 50
-    assert new_model("patchcore", k=100).config.k == 0  # the API's default k is not kept either
+    assert [getattr(model_config(m).options, "k", None) for m in METHODS] == [100, 100, 50, None]
+    assert model_config("spade", k=7).options.k == 7
+    assert model_config("spade").run_name == "spade_resnet18_50"
+    assert model_config("ortho").run_name == "ortho_resnet18_100"
+    assert model_config("patchcore", arch="resnet50").run_name == "patchcore_resnet50"
+    assert "k" not in model_config("patchcore").identity()
+    args = train.parse_args(["--method", "patchcore", "--coreset_ratio", "0.5", "--half", "--k", "30"])
+    config = config_from(args)  # --k is not patchcore's: ignored, as in its folder name
+    assert config.options == METHODS["patchcore"].Options(coreset_ratio=0.5, projection_dim=128,
+                                                           num_neighbors=9, half=True)
+    assert config.run_name == "patchcore_resnet18"
+    assert config_from(train.parse_args(["--method", "spade"])).options.k == 50
+    with pytest.raises(ConfigError, match="--method patchcore has no option k"):
+        model_config("patchcore", k=100)  # the Python API is strict
     with pytest.raises(ConfigError, match="--method knn"):
-        resolve_k("knn", None)
+        model_config("knn")
 
 
 @pytest.mark.parametrize(("field", "value"), [("coreset_ratio", 0.0), ("coreset_ratio", 1.5),
@@ -527,8 +530,9 @@ def test_launched_fit_is_refused_before_fitting(method, demo_root, monkeypatch):
 
     monkeypatch.setattr("engine.workflow.list_samples", no_loading)
     args = train.parse_args(["--method", method, "--pretrained", "none", "--resize", "64"])
+    plan = FitPlan(DataPlan(demo_root, Preprocess(64)), config_from(args))
     with pytest.raises(ConfigError, match=f"--method {method} cannot be fitted across processes"):
-        fit_category(args, demo_root, "tiles", dynamic(), World(rank=0, size=2))
+        fit_category(plan, "tiles", dynamic(), World(rank=0, size=2))
     # the same refusal if the fit state is ever combined across processes
     with pytest.raises(ConfigError, match="cannot be fitted across processes"):
         new_model(method).reduce_across(SimpleNamespace(world=World(rank=1, size=2)))

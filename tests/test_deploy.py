@@ -26,7 +26,7 @@ from core.inference import PredictorOptions
 from core.runtime import Runtime
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image
 from deploy import DeployedModel, export_model, read_manifest
-from models import ModelConfig, build_model, load_model
+from models import ModelConfig, build_model, load_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ortho", "padim")
@@ -76,7 +76,7 @@ def fit_checkpoint(config: ModelConfig, demo_root: Path, path: Path) -> Path:
 def checkpoints(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """method -> checkpoint fitted and calibrated on the demo category "tiles"."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    return {method: fit_checkpoint(ModelConfig(method, arch="resnet18", k=K, image_size=SIZE,
+    return {method: fit_checkpoint(model_config(method, arch="resnet18", k=K, image_size=SIZE,
                                                resize=SIZE, pretrained="none"),
                                    demo_root, folder / f"{method}.npz")
             for method in METHODS}

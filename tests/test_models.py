@@ -19,10 +19,10 @@ from scipy import ndimage
 
 import models.ortho.model as ortho_module
 from core.errors import CheckpointError, ConfigError, InputError
-from models import ModelConfig, Runtime, build_model, load_model
+from core.resample import nearest_indices
+from models import Runtime, build_model, load_model, model_config
 from models.components.backbone import ResNetTrunk, build_trunk, layer_grid, read_pdparams
 from models.components.gaussian import GaussianAccumulator
-from models.components.layers import nearest_indices
 from models.components.projection import ChannelSubset, ProjectedEmbedding
 from models.ortho import semi_orthogonal
 from models.ortho.model import identity_first_basis
@@ -42,7 +42,7 @@ def config(method, **overrides):
     fields = {"method": method, "arch": "resnet18", "k": K, "image_size": SIZE, "resize": SIZE,
               "pretrained": "none", "seed": 0}
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return model_config(**fields)
 
 
 def new_model(method, runtime=None, **overrides):
@@ -379,7 +379,7 @@ def test_statistics_equal_mean_and_covariance_of_the_paper_embedding(method, k, 
     np.testing.assert_allclose(model.mean, rows.mean(axis=0), rtol=1e-4, atol=1e-4)
     eye = np.eye(k)
     for p in (0, 7, rows.shape[1] - 1):
-        cov = np.cov(rows[:, p].T, ddof=1) + model.config.eps * eye
+        cov = np.cov(rows[:, p].T, ddof=1) + model.options.eps * eye
         rel_close(model.inv_cov[p], np.linalg.inv(cov), 1e-3)
 
 
@@ -664,7 +664,7 @@ def test_k_larger_than_feature_channels_is_a_config_error(method):
         new_model(method, k=449)
     with pytest.raises(ConfigError):
         new_model(method, k=0)
-    assert new_model(method, k=448).config.k == 448
+    assert new_model(method, k=448).options.k == 448
 
 
 def test_unknown_method_or_arch_is_a_config_error():

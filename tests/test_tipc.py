@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import model_dir
+from models import model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TIPC = ROOT / "test_tipc"
@@ -256,7 +256,8 @@ def test_config_names_one_model_everywhere(model):
     for line_no, command in commands.items():
         f = flags(command)
         k = int(f["--k"]) if "--k" in f else None
-        assert model_dir("", f["--method"], f["--arch"], k).name == name, f"line {line_no}"
+        assert model_config(f["--method"], strict=False, arch=f["--arch"], k=k).run_name == name, \
+            f"line {line_no}"
         assert f["--method"] == method
     assert commands[17].split()[0] == "train.py"
     assert commands[25].split()[0] == "eval.py"

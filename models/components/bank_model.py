@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -21,7 +22,7 @@ from paddle import nn
 
 from core.errors import InputError
 from core.runtime import Chunks, RunFn, run_chunked
-from models.base import AnomalyModel, Batch, unpack_batch
+from models.base import AnomalyModel, Batch, MethodOptions, option, unpack_batch
 
 
 def concatenate_released(parts: list[np.ndarray]) -> np.ndarray:
@@ -33,6 +34,13 @@ def concatenate_released(parts: list[np.ndarray]) -> np.ndarray:
         out[start : start + len(part)] = part
         start += len(part)
     return out
+
+
+@dataclass(frozen=True)
+class BankOptions(MethodOptions):
+    """Options every memory-bank method has."""
+
+    half: bool = option(False, "store the gallery/bank in float16 (half its size)")
 
 
 class MemoryBankModel(AnomalyModel):
@@ -82,7 +90,7 @@ class MemoryBankModel(AnomalyModel):
     # -- shared behaviour --------------------------------------------------------------------
     def stored(self, array: np.ndarray) -> np.ndarray:
         """``array`` in the bank's storage type: float16 with ``--half``, else float32."""
-        return array.astype(np.float16 if self.config.half else np.float32, copy=False)
+        return array.astype(np.float16 if self.options.half else np.float32, copy=False)
 
     def compile(self, layer: nn.Layer) -> RunFn:
         """As AnomalyModel.compile, but one image per call: the distance blocks of a scoring layer

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zlib
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
@@ -19,7 +20,7 @@ from paddle import nn
 from core.distributed import Collective
 from core.errors import CheckpointError, ConfigError
 from core.runtime import RunFn, run_chunked
-from models.base import AnomalyModel, Batch, unpack_batch
+from models.base import AnomalyModel, Batch, MethodOptions, UnfusedParts, option, positive, unpack_batch
 from models.components.backbone import layer_grid
 from models.components.gaussian import GaussianAccumulator
 from models.components.layers import AnomalyMapHead, MahalanobisMap, ToRows
@@ -42,6 +43,18 @@ class _Pipeline(nn.Layer):
         return out
 
 
+@dataclass(frozen=True)
+class GaussianOptions(MethodOptions):
+    """Options of the per-position Gaussian methods (ortho, padim)."""
+
+    name_fields: ClassVar[tuple[str, ...]] = ("k",)
+    k: int = option(100, "embedding dimension (<= the backbone's F)")
+    eps: float = option(0.01, "covariance regulariser eps*I")
+
+    def check(self) -> None:
+        positive("k", self.k)
+
+
 class GaussianModel(AnomalyModel):
     """Base of methods that fit one Gaussian per position of a k-dim embedding.
 
@@ -51,12 +64,13 @@ class GaussianModel(AnomalyModel):
     *other* fold, so the default threshold comes from out-of-sample scores.
     """
 
+    Options = GaussianOptions
     folds_count: ClassVar[int] = 2
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         positions = self.grid[0] * self.grid[1]
-        self.folds = [GaussianAccumulator(positions, self.config.k, threads=self.runtime.cpu_threads)
+        self.folds = [GaussianAccumulator(positions, self.options.k, threads=self.runtime.cpu_threads)
                       for _ in range(self.folds_count)]
         self.mean: np.ndarray | None = None
         self.inv_cov: np.ndarray | None = None
@@ -66,9 +80,9 @@ class GaussianModel(AnomalyModel):
     def feature_channels(self) -> int:
         """F, the channels of the concatenated features x; a ConfigError if k exceeds it."""
         features = sum(self.trunk.channels)
-        if self.config.k > features:
+        if self.options.k > features:
             raise ConfigError(
-                f"--k {self.config.k}: {self.config.arch} has {features} feature channels; "
+                f"--k {self.options.k}: {self.config.arch} has {features} feature channels; "
                 f"use k <= {features}"
             )
         return features
@@ -121,7 +135,7 @@ class GaussianModel(AnomalyModel):
     def finalize(self) -> None:
         for fold in self.folds:
             fold.release()
-        self.mean, self.inv_cov = self.fit_state().finalize(self.config.eps, self.fit_basis())
+        self.mean, self.inv_cov = self.fit_state().finalize(self.options.eps, self.fit_basis())
         self.fitted = True
         self._scorer = None
 
@@ -134,7 +148,7 @@ class GaussianModel(AnomalyModel):
         if any(fold.count < 2 for fold in self.folds):
             yield from super().calibration_scores(batches)
             return
-        eps, basis = self.config.eps, self.fit_basis()
+        eps, basis = self.options.eps, self.fit_basis()
         scorers = [self.compile(self._scoring_layer(*fold.finalize(eps, basis)))
                    for fold in self.folds]
         position = 0
@@ -173,6 +187,15 @@ class GaussianModel(AnomalyModel):
 
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
+
+    def unfused_parts(self) -> UnfusedParts:
+        """The graph up to x and the statistics that finish it (deploy.postprocess)."""
+        (name, array), = self.embedding_arrays().items()
+        features = array.shape[0] if name == "projection" else sum(self.trunk.channels)
+        arrays = {name: array.astype(np.float32 if name == "projection" else np.int64),
+                  "mean": self.mean.astype(np.float32), "inv_cov": self.inv_cov.astype(np.float32)}
+        meta = {"sigma": self.config.sigma, "grid": list(self.grid), "features": int(features)}
+        return UnfusedParts(self.feature_layer(), arrays, meta)
 
     def feature_layer(self) -> nn.Layer:
         """Layer mapping images (N, 3, S, S) to the unprojected embedding x (N, F, h, w).

@@ -43,7 +43,7 @@ class OrthoModel(GaussianModel):
 
     def _init_random(self, rng: np.random.Generator) -> None:
         features = self.feature_channels()
-        self.weight = semi_orthogonal(features, self.config.k, rng)
+        self.weight = semi_orthogonal(features, self.options.k, rng)
         self.basis = identity_first_basis(self.weight, self.trunk.channels[0])
 
     def _grids(self) -> list[int]:

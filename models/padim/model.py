@@ -17,7 +17,7 @@ class PadimModel(GaussianModel):
 
     def _init_random(self, rng: np.random.Generator) -> None:
         features = self.feature_channels()
-        self.channels = np.sort(rng.choice(features, size=self.config.k, replace=False))
+        self.channels = np.sort(rng.choice(features, size=self.options.k, replace=False))
 
     def embedding(self) -> nn.Layer:
         grids = [layer_grid(self.config.image_size, name) for name in self.layers]

@@ -3,18 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from models.components.bank_model import MemoryBankModel, concatenate_released
+from models.base import option, positive
+from models.components.bank_model import BankOptions, MemoryBankModel, concatenate_released
 from models.components.knn import BankSearch, knn
 from models.components.layers import SmoothUpsample
 from models.components.static_ops import reduce_sum, sqrt
 
 MAP_LAYERS = ("layer1", "layer2", "layer3")
+
+
+@dataclass(frozen=True)
+class SpadeOptions(BankOptions):
+    """SPADE's options: k nearest training images."""
+
+    name_fields: ClassVar[tuple[str, ...]] = ("k",)
+    k: int = option(50, "nearest training images")
+
+    def check(self) -> None:
+        positive("k", self.k)
 
 
 class SpadeFeatures(nn.Layer):
@@ -72,7 +86,7 @@ class SpadeModel(MemoryBankModel):
 
     method = "spade"
     layers = ("layer1", "layer2", "layer3", "layer4")
-    default_k = 50
+    Options = SpadeOptions
     fit_outputs = (*MAP_LAYERS, "vector")
 
     def _init_random(self, rng: np.random.Generator) -> None:
@@ -84,13 +98,13 @@ class SpadeModel(MemoryBankModel):
     @property
     def neighbours(self) -> int:
         """k, at most the number of training images."""
-        return min(self.config.k, len(self.vectors))
+        return min(self.options.k, len(self.vectors))
 
     def _build(self, parts: dict[str, list[np.ndarray]]) -> None:
         self.vectors = self.stored(concatenate_released(parts["vector"]))
         self.maps = [self.stored(concatenate_released(parts[name])) for name in MAP_LAYERS]
-        if self.config.k > self.n_train:
-            self.warn(f"--k {self.config.k} is more than the {self.n_train} training images: "
+        if self.options.k > self.n_train:
+            self.warn(f"--k {self.options.k} is more than the {self.n_train} training images: "
                       f"scores use all {self.n_train} (held-out threshold scores {self.n_train - 1})")
 
     def fused_layer(self) -> nn.Layer:
@@ -104,7 +118,7 @@ class SpadeModel(MemoryBankModel):
         new = [i for i, owner in enumerate(owners) if owner is None]
         if new:
             scores[new] = self.score(images[new])[1]
-        k = min(self.config.k, len(self.vectors) - 1)
+        k = min(self.options.k, len(self.vectors) - 1)
         for i, owner in enumerate(owners):
             if owner is not None:
                 exclude = np.arange(len(self.vectors)) == owner
