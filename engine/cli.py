@@ -54,13 +54,11 @@ def _option_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
                      for (text, default), methods in parts.items())
 
 
-def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
+def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--method, --arch, --seed, --pretrained, and every method's options (``--k``, ``--eps``,
     PatchCore's, SPADE's, ...) as the methods declare them (models.base.MethodOptions)."""
     group = parser.add_argument_group("model")
-    if with_method:
-        group.add_argument("--method", default="ortho",
-                           help=f"{', '.join(METHODS)} (default ortho)")
+    group.add_argument("--method", default="ortho", help=f"{', '.join(METHODS)} (default ortho)")
     group.add_argument("--arch", default="resnet18",
                        help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
     group.add_argument("--seed", type=int, default=0,
@@ -70,13 +68,11 @@ def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) ->
     options = parser.add_argument_group("method options (each method reads its own; default: the method's)")
     for name, owners in method_option_fields().items():
         field = owners[0][1]
-        flag = field.metadata.get("flag") or f"--{name}"
         if field.type in (bool, "bool"):
-            options.add_argument(flag, dest=name, action="store_true", default=None,
-                                 help=_option_help(owners))
+            options.add_argument(f"--{name}", action="store_true", default=None, help=_option_help(owners))
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
-            options.add_argument(flag, dest=name, type=kind, default=None, help=_option_help(owners))
+            options.add_argument(f"--{name}", type=kind, default=None, help=_option_help(owners))
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:

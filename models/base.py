@@ -32,9 +32,9 @@ Batch = np.ndarray | dict[str, Any]
 _TRUNK_PREFIX = "backbone."
 
 
-def option(default: Any, help: str, flag: str | None = None) -> Any:
-    """A method option: a dataclass field with its command-line help (``--<name>`` unless ``flag``)."""
-    return dataclasses.field(default=default, metadata={"help": help, "flag": flag})
+def option(default: Any, help: str) -> Any:
+    """A method option: a dataclass field with the help of its command-line flag ``--<name>``."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
