@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_deploy import (
     SIZE,
@@ -17,8 +18,10 @@ from test_deploy import (
     fit_checkpoint,
 )
 
+from core.runtime import Runtime
 from deploy import read_manifest
-from models import model_config
+from models import build_model, load_model, model_config
+from models.checkpoint import read_npz, write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
 ALLOWED = {
@@ -145,3 +148,25 @@ def test_infer_runs_without_models_or_training_code(fuse, ortho_export, images_d
     proc = run_blocked("infer.py", "--model_file", folder / manifest.model_file,
                        "--input_file", images_dir, "--save_path", out, "--batch_size", 2)
     check_infer_outputs(proc, out, images_dir, scores, manifest.threshold)
+
+
+def test_checkpoints_of_the_union_config_load_with_their_own_options(tmp_path):
+    """Checkpoints written before the per-method options held every method's fields (patchcore
+    with k = 0, ortho with PatchCore's fields): they load, keep their own options and ignore the
+    others; the identity check and the folder name use the method's name fields only."""
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((4, 3, SIZE, SIZE)).astype(np.float32)
+    union = {"k": 0, "eps": 0.01, "coreset_ratio": 0.5, "projection_dim": 128, "num_neighbors": 2,
+             "half": False}
+    for method, own in (("ortho", {"k": 8}), ("patchcore", {"coreset_ratio": 0.5, "num_neighbors": 2})):
+        config = model_config(method, image_size=SIZE, resize=SIZE, pretrained="none", **own)
+        model = build_model(config, Runtime(engine="dynamic")).fit([images])
+        path = str(tmp_path / f"{method}.npz")
+        model.save(path)
+        meta, arrays = read_npz(path)
+        write_npz(path, {**meta, **union, **own}, arrays)  # as the earlier version wrote it
+        loaded = load_model(path, expect=config.identity(), runtime=Runtime(engine="dynamic"))
+        assert loaded.config == config
+        np.testing.assert_allclose(loaded.score(images)[1], model.score(images)[1], rtol=1e-5)
+    assert model_config("patchcore").identity() == {"method": "patchcore", "arch": "resnet18",
+                                                    "image_size": 256, "resize": 256}
