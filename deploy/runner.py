@@ -23,7 +23,7 @@ from deploy.benchmark import Timer, timed
 from deploy.manifest import Manifest, check_file, read_manifest
 from deploy.onnx_model import OnnxRunner
 from deploy.postprocess import GaussianHead
-from deploy.report import batches
+from deploy.report import BadInputs, Result, batches
 from deploy.stats import read_stats
 
 BACKENDS = {"paddle": (".json", ".pdmodel"), "onnxruntime": (".onnx",)}
@@ -141,14 +141,15 @@ class DeployedModel:
         """Anomaly maps (N, S, S) and image scores (N,) of images (N, 3, S, S) float32."""
         return self.finish(self.forward(images))
 
-    def results(self, paths: Sequence[Path], batch_size: int,
-                timer: Timer) -> Iterator[tuple[Path, np.ndarray, np.ndarray, float]]:
+    def results(self, paths: Sequence[Path], batch_size: int, timer: Timer,
+                bad: BadInputs | None = None) -> Iterator[Result]:
         """(path, image (3, S, S), map (S, S), score) of each image file, batch by batch.
 
         ``timer`` is stamped the auto_log way: reading + preprocessing, inference, postprocessing
-        of each batch; whatever the caller does with a result is not timed.
+        of each batch; whatever the caller does with a result is not timed. An unreadable image
+        goes to ``bad`` (default: raise).
         """
-        for chunk, images in timed(batches(paths, self.preprocess, batch_size), timer):
+        for chunk, images in timed(batches(paths, self.preprocess, batch_size, bad), timer):
             outputs = self.forward(images)
             timer.stamp()
             amaps, scores = self.finish(outputs)

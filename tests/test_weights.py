@@ -155,6 +155,7 @@ def test_checkpoint_backbone_reloads_by_trunk_names(r18: Saved, checkpoint: str)
 
 
 @pytest.mark.parametrize("name", ["backbone.stem.1._mean", "backbone.stages.2.0.conv1.weight"])
+@pytest.mark.bad_input
 def test_checkpoint_with_altered_backbone_is_refused(checkpoint: str, tmp_path: Path, name: str) -> None:
     meta, arrays = read_npz(checkpoint)
     arrays[name] = arrays[name].copy()
@@ -333,6 +334,7 @@ def test_read_pth_rebuilds_views_and_drops_nothing(r18: Saved, tmp_path: Path) -
         np.testing.assert_array_equal(arrays[name], value, err_msg=name)
 
 
+@pytest.mark.bad_input
 def test_convert_refuses_another_architecture(r18: Saved, tmp_path: Path) -> None:
     model, _ = r18
     src = tmp_path / "r18.pth"
@@ -354,6 +356,7 @@ class _Exploit:
 
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+@pytest.mark.bad_input
 def test_pth_asking_for_os_system_is_refused_unrun(tmp_path: Path, legacy: bool) -> None:
     marker = tmp_path / "pwned"
     src = tmp_path / "evil.pth"
@@ -379,6 +382,7 @@ def single_tensor_pth(path: Path, raw: np.ndarray, kind: str, offset: int, size:
         archive.writestr("archive/data/0", raw.tobytes())
 
 
+@pytest.mark.bad_input
 def test_pth_tensor_outside_its_storage_is_refused(tmp_path: Path) -> None:
     # stride 1000 over a storage of 4 floats: numpy would read memory outside the file's bytes
     src = tmp_path / "strided.pth"
@@ -399,6 +403,7 @@ class _ClaimingPickler(_TorchPickler):
         return pid and (*pid[:4], 2 ** 40)
 
 
+@pytest.mark.bad_input
 def test_pth_storage_larger_than_the_file_is_refused(tmp_path: Path) -> None:
     # the persistent id claims 2**40 floats; the archive holds 16 bytes
     src = tmp_path / "claims.pth"
@@ -414,6 +419,7 @@ def test_pth_storage_larger_than_the_file_is_refused(tmp_path: Path) -> None:
         read_pth(str(src))
 
 
+@pytest.mark.bad_input
 def test_pth_given_as_pretrained_says_how_to_convert(r18: Saved, tmp_path: Path) -> None:
     model, _ = r18
     src = tmp_path / "r18.pth"
@@ -422,6 +428,7 @@ def test_pth_given_as_pretrained_says_how_to_convert(r18: Saved, tmp_path: Path)
         build_trunk("resnet18", LAYERS, str(src), seed=0)
 
 
+@pytest.mark.bad_input
 def test_legacy_torch_file_converts_too(r18: Saved, tmp_path: Path) -> None:
     # e.g. wide_resnet50_2-95faca4d.pth dates from before PyTorch 1.6
     model, _ = r18
@@ -441,6 +448,7 @@ def test_legacy_torch_file_converts_too(r18: Saved, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("content", [None, b"not a torch file at all"], ids=["missing", "garbage"])
+@pytest.mark.bad_input
 def test_convert_names_a_missing_or_foreign_source(tmp_path: Path, content: bytes | None) -> None:
     src = tmp_path / "r18.pth"
     if content is not None:
@@ -451,6 +459,7 @@ def test_convert_names_a_missing_or_foreign_source(tmp_path: Path, content: byte
     assert proc.stderr.startswith(f"error: {src}: {start}")
 
 
+@pytest.mark.bad_input
 def test_legacy_torch_file_cut_short_is_refused(r18: Saved, tmp_path: Path) -> None:
     model, _ = r18
     src = tmp_path / "old.pth"
@@ -463,6 +472,7 @@ def test_legacy_torch_file_cut_short_is_refused(r18: Saved, tmp_path: Path) -> N
 # -- hostile or damaged .pdparams -----------------------------------------------------------------
 @pytest.mark.parametrize("values", [np.array([1.0, "x"], dtype=object), np.array(["ab", "cd"])],
                          ids=["object", "str"])
+@pytest.mark.bad_input
 def test_pdparams_with_non_numeric_array_is_refused(tmp_path: Path, values: np.ndarray) -> None:
     path = str(tmp_path / "strings.pdparams")
     with open(path, "wb") as f:
@@ -472,6 +482,7 @@ def test_pdparams_with_non_numeric_array_is_refused(tmp_path: Path, values: np.n
     assert path in str(info.value)
 
 
+@pytest.mark.bad_input
 def test_pdparams_holding_a_bare_array_is_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "bare.pdparams")
     with open(path, "wb") as f:
@@ -491,6 +502,7 @@ HUGE = {
 
 
 @pytest.mark.parametrize("kind", HUGE)
+@pytest.mark.bad_input
 def test_pdparams_asking_for_a_huge_array_is_refused(tmp_path: Path, kind: str) -> None:
     path = str(tmp_path / "huge.pdparams")
     Path(path).write_bytes(HUGE[kind])
@@ -504,6 +516,7 @@ def test_pdparams_asking_for_a_huge_array_is_refused(tmp_path: Path, kind: str) 
         assert "calls numpy.ndarray directly" in message
 
 
+@pytest.mark.bad_input
 def test_pdparams_codecs_other_than_latin1_are_refused(tmp_path: Path) -> None:
     path = str(tmp_path / "codec.pdparams")
     Path(path).write_bytes(b"\x80\x02c_codecs\nencode\nX\x01\x00\x00\x00aX\x04\x00\x00\x00zlib\x86R.")
