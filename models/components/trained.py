@@ -182,9 +182,12 @@ class TrainedModel(AnomalyModel):
 
     def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
         weights = {name[len(_NET):]: value for name, value in arrays.items() if name.startswith(_NET)}
-        missing = set(self.network.state_dict()) - set(weights)
-        if missing:
-            raise KeyError(f"network weights {', '.join(sorted(missing))}")
+        for name, tensor in self.network.state_dict().items():
+            if name not in weights:
+                raise KeyError(f"network weight {name}")
+            if tuple(weights[name].shape) != tuple(tensor.shape) or not np.isfinite(weights[name]).all():
+                raise ValueError(f"network weight {name} has shape {weights[name].shape}, this "
+                                 f"configuration needs {tuple(tensor.shape)}, or is not finite")
         self.network.set_state_dict({name: paddle.to_tensor(value) for name, value in weights.items()})
         self.n_train = int(arrays["n_train"])
         self.losses = arrays["train_losses"].tolist()
