@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from bench.report import machine, update_section  # noqa: E402
 
 WIDE = ["--arch", "wide_resnet50_2", "--k", "300"]
-PHASES = ("fit", "finalize", "threshold", "save")
+PHASES = ("fit", "finalize", "threshold", "inverse", "save")
+POST = ("finalize", "threshold", "inverse")
 
 
 def subset(data_path: str, count: int, where: Path) -> str:
@@ -70,7 +71,7 @@ def row(name: str, result: dict) -> str:
     phases = result["phases"]
     cells = [f"{phases[p]['wall_s']:.1f} / {phases[p]['cpu_s']:.1f}" if p in phases else "–"
              for p in PHASES]
-    post = sum(phases[p]["wall_s"] for p in ("finalize", "threshold") if p in phases)
+    post = sum(phases[p]["wall_s"] for p in POST if p in phases)
     peak = max(p["peak_rss_mb"] for p in phases.values())
     return (f"| {name} | {' | '.join(cells)} | {result['total_wall_s']:.1f} | "
             f"{100 * post / result['total_wall_s']:.0f}% | {peak:.0f} |")
@@ -101,9 +102,9 @@ def main() -> None:
         "Random-initialised backbones, 256 px, default settings (2 CPU threads, threshold from 200 "
         "training images scored out of fold, checkpoint written); each run in its own process.",
         "",
-        "| run | fit pass s (wall / CPU) | finalize s | threshold s | save s | whole run wall s | "
-        "finalize + threshold | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | fit pass s (wall / CPU) | finalize s | threshold s | inverse s | save s | "
+        "whole run wall s | finalize + threshold + inverse | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])
     update_section("bench_train", body)

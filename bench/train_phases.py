@@ -6,7 +6,8 @@
 Everything after ``--`` goes to train.py unchanged. Phases, each as wall seconds and CPU seconds
 of the whole process (all threads; the data loader runs on threads): ``fit`` from the start to
 the call of ``finalize`` (graphs built, every training image read, embedded and folded),
-``finalize``, ``threshold`` (``calibrate``), ``save`` and ``eval`` (the rest). Peak RSS (the
+``finalize``, ``threshold`` (``calibrate``), ``inverse`` (the Gaussian methods form their inverse
+covariances when first needed, i.e. inside ``save``), ``save`` (the rest of it) and ``eval``. Peak RSS (the
 process's maximum resident set) is read at the end of each phase, so the phase that set it shows.
 """
 
@@ -23,6 +24,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+from models import gaussian_model  # noqa: E402
 from models.base import AnomalyModel  # noqa: E402
 
 phases: list[dict[str, Any]] = []
@@ -37,12 +39,12 @@ def close_phase(name: str) -> None:
     _mark.update(wall=wall, cpu=cpu)
 
 
-def timed(before: str, after: str, method: Callable) -> Callable:
-    """``method`` wrapped: the phase ``before`` ends when it is called, ``after`` when it returns."""
+def timed(before: str, after: str, function: Callable) -> Callable:
+    """``function`` wrapped: the phase ``before`` ends when it is called, ``after`` when it returns."""
 
-    def wrapper(self: AnomalyModel, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
         close_phase(before)
-        result = method(self, *args, **kwargs)
+        result = function(*args, **kwargs)
         close_phase(after)
         return result
 
@@ -53,6 +55,7 @@ def main() -> None:
     argv = sys.argv[sys.argv.index("--") + 1 :] if "--" in sys.argv else sys.argv[1:]
     AnomalyModel.calibrate = timed("between", "threshold", AnomalyModel.calibrate)
     AnomalyModel.save = timed("between", "save", AnomalyModel.save)
+    gaussian_model.gaussian_of = timed("save", "inverse", gaussian_model.gaussian_of)
     for cls in AnomalyModel.__subclasses__():
         for sub in [cls, *cls.__subclasses__()]:
             if "finalize" in vars(sub):

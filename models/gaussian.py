@@ -39,7 +39,7 @@ from threadpoolctl import threadpool_limits
 from engine.distributed import Collective
 from engine.errors import ConfigError
 
-_ELEMENTS = 1 << 23  # float64 elements of a slice's (c, k, k) temporaries (64 MB)
+_ELEMENTS = 1 << 21  # float64 elements of a slice's (c, k, k) temporaries (16 MB)
 _folders: dict[int, ThreadPoolExecutor] = {}
 
 
@@ -368,8 +368,17 @@ def gaussian_of(parts: Sequence[GaussianAccumulator], eps: float,
     inv_cov = np.empty((first.positions, first.dims, first.dims), dtype=np.float32)
     over_slices(lambda start, stop: union.inverse(start, stop, inv_cov[start:stop]),
                 first.positions, first.dims, first.threads)
-    mean = union.mean if basis is None else union.mean @ np.linalg.inv(basis).T
-    return mean.astype(np.float32), inv_cov
+    return _in_z(union.mean, basis), inv_cov
+
+
+def _in_z(mean: np.ndarray, basis: np.ndarray | None) -> np.ndarray:
+    """Fit-basis means (P, k) as means of z = basis^-1 z', float32."""
+    return (mean if basis is None else mean @ np.linalg.inv(basis).T).astype(np.float32)
+
+
+def mean_of(parts: Sequence[GaussianAccumulator], basis: np.ndarray | None = None) -> np.ndarray:
+    """The mean (P, k) float32 of :func:`gaussian_of`, alone (no inverse formed)."""
+    return _in_z(_Union(parts, 0.0, basis).mean, basis)
 
 
 def squared_distances(parts: Sequence[GaussianAccumulator], eps: float, basis: np.ndarray | None,

@@ -21,7 +21,7 @@ from engine.errors import CheckpointError, ConfigError
 from engine.runtime import RunFn, run_chunked
 from models.backbone import layer_grid
 from models.base import AnomalyModel, Batch, unpack_batch
-from models.gaussian import GaussianAccumulator, gaussian_of, squared_distances
+from models.gaussian import GaussianAccumulator, gaussian_of, mean_of, squared_distances
 from models.layers import AnomalyMapHead, MahalanobisMap, ToRows
 from models.projection import FeatureConcat
 
@@ -64,7 +64,7 @@ class GaussianModel(AnomalyModel):
             self.folds.append(GaussianAccumulator(positions, self.config.k,
                                                   threads=self.runtime.cpu_threads, partner=partner))
         self.mean: np.ndarray | None = None
-        self.inv_cov: np.ndarray | None = None
+        self._inv_cov: np.ndarray | None = None
         self.n_train = 0
         self._embedder: RunFn | None = None
 
@@ -119,9 +119,25 @@ class GaussianModel(AnomalyModel):
     def finalize(self) -> None:
         for fold in self.folds:
             fold.release()
-        self.mean, self.inv_cov = gaussian_of(self.folds, self.config.eps, self.fit_basis())
+        self.mean = mean_of(self.folds, self.fit_basis())
+        self._inv_cov = None  # formed when first used: after the threshold, see inv_cov
         self.fitted = True
         self._scorer = None
+
+    @property
+    def inv_cov(self) -> np.ndarray | None:
+        """Inverse covariances (P, k, k) float32 of the fitted model, None before finalize.
+
+        Formed from the fold statistics when first read (scoring, saving), not in
+        :meth:`finalize`: the out-of-fold threshold needs no inverse, so the two never share memory.
+        """
+        if self._inv_cov is None and self.fitted:
+            self._inv_cov = gaussian_of(self.folds, self.config.eps, self.fit_basis())[1]
+        return self._inv_cov
+
+    @inv_cov.setter
+    def inv_cov(self, value: np.ndarray | None) -> None:
+        self._inv_cov = value
 
     def calibration_scores(self, batches: Iterable[Batch]) -> Iterator[np.ndarray]:
         """Out-of-fold image scores: each image is scored by the Gaussian of the other fold.
