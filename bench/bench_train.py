@@ -93,10 +93,11 @@ def main() -> None:
             rows.append(row(name, result))
             print(rows[-1], flush=True)
     load_end = os.getloadavg()[0]
+    command = " ".join(["python bench/bench_train.py", *(f'--only "{o}"' for o in args.only or [])])
     body = "\n".join([
         "## train.py phase by phase (bench/bench_train.py)",
         "",
-        f"Command: `python bench/bench_train.py` on {machine()}; load average {load:.1f} at the "
+        f"Command: `{command}` on {machine()}; load average {load:.1f} at the "
         f"start, {load_end:.1f} at the end (the machine was shared with other jobs: wall times "
         "are inflated, CPU seconds less so).",
         "Random-initialised backbones, 256 px, default settings (2 CPU threads, threshold from 200 "
