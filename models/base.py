@@ -2,7 +2,7 @@
 
 A model is used like a scikit-learn estimator::
 
-    model = build_model(ModelConfig(method="ortho", arch="resnet18", k=100, pretrained="none"))
+    model = build_model(model_config("ortho", arch="resnet18", k=100, pretrained="none"))
     model.fit(batches)                    # iterable of images (B, 3, S, S) float32, or loader dicts
     model.calibrate(batches)              # default threshold from normal images
     maps, scores = model.score(images)    # (B, S, S) float32, (B,) float32

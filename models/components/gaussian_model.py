@@ -22,9 +22,11 @@ from core.errors import CheckpointError, ConfigError
 from core.runtime import RunFn, run_chunked
 from models.base import AnomalyModel, Batch, MethodOptions, UnfusedParts, option, positive, unpack_batch
 from models.components.backbone import layer_grid
-from models.components.gaussian import GaussianAccumulator
+from models.components.gaussian import GaussianAccumulator, gaussian_of, mean_of, squared_distances
 from models.components.layers import AnomalyMapHead, MahalanobisMap, ToRows
 from models.components.projection import FeatureConcat
+
+_CALIBRATION_BYTES = 512 << 20  # features held at once while scoring out of fold
 
 
 class _Pipeline(nn.Layer):
@@ -70,10 +72,13 @@ class GaussianModel(AnomalyModel):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         positions = self.grid[0] * self.grid[1]
-        self.folds = [GaussianAccumulator(positions, self.options.k, threads=self.runtime.cpu_threads)
-                      for _ in range(self.folds_count)]
+        self.folds: list[GaussianAccumulator] = []
+        for index in range(self.folds_count):  # in pairs sharing one triangle store
+            partner = self.folds[-1] if index % 2 else None
+            self.folds.append(GaussianAccumulator(positions, self.options.k,
+                                                  threads=self.runtime.cpu_threads, partner=partner))
         self.mean: np.ndarray | None = None
-        self.inv_cov: np.ndarray | None = None
+        self._inv_cov: np.ndarray | None = None
         self.n_train = 0
         self._embedder: RunFn | None = None
 
@@ -125,41 +130,59 @@ class GaussianModel(AnomalyModel):
                 self.folds[self.fold_of(name, self.n_train)].update(row[None])
                 self.n_train += 1
 
-    def fit_state(self) -> GaussianAccumulator:
-        """The accumulated statistics of all folds together (a new accumulator)."""
-        total = GaussianAccumulator(*self.folds[0].s1.shape)
-        for fold in self.folds:
-            total.merge(fold)
-        return total
-
     def finalize(self) -> None:
         for fold in self.folds:
             fold.release()
-        self.mean, self.inv_cov = self.fit_state().finalize(self.options.eps, self.fit_basis())
+        self.mean = mean_of(self.folds, self.fit_basis())
+        self._inv_cov = None  # formed when first used: after the threshold, see inv_cov
         self.fitted = True
         self._scorer = None
+
+    @property
+    def inv_cov(self) -> np.ndarray | None:
+        """Inverse covariances (P, k, k) float32 of the fitted model, None before finalize.
+
+        Formed from the fold statistics when first read (scoring, saving), not in
+        :meth:`finalize`: the out-of-fold threshold needs no inverse, so the two never share memory.
+        """
+        if self._inv_cov is None and self.fitted:
+            self._inv_cov = gaussian_of(self.folds, self.options.eps, self.fit_basis())[1]
+        return self._inv_cov
+
+    @inv_cov.setter
+    def inv_cov(self, value: np.ndarray | None) -> None:
+        self._inv_cov = value
 
     def calibration_scores(self, batches: Iterable[Batch]) -> Iterator[np.ndarray]:
         """Out-of-fold image scores: each image is scored by the Gaussian of the other fold.
 
-        Without fold statistics (a loaded checkpoint, or a fold with fewer than 2 images) the
-        full model scores them.
+        The images are kept (not their features: an image is the smaller), then scored fold by
+        fold: the fit-basis features of the images a fold scores, in groups of at most
+        ``_CALIBRATION_BYTES``, are whitened by that fold's Cholesky factors (no inverse
+        covariance is formed). Yields the scores of one group at a time. Without fold statistics
+        (a loaded checkpoint, or a fold with fewer than 2 images) the full model scores them.
         """
         if any(fold.count < 2 for fold in self.folds):
             yield from super().calibration_scores(batches)
             return
-        eps, basis = self.options.eps, self.fit_basis()
-        scorers = [self.compile(self._scoring_layer(*fold.finalize(eps, basis)))
-                   for fold in self.folds]
+        scored_by: list[list[np.ndarray]] = [[] for _ in self.folds]
         position = 0
         for batch in batches:
             images, paths = unpack_batch(batch)
-            scores = np.empty(len(images), dtype=np.float32)
             for i, image in enumerate(images):
                 fold = self.fold_of(paths[i] if paths else None, position)
-                scores[i] = scorers[(fold + 1) % self.folds_count](image[None])[1][0]
+                scored_by[(fold + 1) % self.folds_count].append(image)
                 position += 1
-            yield scores
+        head = AnomalyMapHead(self.grid, (self.config.image_size,) * 2, self.config.sigma)
+        positions, k = self.folds[0].positions, self.options.k
+        group = max(1, _CALIBRATION_BYTES // (positions * k * 4))
+        for fold, images in zip(self.folds, scored_by, strict=True):
+            for start in range(0, len(images), group):
+                z = np.concatenate([z for _, z in self.embed(np.stack(images[start : start + group]))])
+                squared = squared_distances([fold], self.options.eps, self.fit_basis(), z)
+                dist = np.sqrt(np.maximum(squared, 0.0)).reshape(len(z), 1, *self.grid)
+                with paddle.no_grad():
+                    yield head(paddle.to_tensor(dist))[1].numpy()
 
     def merge(self, other: GaussianModel) -> None:
         """Add the fit state of ``other`` (same configuration, disjoint images) to this one."""
