@@ -77,7 +77,7 @@ def export_jobs(source: Path, category: str | None, save_dir: Path) -> list[tupl
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source = checkpoint_folder(args.model_path, args.save_path, args)
-    expect = expected_identity(args)
+    expect = expected_identity(args, side="img_size")
     for path, save_dir in export_jobs(source, args.category, Path(args.save_dir)):
         model = load_model(str(path), expect=expect, runtime=Runtime(engine="dynamic"))
         if not model.fitted:

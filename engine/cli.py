@@ -32,10 +32,10 @@ def str2bool(value: str | bool) -> bool:
 
 def method_name(value: str) -> str:
     """``--method`` as given, with the reproduction's names mapped to ours (sample -> padim,
-    coreset -> patchcore; a note says so on stderr)."""
+    coreset -> patchcore; a note on stdout says so)."""
     name = value.strip().lower()
     if name in METHOD_ALIASES:
-        print(f"--method {name} is {METHOD_ALIASES[name]} here", file=sys.stderr)
+        print(f"--method {name} is {METHOD_ALIASES[name]} here")
         return METHOD_ALIASES[name]
     return name
 
@@ -133,15 +133,15 @@ def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ..
     group.add_argument("--arch", default=None, help="resnet18, resnet50 or wide_resnet50_2")
     group.add_argument("--k", type=int, default=None, help="k of the checkpoint")
     group.add_argument("--resize", type=int, default=None, help="resize side of the checkpoint")
-    group.add_argument(*size_flags, dest="crop_size", type=int, default=None,
-                       help="network input side of the checkpoint")
+    group.add_argument(*size_flags, type=int, default=None, help="network input side of the checkpoint")
 
 
-def expected_identity(args: argparse.Namespace) -> dict[str, Any]:
+def expected_identity(args: argparse.Namespace, side: str = "crop_size") -> dict[str, Any]:
     """The checkpoint fields the user asked for: method, arch, k, resize, image_size (given ones only).
 
-    The input side defaults to --resize when only --resize is given (train.py's rule); k is
-    checked only when given (patchcore's is always 0).
+    ``side`` names the attribute holding the input side (export_model.py's is img_size); it
+    defaults to --resize when only --resize is given (train.py's rule); k is checked only when
+    given (patchcore's is always 0).
     """
     wanted: dict[str, Any] = {}
     for key in ("method", "arch"):
@@ -151,8 +151,8 @@ def expected_identity(args: argparse.Namespace) -> dict[str, Any]:
         wanted["k"] = resolve_k(args.method, args.k) if args.method else args.k
     if args.resize is not None:
         wanted["resize"] = args.resize
-    if (args.crop_size or args.resize) is not None:
-        wanted["image_size"] = args.crop_size or args.resize
+    if (getattr(args, side) or args.resize) is not None:
+        wanted["image_size"] = getattr(args, side) or args.resize
     return wanted
 
 
