@@ -17,7 +17,7 @@ from pathlib import Path
 
 from deploy.export import FORMATS, export_model
 from engine.cli import (
-    DEFAULT_SAVE_PATH,
+    add_checkpoint_args,
     add_identity_args,
     checkpoint_folder,
     expected_identity,
@@ -32,14 +32,8 @@ DEFAULT_SAVE_DIR = "./output/inference"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_path", default=None,
-                        help="a checkpoint .npz, or a folder of <category>.npz checkpoints "
-                             "(default: SAVE_PATH/<method>_<arch>_<k>, train.py's layout)")
-    parser.add_argument("--save_path", default=DEFAULT_SAVE_PATH,
-                        help=f"train.py's --save_path, where the default checkpoints are "
-                             f"(default {DEFAULT_SAVE_PATH})")
-    parser.add_argument("--category", default=None,
-                        help="with a folder of checkpoints: a category or a comma list (default: all)")
+    add_checkpoint_args(parser, "train.py's --save_path, where the default checkpoints are",
+                        "with a folder of checkpoints: a category or a comma list (default: all)")
     parser.add_argument("--save_dir", default=DEFAULT_SAVE_DIR,
                         help="export folder: model.*, model.pdiparams, deploy.json (and stats.npz, "
                              f"model.onnx); one sub-folder per category for a folder of checkpoints "

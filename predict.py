@@ -14,7 +14,7 @@ from pathlib import Path
 
 from datasets import Preprocess
 from engine.cli import (
-    DEFAULT_SAVE_PATH,
+    add_checkpoint_args,
     add_identity_args,
     add_runtime_args,
     checkpoint_folder,
@@ -34,15 +34,9 @@ OUTPUT_FOLDER = "predict"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("inputs", nargs="+", help="image files and/or folders of images")
-    parser.add_argument("--model_path", default=None,
-                        help="a checkpoint .npz, or a folder of <category>.npz checkpoints "
-                             "(default: SAVE_PATH/<method>_<arch>_<k>)")
-    parser.add_argument("--category", default=None,
-                        help="category whose checkpoint to use when the checkpoints are a folder")
-    parser.add_argument("--save_path", default=DEFAULT_SAVE_PATH,
-                        help="root as in train.py: checkpoints under SAVE_PATH/<method>_<arch>_<k>/, "
-                             f"PNGs and results.jsonl written to SAVE_PATH/{OUTPUT_FOLDER}/ "
-                             f"(default {DEFAULT_SAVE_PATH})")
+    add_checkpoint_args(parser, "root as in train.py: checkpoints under SAVE_PATH/<method>_<arch>_<k>/, "
+                                f"PNGs and results.jsonl written to SAVE_PATH/{OUTPUT_FOLDER}/",
+                        "category whose checkpoint to use when the checkpoints are a folder")
     parser.add_argument("--save_pic", type=str2bool, default=True,
                         help="False: print the lines and write results.jsonl, but no PNGs (default True)")
     parser.add_argument("--threshold", type=float, default=None,

@@ -136,6 +136,16 @@ def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ..
     group.add_argument(*size_flags, type=int, default=None, help="network input side of the checkpoint")
 
 
+def add_checkpoint_args(parser: argparse.ArgumentParser, save_path_help: str, category_help: str) -> None:
+    """--model_path, --save_path (train.py's root, default ./output) and --category: which checkpoints."""
+    parser.add_argument("--model_path", default=None,
+                        help="a checkpoint .npz, or a folder of <category>.npz checkpoints "
+                             "(default: SAVE_PATH/<method>_<arch>_<k>, train.py's layout)")
+    parser.add_argument("--save_path", default=DEFAULT_SAVE_PATH,
+                        help=f"{save_path_help} (default {DEFAULT_SAVE_PATH})")
+    parser.add_argument("--category", default=None, help=category_help)
+
+
 def expected_identity(args: argparse.Namespace, side: str = "crop_size") -> dict[str, Any]:
     """The checkpoint fields the user asked for: method, arch, k, resize, image_size (given ones only).
 

@@ -184,6 +184,14 @@ def test_infer_old_layout_arguments(default_run: Path, work: Path) -> None:
 
 
 # -- what stops with one line ---------------------------------------------------------------------
+def test_arguments_of_one_export_with_many_stop_with_one_line(default_run: Path, work: Path) -> None:
+    line = error_line(run(work, "infer.py", "--params_file", "output/inference/disc/model.pdiparams"))
+    assert "holds 2 exports" in line and "--params_file" in line
+    line = error_line(run(work, "export_model.py", "--model_path", "output/ortho_resnet18_100/disc.npz",
+                          "--category", "disc"))
+    assert line.startswith("error: --category disc: picks from a folder of checkpoints")
+
+
 def test_int8_and_lone_save_pic_stop_with_one_line(work: Path) -> None:
     assert "--precision int8" in error_line(run(work, "infer.py", "--precision", "int8"))
     line = error_line(run(work, "train.py", "--save_pic=True", "--pretrained", "none"))
