@@ -1,6 +1,10 @@
 """Evaluate saved checkpoints on the test split: image AUROC, pixel AUROC and PRO.
 
     python eval.py --data_path PATH/TO/MVTec --category all --method ortho --arch resnet18 --k 100
+    python eval.py --data_path PATH/TO/MVTec --category carpet --model_path output/ortho_resnet18_100 \
+        --eval_PRO --save_pic=True
+
+Method, arch, k and input size come from each checkpoint; the ones given are checked against it.
 """
 
 from __future__ import annotations
@@ -12,24 +16,38 @@ from tqdm import tqdm
 
 from engine.cli import (
     add_eval_args,
+    checkpoint_folder,
+    expected_identity,
     model_dir,
     run_main,
     script_parser,
 )
 from engine.evaluate import write_results
-from engine.workflow import categories, config_from, data_root, evaluate_category, runtime_from
-from models import load_model
+from engine.workflow import categories, data_root, evaluate_category, runtime_from
+from models import AnomalyModel, load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--model_path", default=None,
                         help="folder of <category>.npz checkpoints, or one .npz file "
-                             "(default: ./output/<method>_<arch>_<k>)")
+                             "(default: SAVE_PATH/<method>_<arch>_<k>, train.py's layout)")
     parser.add_argument("--save_path", default=None,
-                        help="where results.csv/md go (default: the checkpoint folder)")
+                        help="root as in train.py: checkpoints are read from, and results.csv/md and "
+                             "pictures written to, SAVE_PATH/<method>_<arch>_<k> (default ./output; "
+                             "with --model_path, results go beside the checkpoints)")
     add_eval_args(parser)
+    # Read from the checkpoint; given ones are checked (the folder lookup uses train.py's defaults).
+    parser.set_defaults(method=None, arch=None, resize=None)
     return parser.parse_args(argv)
+
+
+def results_folder(args: argparse.Namespace, folder: Path, model: AnomalyModel) -> Path:
+    """SAVE_PATH/<method>_<arch>_<k> of the checkpoint with --save_path, else the checkpoint folder."""
+    if args.save_path:
+        config = model.config
+        return model_dir(args.save_path, config.method, config.arch, config.k or None)
+    return folder.parent if folder.suffix == ".npz" else folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,15 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     root = data_root(args)
     names = categories(args, root)
     runtime = runtime_from(args)
-    given = Path(args.model_path) if args.model_path else None
-    folder = given or model_dir("./output", args.method, args.arch, args.k)
-    expect = config_from(args).identity()
-    rows = []
+    folder = checkpoint_folder(args.model_path, args.save_path, args)
+    expect = expected_identity(args)
+    rows, out = [], None
     for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
         path = folder if folder.suffix == ".npz" else folder / f"{category}.npz"
         model = load_model(str(path), expect=expect, runtime=runtime)
-        rows.append(evaluate_category(args, root, category, model))
-    out = Path(args.save_path) if args.save_path else (folder.parent if folder.suffix else folder)
+        # One table: every checkpoint of this run must have the first one's configuration.
+        expect = model.config.identity()
+        out = out or results_folder(args, folder, model)
+        rows.append(evaluate_category(args, root, category, model, out))
     write_results(out, rows)
     return 0
 

@@ -2,6 +2,7 @@
 
     python train.py --data_path PATH/TO/MVTec --category all --method ortho --arch wide_resnet50_2 \
         --k 300 --eval --eval_PRO
+    python train.py --category all --method=ortho --k=300 --eval --inc --save_pic=True   # reproduction
     python -m paddle.distributed.launch --nproc_per_node 2 train.py ...   # one fit, 2 processes
 """
 
@@ -18,6 +19,7 @@ from engine.cli import (
     script_parser,
 )
 from engine.distributed import current_world
+from engine.errors import ConfigError
 from engine.evaluate import write_results
 from engine.workflow import (
     categories,
@@ -40,12 +42,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted fit from its saved fit state")
     parser.add_argument("--eval", action="store_true", help="evaluate on the test split after fitting")
+    parser.add_argument("--inc", action="store_true",
+                        help="the reference reproduction's incremental mean and covariance: accepted, "
+                             "the fit here is always incremental (streaming)")
     add_eval_args(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.save_pic and not args.eval:
+        raise ConfigError("--save_pic True draws the test images that --eval scores: add --eval")
     world = current_world()
     root = data_root(args)
     names = categories(args, root)
@@ -63,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{category}: fitted on {model.n_train} images, threshold {model.threshold:.4f}, "
               f"saved {path}")
         if args.eval:
-            rows.append(evaluate_category(args, root, category, model))
+            rows.append(evaluate_category(args, root, category, model, folder))
     if args.eval and world.is_main:
         write_results(folder, rows)
     return 0

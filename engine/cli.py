@@ -7,11 +7,15 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from engine.errors import ToolkitError
 from models import resolve_k
 
 DEMO_ROOT = Path("data/demo")
+DEFAULT_SAVE_PATH = "./output"
+METHOD_ALIASES = {"sample": "padim", "coreset": "patchcore"}
+"""Method names of the reference Paddle reproduction and the method each one is here."""
 
 
 def str2bool(value: str | bool) -> bool:
@@ -24,6 +28,16 @@ def str2bool(value: str | bool) -> bool:
     if lowered in ("false", "f", "no", "n", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+
+
+def method_name(value: str) -> str:
+    """``--method`` as given, with the reproduction's names mapped to ours (sample -> padim,
+    coreset -> patchcore; a note on stdout says so)."""
+    name = value.strip().lower()
+    if name in METHOD_ALIASES:
+        print(f"--method {name} is {METHOD_ALIASES[name]} here")
+        return METHOD_ALIASES[name]
+    return name
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +59,9 @@ def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) ->
     """--method, --arch, --k, --eps, --seed, --pretrained, and PatchCore's/SPADE's arguments."""
     group = parser.add_argument_group("model")
     if with_method:
-        group.add_argument("--method", default="ortho",
-                           help="ortho, padim, spade or patchcore (default ortho)")
+        group.add_argument("--method", default="ortho", type=method_name,
+                           help="ortho, padim, spade or patchcore (default ortho); the "
+                                "reproduction's sample and coreset mean padim and patchcore")
     group.add_argument("--arch", default="resnet18",
                        help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
     group.add_argument("--k", type=int, default=None,
@@ -92,10 +107,72 @@ def script_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    """--eval_PRO, --non_partial_AUC."""
+    """--eval_PRO, --non_partial_AUC, --test_batch_size, --save_pic."""
     parser.add_argument("--eval_PRO", action="store_true", help="also compute the PRO score")
     parser.add_argument("--non_partial_AUC", action="store_true",
                         help="AUROC by the midpoint-rectangle rule of the reference reproduction")
+    parser.add_argument("--test_batch_size", type=int, default=None,
+                        help="images per batch when scoring the test split (default: --batch_size)")
+    parser.add_argument("--save_pic", type=str2bool, default=False,
+                        help="True: write the picture of every test image (image, ground truth, heat "
+                             "map, mask, boundary) under the results folder, in <category>/ "
+                             "(default False)")
+
+
+def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ...] = ("--crop_size",)
+                      ) -> None:
+    """--method, --arch, --k, --resize and ``size_flags`` (the input side) as optional checks.
+
+    They are read from the checkpoint; the ones given must match it (see :func:`expected_identity`).
+    Without ``--model_path``, --method/--arch/--k also name the checkpoint folder (defaults ortho,
+    resnet18, the method's k), as in train.py.
+    """
+    group = parser.add_argument_group("checks against the checkpoint (read from it when not given)")
+    group.add_argument("--method", default=None, type=method_name,
+                       help="ortho, padim, spade or patchcore (sample = padim, coreset = patchcore)")
+    group.add_argument("--arch", default=None, help="resnet18, resnet50 or wide_resnet50_2")
+    group.add_argument("--k", type=int, default=None, help="k of the checkpoint")
+    group.add_argument("--resize", type=int, default=None, help="resize side of the checkpoint")
+    group.add_argument(*size_flags, type=int, default=None, help="network input side of the checkpoint")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, save_path_help: str, category_help: str) -> None:
+    """--model_path, --save_path (train.py's root, default ./output) and --category: which checkpoints."""
+    parser.add_argument("--model_path", default=None,
+                        help="a checkpoint .npz, or a folder of <category>.npz checkpoints "
+                             "(default: SAVE_PATH/<method>_<arch>_<k>, train.py's layout)")
+    parser.add_argument("--save_path", default=DEFAULT_SAVE_PATH,
+                        help=f"{save_path_help} (default {DEFAULT_SAVE_PATH})")
+    parser.add_argument("--category", default=None, help=category_help)
+
+
+def expected_identity(args: argparse.Namespace, side: str = "crop_size") -> dict[str, Any]:
+    """The checkpoint fields the user asked for: method, arch, k, resize, image_size (given ones only).
+
+    ``side`` names the attribute holding the input side (export_model.py's is img_size); it
+    defaults to --resize when only --resize is given (train.py's rule); k is checked only when
+    given (patchcore's is always 0).
+    """
+    wanted: dict[str, Any] = {}
+    for key in ("method", "arch"):
+        if getattr(args, key) is not None:
+            wanted[key] = getattr(args, key)
+    if args.k is not None:
+        wanted["k"] = resolve_k(args.method, args.k) if args.method else args.k
+    if args.resize is not None:
+        wanted["resize"] = args.resize
+    if (getattr(args, side) or args.resize) is not None:
+        wanted["image_size"] = getattr(args, side) or args.resize
+    return wanted
+
+
+def checkpoint_folder(model_path: str | None, save_path: str | None,
+                      args: argparse.Namespace) -> Path:
+    """``model_path`` (a folder or a .npz) or train.py's SAVE_PATH/<method>_<arch>_<k>."""
+    if model_path:
+        return Path(model_path)
+    return model_dir(save_path or DEFAULT_SAVE_PATH, args.method or "ortho", args.arch or "resnet18",
+                     args.k)
 
 
 def model_dir(save_path: str, method: str, arch: str, k: int | None) -> Path:

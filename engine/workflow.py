@@ -18,6 +18,7 @@ from datasets import (
     BatchLoader,
     Preprocess,
     Sample,
+    denormalize,
     list_samples,
     resolve_categories,
     shard_indices,
@@ -27,8 +28,9 @@ from engine.cli import DEMO_ROOT, model_dir
 from engine.device import parse_device, select_device
 from engine.distributed import Collective, World
 from engine.errors import CheckpointError, ConfigError
-from engine.evaluate import metrics, score_batches
+from engine.evaluate import ScoredSet, metrics, score_batches
 from engine.runtime import Runtime
+from engine.visualize import four_panel, save_png
 from models import AnomalyModel, ModelConfig, build_model, load_model, method_class, resolve_k
 
 
@@ -157,12 +159,42 @@ def fit_category(args: argparse.Namespace, root: Path, category: str, runtime: R
     return model
 
 
+def model_preprocess(model: AnomalyModel) -> Preprocess:
+    """The preprocessing a checkpoint was fitted with (its resize and input side)."""
+    return Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
+
+
+def save_test_pictures(folder: Path, dataset: AnomalyDataset, scored: ScoredSet,
+                       threshold: float) -> None:
+    """Write ``folder/<defect>_<name>.png`` for every test image: image, ground truth (when the
+    image has a mask), heat map (0 to 1.5 x threshold, as predict.py), mask ``map > threshold``
+    and its boundary. ``scored`` holds the maps (N, S, S) and scores (N,) of ``dataset``, in order."""
+    for index, sample in enumerate(dataset.samples):
+        item = dataset[index]
+        score = float(scored.scores[index])
+        flag = "yes" if score > threshold else "no"
+        title = f"{sample.defect} score={score:.4f} threshold={threshold:.4f} anomalous={flag}"
+        panel = four_panel(denormalize(item["image"]), scored.maps[index], threshold, 0.0,
+                           1.5 * threshold, title=title, ground_truth=item["mask"])
+        save_png(folder / f"{sample.defect}_{sample.path.stem}.png", panel)
+
+
 def evaluate_category(args: argparse.Namespace, root: Path, category: str,
-                      model: AnomalyModel) -> dict[str, Any]:
-    """Score the test split of ``category`` and compute the metrics row."""
+                      model: AnomalyModel, out: Path) -> dict[str, Any]:
+    """Score the test split of ``category`` and compute the metrics row.
+
+    Images are preprocessed as the checkpoint was fitted; batches hold --test_batch_size images
+    (default --batch_size); with --save_pic the pictures go to ``out/<category>/``.
+    """
     samples = list_samples(root, category, "test")
-    dataset = AnomalyDataset(samples, preprocess_from(args))
-    loader = BatchLoader(dataset, args.batch_size, args.num_workers)
+    dataset = AnomalyDataset(samples, model_preprocess(model))
+    loader = BatchLoader(dataset, args.test_batch_size or args.batch_size, args.num_workers)
     scored = score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+    if args.save_pic:
+        if model.threshold is None:
+            raise CheckpointError(f"{category}: the checkpoint holds no threshold (never calibrated), "
+                                  "so --save_pic has no mask to draw; train it again")
+        save_test_pictures(out / category, dataset, scored, model.threshold)
+        print(f"{category}: wrote {len(samples)} pictures to {out / category}", file=sys.stderr)
     rule = "midpoint" if args.non_partial_AUC else "trapezoid"
     return metrics(scored, category, args.eval_PRO, rule)
