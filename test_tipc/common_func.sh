@@ -82,13 +82,14 @@ func_is_null() {
     [[ -z ${value} || ${value} == null ]]
 }
 
-# func_set_params KEY VALUE -> "KEY VALUE", or nothing when KEY or VALUE is null or empty.
+# func_set_params KEY VALUE -> "KEY=VALUE" (the form Paddle's TIPC drivers pass), or nothing when
+# KEY or VALUE is null or empty.
 func_set_params() {
     local key=$1 value=$2
     if func_is_null "${key}" || func_is_null "${value}"; then
         printf '\n'
     else
-        printf '%s %s\n' "${key}" "${value}"
+        printf '%s=%s\n' "${key}" "${value}"
     fi
 }
 
@@ -113,12 +114,43 @@ func_read_config() {
     done < "${file}"
 }
 
-# key N / val N: the key / the value for MODE of line N+1 of the config that func_read_config
-# loaded into the array `lines` (N is the array index); both read the globals lines and MODE.
+# TIPC_LINES: the lines of the standard layout (Paddle's generic driver reads the first 51).
+TIPC_LINES=51
+
+# func_check_layout ARRAY_NAME FILE: print why the loaded config is not in the standard layout
+# (fewer than 51 lines, an empty line among them, a section header elsewhere than on lines 1, 23
+# and 27) and return 1; return 0 when it is. Empty lines matter: the standard driver drops them,
+# which moves every later line up.
+func_check_layout() {
+    local -n _tipc_cfg=$1
+    local file=$2 i
+    if [[ ${#_tipc_cfg[@]} -lt ${TIPC_LINES} ]]; then
+        printf '%s: %s lines, the standard layout has %s\n' "${file}" "${#_tipc_cfg[@]}" "${TIPC_LINES}"
+        return 1
+    fi
+    for ((i = 0; i < TIPC_LINES; i++)); do
+        if [[ -z ${_tipc_cfg[i]//[[:space:]]/} ]]; then
+            printf '%s: line %s is empty; every line of the layout holds key:value or ##\n' \
+                "${file}" "$((i + 1))"
+            return 1
+        fi
+    done
+    if [[ ${_tipc_cfg[0]} != *train_params* || ${_tipc_cfg[22]} != *eval_params* \
+        || ${_tipc_cfg[26]} != *infer_params* ]]; then
+        printf '%s: section headers must be on lines 1, 23 and 27\n' "${file}"
+        return 1
+    fi
+}
+
+# key N / value N / mode_value N: the key, the value, the value for MODE of line N+1 of the config
+# that func_read_config loaded into the array `lines` (N is the array index, as in the standard
+# driver); they read the globals lines and MODE.
 # shellcheck disable=SC2154  # lines is the caller's array
 key() { func_parser_key "${lines[$1]}"; }
+# shellcheck disable=SC2154  # lines is the caller's array
+value() { func_parser_value "${lines[$1]}"; }
 # shellcheck disable=SC2154,SC2153  # lines and MODE are the caller's
-val() { func_parser_params "${lines[$1]}" "${MODE}"; }
+mode_value() { func_parser_params "${lines[$1]}" "${MODE}"; }
 
 # func_has_cuda PYTHON -> True or False: whether this Paddle build has CUDA.
 # TIPC_HAS_CUDA=True|False overrides the check (used by the tests).
