@@ -60,22 +60,10 @@ declare -a lines
 func_read_config "${FILENAME}" lines
 layout_error=$(func_check_layout lines "${FILENAME}") || usage "${layout_error}"
 
-model_name=$(value 1)
-python=$(value 2)
-train_device_key=$(key 4)
-epoch_key=$(key 6);          epoch_value=$(mode_value 6)
-save_model_key=$(key 7)
-train_batch_key=$(key 8);    train_batch_value=$(mode_value 8)
-pretrain_key=$(key 9);       pretrain_value=$(value 9)
-train_model_name=$(value 10)
-train_infer_img_dir=$(value 11)
-train_key1=$(key 12);        train_value1=$(value 12)
-norm_train=$(value 15)
-save_infer_key=$(key 27)
-export_weight_key=$(key 28)
-norm_export=$(value 29)
-infer_model=$(value 36)
-infer_img_dir=$(value 47)
+# The standard layout, read as Paddle's generic driver reads it (TIPC_LINE_MAP in common_func.sh).
+# shellcheck disable=SC2154  # the variables are set by func_parse_layout
+func_parse_layout
+infer_model=${infer_model_list%%|*}  # the first model of line 37: the one prepare.sh fits
 
 # word_after FLAG WORDS...: the word that follows FLAG (as "FLAG VALUE" or "FLAG=VALUE").
 word_after() {

@@ -3,15 +3,17 @@
 #
 #   bash test_tipc/test_train_inference_python.sh CONFIG MODE [GPUID]
 #
-# CONFIG  test_tipc/configs/<Model>/train_infer_python.txt (read by line number, see
-#         test_tipc/docs/test_train_inference_python.md)
+# CONFIG  test_tipc/configs/<Model>/train_infer_python.txt, in the standard 51-line layout of
+#         Paddle's generic TIPC driver, read by line number as that driver reads it and turned
+#         into the same commands (see test_tipc/docs/test_train_inference_python.md)
 # MODE    lite_train_lite_infer | lite_train_whole_infer | whole_infer | whole_train_whole_infer
 # GPUID   whole_infer only: CUDA_VISIBLE_DEVICES for the export and inference commands
 #
 # Run `bash test_tipc/prepare.sh CONFIG MODE` first. Every command's stdout and stderr go to a
 # log file in test_tipc/output/<model_name>/<MODE>/, and one line per command is appended to
 # results_python.log there: "Run successfully with command - CMD!" or "Run failed with command -
-# CMD!" ("Skipped (...) with command - CMD!" for GPU commands on a build without CUDA). Failed
+# CMD!" ("Skipped (...) with command - CMD!" for GPU commands on a build without CUDA, where the
+# standard driver would run them and fail). Failed
 # steps do not stop the run and do not change the exit status (TIPC convention: CI greps the
 # log). Only a wrong invocation (unknown mode, unreadable or malformed config) exits with 2.
 
@@ -43,56 +45,9 @@ declare -a lines
 func_read_config "${FILENAME}" lines
 layout_error=$(func_check_layout lines "${FILENAME}") || usage "${layout_error}"
 
-# The standard layout, read as Paddle's generic driver reads it (array index = line number - 1).
-# Only the epoch and batch lines select by mode.
-# ---- train_params (lines 1-22) ----
-model_name=$(value 1)
-python=$(value 2)
-gpu_list=$(value 3)
-train_device_key=$(key 4);    train_device_list=$(value 4)
-autocast_key=$(key 5);        autocast_list=$(value 5)
-epoch_key=$(key 6);           epoch_value=$(mode_value 6)
-save_model_key=$(key 7)
-train_batch_key=$(key 8);     train_batch_value=$(mode_value 8)
-pretrain_key=$(key 9);        pretrain_value=$(value 9)
-train_model_name=$(value 10)
-train_infer_img_dir=$(value 11)
-train_key1=$(key 12);         train_value1=$(value 12)
-trainer_list=$(value 14)
-norm_train=$(value 15)
-pact_key=$(key 16);           pact_train=$(value 16)
-fpgm_key=$(key 17);           fpgm_train=$(value 17)
-distill_key=$(key 18);        distill_train=$(value 18)
-trainer_key1=$(key 19);       trainer_value1=$(value 19)
-trainer_key2=$(key 20);       trainer_value2=$(value 20)
-# ---- eval_params (lines 23-26) ----
-eval_py=$(value 23)
-eval_key1=$(key 24);          eval_value1=$(value 24)
-# ---- infer_params (lines 27-51) ----
-save_infer_key=$(key 27)
-export_weight_key=$(key 28)
-norm_export=$(value 29)
-pact_export=$(value 30)
-fpgm_export=$(value 31)
-distill_export=$(value 32)
-export_value1=$(value 33)
-export_value2=$(value 34)
-inference_dir=$(value 35)
-infer_model_list=$(value 36)
-infer_export_list=$(value 37)
-infer_quant_list=$(value 38)
-inference_py=$(value 39)
-use_gpu_key=$(key 40);        use_gpu_list=$(value 40)
-use_mkldnn_key=$(key 41);     use_mkldnn_list=$(value 41)
-cpu_threads_key=$(key 42);    cpu_threads_list=$(value 42)
-batch_size_key=$(key 43);     batch_size_list=$(value 43)
-use_trt_key=$(key 44);        use_trt_list=$(value 44)
-precision_key=$(key 45);      precision_list=$(value 45)
-infer_model_key=$(key 46)
-image_dir_key=$(key 47);      infer_img_dir=$(value 47)
-save_log_key=$(key 48);       save_log_value=$(value 48)
-benchmark_key=$(key 49);      benchmark_value=$(value 49)
-infer_key1=$(key 50);         infer_value1=$(value 50)
+# The standard layout, read as Paddle's generic driver reads it (TIPC_LINE_MAP in common_func.sh).
+# shellcheck disable=SC2154  # the variables are set by func_parse_layout
+func_parse_layout
 
 [[ ${model_name} =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] \
     || usage "${FILENAME}: model_name '${model_name}' must be a plain name (line 2)"

@@ -36,20 +36,21 @@ CONFIGS = {name: (method, TIPC / "configs" / name / "train_infer_python.txt")
 # How the standard driver reads train_infer_python.txt: 0-based line index -> (its variable, what
 # it takes from the line): "key" = the text before the first ':', "value" = the text after it (up
 # to a second ':'), "mode" = the value's "MODE=value" entry for the running mode (nothing if the
-# mode is not listed). It reads the first 51 lines and drops empty lines before indexing.
+# mode is not listed); only what goes into its commands is listed. It reads the first 51 lines
+# and drops empty lines before indexing.
 STANDARD_LINES: dict[int, tuple[str, str]] = {
     1: ("model_name", "value"), 2: ("python", "value"), 3: ("gpu_list", "value"),
     4: ("train_use_gpu", "key value"), 5: ("autocast", "key value"), 6: ("epoch", "key mode"),
     7: ("save_model", "key"), 8: ("train_batch", "key mode"), 9: ("pretrain_model", "key value"),
     10: ("train_model_name", "value"), 11: ("train_infer_img_dir", "value"),
     12: ("train_param1", "key value"),
-    14: ("trainer_list", "value"), 15: ("norm_train", "key value"), 16: ("pact_train", "key value"),
+    14: ("trainer_list", "value"), 15: ("norm_train", "value"), 16: ("pact_train", "key value"),
     17: ("fpgm_train", "key value"), 18: ("distill_train", "key value"),
     19: ("trainer1", "key value"), 20: ("trainer2", "key value"),
     23: ("eval_py", "value"), 24: ("eval_param1", "key value"),
     27: ("save_infer", "key"), 28: ("export_weight", "key"), 29: ("norm_export", "value"),
     30: ("pact_export", "value"), 31: ("fpgm_export", "value"), 32: ("distill_export", "value"),
-    33: ("export1", "key value"), 34: ("export2", "key value"), 35: ("inference_dir", "value"),
+    33: ("export1", "value"), 34: ("export2", "value"), 35: ("inference_dir", "value"),
     36: ("infer_model_list", "value"), 37: ("infer_export_list", "value"),
     38: ("infer_quant_list", "value"), 39: ("inference_py", "value"),
     40: ("use_gpu", "key value"), 41: ("use_mkldnn", "key value"), 42: ("cpu_threads", "key value"),
@@ -308,6 +309,21 @@ def test_the_line_maps_cover_the_layout():
     assert STANDARD_LINES[14][0] == "trainer_list" and SEPARATORS[22] == "eval_params"
     assert SEPARATORS[26] == "infer_params" and STANDARD_LINES[39][0] == "inference_py"
     assert STANDARD_LINES[40][0] == "use_gpu" and STANDARD_LINES[49][0] == "benchmark"
+
+
+@needs_bash
+def test_our_line_map_is_the_standard_one():
+    """common_func.sh's TIPC_LINE_MAP reads the lines STANDARD_LINES lists, each the same way."""
+    entries = out('printf "%s\\n" "${TIPC_LINE_MAP[@]}"').split("\n")
+    ours = {}
+    for entry in entries:
+        index, key_var, value_var = entry.split()
+        parts = ([] if key_var == "-" else ["key"]) + (
+            [] if value_var == "-" else ["mode" if value_var.endswith("*") else "value"])
+        ours[int(index)] = " ".join(parts)
+    expected = {index: how for index, (_, how) in STANDARD_LINES.items()}
+    expected[48] = "key value"  # ours also takes the value: the inference output folder
+    assert ours == expected
 
 
 @pytest.mark.parametrize("model", sorted(CONFIGS))
