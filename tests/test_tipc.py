@@ -622,6 +622,84 @@ def test_driver_rejects_a_wrong_invocation(stub_repo):
         assert result.returncode == 2 and "usage:" in result.stderr
 
 
+DATASET_STUB = '''\
+"""Stub of datasets.{name}: writes a tiny MVTec-layout category {category} under --dst."""
+import sys
+from pathlib import Path
+
+argv = sys.argv[1:]
+dst = Path(argv[argv.index("--dst") + 1]) / "{category}"
+for folder in ("train/good", "test/good", "test/crack"):
+    (dst / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        (dst / folder / f"{{i:03d}}.png").write_bytes(b"")
+'''
+
+
+def add_dataset_stubs(repo: Path) -> None:
+    (repo / "datasets").mkdir()
+    (repo / "datasets" / "__init__.py").write_text("")
+    for name, category in (("synthetic", "tiles"), ("magnetic_tile", "magnetic_tile")):
+        (repo / "datasets" / f"{name}.py").write_text(DATASET_STUB.format(name=name, category=category))
+
+
+def run_prepare(repo: Path, mode: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TIPC_HAS_CUDA="False", TIPC_MAGNETIC_TILE_SRC=str(repo))
+    return subprocess.run(["bash", str(repo / "test_tipc" / "prepare.sh"),
+                           "test_tipc/configs/StubAD/train_infer_python.txt", mode],
+                          capture_output=True, text=True, cwd=repo, env=env, timeout=120)
+
+
+@needs_bash
+@pytest.mark.parametrize(("mode", "dataset", "images"), [
+    ("lite_train_lite_infer", "lite/tiles", ["crack_000.png", "crack_001.png", "good_000.png",
+                                             "good_001.png"]),
+    ("lite_train_whole_infer", "lite/tiles", ["crack_000.png", "crack_001.png", "good_000.png",
+                                              "good_001.png"]),
+    ("whole_train_whole_infer", "whole/magnetic_tile", ["crack_000.png", "crack_001.png",
+                                                        "good_000.png", "good_001.png"]),
+])
+def test_prepare_points_the_fixed_paths_at_the_mode_data(stub_repo, mode, dataset, images):
+    add_dataset_stubs(stub_repo)
+    data = stub_repo / "test_tipc" / "data"
+    shutil.rmtree(data / "infer_data")
+    result = run_prepare(stub_repo, mode)
+    assert result.returncode == 0, result.stderr
+    link = data / "train_data" / "tile"  # --data_path/--category of the config's train line
+    assert link.is_symlink() and link.resolve() == (data / dataset).resolve()
+    assert sorted(p.name for p in (data / "infer_data").iterdir()) == images
+    assert not (stub_repo / "calls.jsonl").exists()  # no model fitted outside whole_infer
+
+
+@needs_bash
+def test_prepare_switches_the_data_between_modes(stub_repo):
+    add_dataset_stubs(stub_repo)
+    link = stub_repo / "test_tipc" / "data" / "train_data" / "tile"
+    for mode, dataset in (("whole_train_whole_infer", "magnetic_tile"),
+                          ("lite_train_lite_infer", "tiles")):
+        assert run_prepare(stub_repo, mode).returncode == 0
+        assert link.resolve().name == dataset
+
+
+@needs_bash
+def test_prepare_whole_infer_fits_and_exports_the_model_once(stub_repo):
+    add_dataset_stubs(stub_repo)
+    model = stub_repo / "test_tipc" / "data" / "whole_model" / "StubAD"
+    shutil.rmtree(model)
+    result = run_prepare(stub_repo, "whole_infer")
+    assert result.returncode == 0, result.stderr
+    calls = [json.loads(x) for x in (stub_repo / "calls.jsonl").read_text().splitlines()]
+    assert [c["script"] for c in calls] == ["train.py", "export_model.py"]
+    folder = "./test_tipc/data/whole_model/StubAD"
+    train, export = flags(calls[0]["argv"]), flags(calls[1]["argv"])
+    assert (train["--save_path"], train["--batch_size"], train["--device"]) == (folder, "32", "cpu")
+    assert train["--data_path"] == "./test_tipc/data/train_data" and train["--category"] == "tile"
+    assert export["--model_path"] == f"{folder}/ortho_resnet18_100/tile.npz"
+    assert export["--save_dir"] == folder and (model / "deploy.json").is_file()
+    assert run_prepare(stub_repo, "whole_infer").returncode == 0  # already there: not refitted
+    assert len((stub_repo / "calls.jsonl").read_text().splitlines()) == 2
+
+
 @needs_bash
 def test_prepare_whole_modes_fail_clearly_without_the_dataset(stub_repo):
     env = dict(os.environ, TIPC_MAGNETIC_TILE_SRC=str(stub_repo / "no_such_folder"))
