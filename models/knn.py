@@ -108,11 +108,16 @@ def _smallest(values: np.ndarray, k: int) -> np.ndarray:
 class BankSearch(nn.Layer):
     """Distances from query rows to a bank of rows, inside a static graph.
 
-    ``bank`` (M, D) is stored in float32 minus its mean ``center`` (D,); queries must be centred
-    with :meth:`center` first. Distance blocks are (R, slice) for R query rows, so the reductions
-    run along contiguous rows (3x faster under oneDNN than down columns); ``slice_rows`` bounds
-    them. (Storing the bank transposed would save the per-slice transpose, which costs nothing
-    measurable, but gathering its rows along axis 1 came out wrong in a legacy-IR ``model.pdmodel``
+    The bank (M, D) is centred on its mean ``center`` (D,) (queries must be centred with
+    :meth:`center` first) and stored *lifted*: ``lifted`` (M, D + 1) = [-2 b, |b|^2] per centred row
+    b. A query q lifted to [q, 1] then gives |b|^2 - 2 q.b for every bank row in one matrix product,
+    and the nearest row is the arg-min of that product: no pass adds the norms, doubles or clips
+    the (R, M) block, and the minimum is gathered at the arg-min instead of a second reduction.
+    |q|^2 is added to the R minima alone. (-2 and -1/2 are exact in binary floats, so
+    :meth:`rows` gives back the centred rows bit for bit.) Distance blocks are (R, slice), so the
+    reductions run along contiguous rows (3x faster under oneDNN than down columns); ``slice_rows``
+    bounds them. (Storing the bank transposed would save the per-slice transpose, which measured
+    slower here, and gathering its rows along axis 1 came out wrong in a legacy-IR ``model.pdmodel``
     under Paddle Inference's graph optimisation, Paddle 3.3.)
     """
 
@@ -121,11 +126,11 @@ class BankSearch(nn.Layer):
         bank = np.asarray(bank, dtype=np.float64)
         mean = bank.mean(axis=0)
         centred = bank - mean
-        squared = np.einsum("ij,ij->i", centred, centred)[None].astype(np.float32)
+        squared = np.einsum("ij,ij->i", centred, centred).astype(np.float32)
+        lifted = np.concatenate([-2.0 * centred.astype(np.float32), squared[:, None]], axis=1)
         self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
-        self.register_buffer("bank", paddle.to_tensor(centred.astype(np.float32)), persistable=True)
-        self.register_buffer("bank_sq", paddle.to_tensor(squared), persistable=True)
-        self.size = len(bank)
+        self.register_buffer("lifted", paddle.to_tensor(lifted), persistable=True)
+        self.size, self.dims = bank.shape
         self.bounds = [(s, min(s + slice_rows, self.size)) for s in range(0, self.size, slice_rows)]
 
     def center(self, queries: paddle.Tensor) -> paddle.Tensor:
@@ -134,34 +139,40 @@ class BankSearch(nn.Layer):
 
     def rows(self, index: paddle.Tensor) -> paddle.Tensor:
         """Centred bank rows (R, D) at ``index`` (R,) int64."""
-        return paddle.gather(self.bank, index)
+        return paddle.gather(self.lifted, index)[:, : self.dims] * -0.5
 
-    def _squared(self, queries: paddle.Tensor, q_sq: paddle.Tensor, start: int,
-                 stop: int) -> paddle.Tensor:
-        """Squared distances (R, stop - start) of queries (R, D) to bank rows start:stop."""
-        cross = queries @ paddle.transpose(self.bank[start:stop], [1, 0])
-        return paddle.clip(q_sq - 2.0 * cross + self.bank_sq[:, start:stop], min=0.0)
+    def _partial(self, queries: paddle.Tensor, start: int, stop: int) -> paddle.Tensor:
+        """|b|^2 - 2 q.b (R, stop - start) for centred queries (R, D) and bank rows start:stop."""
+        lifted = paddle.concat([queries, paddle.ones_like(queries[:, :1])], axis=1)
+        return lifted @ paddle.transpose(self.lifted[start:stop], [1, 0])
+
+    @staticmethod
+    def _distance(partial: paddle.Tensor, queries: paddle.Tensor) -> paddle.Tensor:
+        """L2 distances from :meth:`_partial` values (R, ...) of centred queries (R, D)."""
+        q_sq = reduce_sum(queries * queries, axis=1)
+        if len(partial.shape) == 2:
+            q_sq = q_sq.unsqueeze(1)
+        return sqrt(paddle.clip(partial + q_sq, min=0.0))
 
     def nearest(self, queries: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Distance (R,) of each centred query (R, D) to its nearest bank row, and that row (R,)."""
-        q_sq = reduce_sum(queries * queries, axis=1).unsqueeze(1)
         best, best_index = None, None
         for start, stop in self.bounds:
-            squared = self._squared(queries, q_sq, start, stop)
-            low = paddle.min(squared, axis=1)
-            low_index = arg_min(squared, axis=1) + start
+            partial = self._partial(queries, start, stop)
+            low_index = arg_min(partial, axis=1)
+            low = paddle.take_along_axis(partial, low_index.unsqueeze(1), axis=1).squeeze(1)
+            low_index = low_index + start
             if best is None:
                 best, best_index = low, low_index
             else:
                 best_index = paddle.where(low < best, low_index, best_index)
                 best = paddle.where(low < best, low, best)  # paddle.minimum: no legacy IR
-        return sqrt(best), best_index
+        return self._distance(best, queries), best_index
 
     def smallest(self, queries: paddle.Tensor, k: int) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Distances (R, k) of each centred query (R, D) to its k nearest bank rows, and the rows.
 
-        The whole (R, M) distance matrix is built: use it for few queries (R images, not patches).
+        The whole (R, M) block is built: use it for few queries (R images, not patches).
         """
-        q_sq = reduce_sum(queries * queries, axis=1).unsqueeze(1)
-        low, index = paddle.topk(self._squared(queries, q_sq, 0, self.size), k, axis=1, largest=False)
-        return sqrt(low), index
+        low, index = paddle.topk(self._partial(queries, 0, self.size), k, axis=1, largest=False)
+        return self._distance(low, queries), index

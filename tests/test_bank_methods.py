@@ -189,6 +189,9 @@ def test_bank_search_layer_equals_knn(slice_rows):
         centred = layer.center(paddle.to_tensor(queries))
         dist, index = (t.numpy() for t in layer.nearest(centred))
         dist_k, index_k = (t.numpy() for t in layer.smallest(centred, 4))
+        rows = layer.rows(paddle.to_tensor(np.arange(50))).numpy()
+    mean = bank.astype(np.float64).mean(axis=0)
+    np.testing.assert_array_equal(rows, (bank.astype(np.float64) - mean).astype(np.float32))  # bit for bit
     ref_dist, ref_index = knn(queries.astype(np.float64), bank.astype(np.float64), 4)
     np.testing.assert_array_equal(index, ref_index[:, 0])
     np.testing.assert_array_equal(index_k, ref_index)
