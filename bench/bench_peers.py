@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import machine, publish  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import export_model  # noqa: E402
@@ -228,9 +228,7 @@ def main() -> int:
         results.append(measure(arch, args, bandwidth))
         print(f"{arch}: done", file=sys.stderr)
     body = section(results, args, bandwidth, (start_load, os.getloadavg()[0]))
-    print(body)
-    if not args.no_doc:
-        update_section("bench_peers", body)
+    publish("bench_peers", body, not args.no_doc)
     return 0
 
 
