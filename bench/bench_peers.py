@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--data_path", default="data/mtd",
                         help="converted magnetic-tile root (made from ../shared/data if missing)")
+    parser.add_argument("--fit_images", type=int, default=None,
+                        help="training images for both fits (default: all for resnet18, 100 for wrn50)")
     parser.add_argument("--images", type=int, default=30, help="timed test images (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed test images first (default 5)")
     parser.add_argument("--no_doc", action="store_true", help="print only, leave docs/ alone")
@@ -156,6 +158,7 @@ def peers(venv: Path, arch: str, k: int, arrays: dict[str, Path], warmup: int, f
 def measure(arch: str, args: argparse.Namespace, bandwidth: float) -> dict:
     """Both sides of one configuration on the same images."""
     k, fit_count = CONFIGS[arch]
+    fit_count = fit_count if args.fit_images is None else args.fit_images
     root = Path(args.data_path)
     train = load_images(root, "train", fit_count)
     test = load_images(root, "test", args.warmup + args.images)
@@ -175,7 +178,8 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
     """The docs/benchmarks.md section."""
     lines = [
         "## Against anomalib's PaDiM (bench/bench_peers.py)", "",
-        f"Command: `python bench/bench_peers.py --configs {' '.join(args.configs)} --images "
+        f"Command: `python bench/bench_peers.py --configs {' '.join(args.configs)}"
+        f"{'' if args.fit_images is None else f' --fit_images {args.fit_images}'} --images "
         f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}. **The machine was "
         f"shared with other jobs** (load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the "
         "end), so the figures are noisy and compare sides only within this run.", "",
