@@ -143,7 +143,8 @@ class BankSearch(nn.Layer):
 
     def _partial(self, queries: paddle.Tensor, start: int, stop: int) -> paddle.Tensor:
         """|b|^2 - 2 q.b (R, stop - start) for centred queries (R, D) and bank rows start:stop."""
-        lifted = paddle.concat([queries, paddle.ones_like(queries[:, :1])], axis=1)
+        ones = queries[:, :1] * 0.0 + 1.0  # paddle.ones_like warns while tracing under PIR
+        lifted = paddle.concat([queries, ones], axis=1)
         return lifted @ paddle.transpose(self.lifted[start:stop], [1, 0])
 
     @staticmethod
