@@ -89,7 +89,7 @@ def main() -> int:
     for name, hint in (("openvino_f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("openvino_default", {})):
         compiled = core.compile_model(network, "CPU", {"INFERENCE_NUM_THREADS": spec["threads"], **hint})
         request = compiled.create_infer_request()
-        result[f"{name}_precision"] = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
+        result[f"{name}_precision"] = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         result[f"{name}_ms"], maps[name] = timed(
             lambda x, r=request: next(iter(r.infer({0: x}).values())), test, spec["warmup"])
     reference = maps["openvino_f32"]
