@@ -22,6 +22,7 @@ from paddle import nn
 from engine.errors import InputError
 from engine.runtime import Chunks, RunFn, run_chunked
 from models.base import AnomalyModel, Batch, unpack_batch
+from models.knn import PreparedBank
 
 
 def concatenate_released(parts: list[np.ndarray]) -> np.ndarray:
@@ -47,6 +48,7 @@ class MemoryBankModel(AnomalyModel):
         self.train_paths: list[str | None] = []
         self.fit_parts: dict[str, list[np.ndarray]] = {name: [] for name in self.fit_outputs}
         self._extractor: RunFn | None = None
+        self._prepared: PreparedBank | None = None
 
     # -- method hooks ------------------------------------------------------------------------
     @abstractmethod
@@ -63,6 +65,10 @@ class MemoryBankModel(AnomalyModel):
     def _held_out_scores(self, images: np.ndarray, owners: list[int | None]) -> np.ndarray:
         """Image scores (B,) of images (B, 3, S, S); image i is scored against the bank without
         the entries of training image ``owners[i]`` (None: against the whole bank)."""
+
+    @abstractmethod
+    def _searched(self) -> np.ndarray:
+        """The rows (M, D) that the numpy held-out scores search (:attr:`prepared`)."""
 
     @abstractmethod
     def _bank_arrays(self) -> dict[str, np.ndarray]:
@@ -83,6 +89,14 @@ class MemoryBankModel(AnomalyModel):
     def stored(self, array: np.ndarray) -> np.ndarray:
         """``array`` in the bank's storage type: float16 with ``--half``, else float32."""
         return array.astype(np.float16 if self.config.half else np.float32, copy=False)
+
+    @property
+    def prepared(self) -> PreparedBank:
+        """:meth:`_searched` made ready for searches, once per fit or load (on first use: scoring
+        through the fused layer never needs it)."""
+        if self._prepared is None:
+            self._prepared = PreparedBank(self._searched())
+        return self._prepared
 
     def compile(self, layer: nn.Layer) -> RunFn:
         """As AnomalyModel.compile, but one image per call: the distance blocks of a scoring layer
@@ -119,6 +133,7 @@ class MemoryBankModel(AnomalyModel):
                 "(each is scored against the others for the threshold); add training images"
             )
         self._build(self.fit_parts)
+        self._prepared = None
         self.fit_parts = {name: [] for name in self.fit_outputs}
         self.fitted = True
         self._scorer = None
@@ -162,6 +177,7 @@ class MemoryBankModel(AnomalyModel):
         self.n_train = int(arrays["n_train"])
         if fitted:
             self._restore_bank(arrays)
+            self._prepared = None
             self.fitted = True
             return
         count = int(arrays["fit_parts"])

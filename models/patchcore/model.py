@@ -12,7 +12,7 @@ from paddle import nn
 from engine.errors import ConfigError
 from models.backbone import layer_grid
 from models.bank_model import MemoryBankModel
-from models.knn import BankSearch, knn
+from models.knn import BankSearch
 from models.layers import SmoothUpsample, ToRows
 from models.projection import FeatureConcat
 from models.sampling import kcenter_greedy, project, random_projection, take_rows
@@ -144,15 +144,18 @@ class PatchCoreModel(MemoryBankModel):
 
     def _image_score(self, rows: np.ndarray, exclude: np.ndarray | None) -> float:
         """Image score of one image's patch features (P, D) against the bank minus ``exclude``."""
-        dist, nearest = knn(rows, self.bank, 1, exclude)
+        dist, nearest = self.prepared.search(rows, 1, exclude)
         worst = int(np.argmax(dist[:, 0]))
         left = len(self.bank) - (0 if exclude is None else int(exclude.sum()))
         neighbours = min(self.config.num_neighbors, left)
-        _, support = knn(self.bank[nearest[worst]], self.bank, neighbours, exclude)
+        _, support = self.prepared.search(self.bank[nearest[worst]], neighbours, exclude)
         gaps = np.linalg.norm(self.bank[support[0]].astype(np.float64) - rows[worst], axis=1)
         score = reweighted(paddle.to_tensor(dist[worst].astype(np.float64)), paddle.to_tensor(gaps[None]),
                            1.0 / math.sqrt(self.dims))
         return float(score.numpy()[0])
+
+    def _searched(self) -> np.ndarray:
+        return self.bank
 
     def _random_arrays(self) -> dict[str, np.ndarray]:
         return {"projection": self.projection, "coreset_start": np.array(self.start)}

@@ -10,7 +10,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from models.bank_model import MemoryBankModel, concatenate_released
-from models.knn import BankSearch, knn
+from models.knn import BankSearch
 from models.layers import SmoothUpsample
 from models.static_ops import reduce_sum, sqrt
 
@@ -108,8 +108,11 @@ class SpadeModel(MemoryBankModel):
         for i, owner in enumerate(owners):
             if owner is not None:
                 exclude = np.arange(len(self.vectors)) == owner
-                scores[i] = knn(self.vectors[owner][None], self.vectors, k, exclude)[0].mean()
+                scores[i] = self.prepared.search(self.vectors[owner][None], k, exclude)[0].mean()
         return scores
+
+    def _searched(self) -> np.ndarray:
+        return self.vectors
 
     def _bank_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"gallery_vector": self.vectors}
