@@ -14,8 +14,7 @@ import argparse
 from pathlib import Path
 
 from deploy.export import FORMATS, export_model
-from engine.cli import run_main
-from engine.errors import ConfigError
+from engine.cli import image_side, positive_int, run_main
 from engine.runtime import Runtime
 from models import load_model, resolve_k
 
@@ -25,13 +24,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--method", default="ortho",
                         help="method of the checkpoint: ortho (default), padim, spade or patchcore")
     parser.add_argument("--arch", default="resnet18", help="backbone of the checkpoint (default resnet18)")
-    parser.add_argument("--k", type=int, default=None,
+    parser.add_argument("--k", type=positive_int, default=None,
                         help="k of the checkpoint (default: the method's, ortho/padim 100, spade 50; "
                              "patchcore has none)")
     parser.add_argument("--model_path", required=True, help="the checkpoint .npz written by train.py")
     parser.add_argument("--save_dir", required=True,
                         help="folder for model.*, model.pdiparams, deploy.json (and stats.npz, model.onnx)")
-    parser.add_argument("--img_size", type=int, default=256,
+    parser.add_argument("--img_size", type=image_side, default=256,
                         help="network input side of the checkpoint (default 256)")
     parser.add_argument("--format", default="json", choices=FORMATS,
                         help="json: PIR model.json (Paddle 3, default); pdmodel: legacy model.pdmodel")
@@ -47,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     expect = {"method": args.method, "arch": args.arch, "k": resolve_k(args.method, args.k),
               "image_size": args.img_size}
-    model = load_model(args.model_path, expect=expect, runtime=Runtime(engine="dynamic"))
-    if not model.fitted:
-        raise ConfigError(f"{args.model_path}: holds an unfinished fit; finish training it first")
+    model = load_model(args.model_path, expect=expect, runtime=Runtime(engine="dynamic"), final=True)
     save_dir = Path(args.save_dir)
     manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, args.model_path)
     layout = "fused" if manifest.fused else "unfused"

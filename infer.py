@@ -12,7 +12,7 @@ import numpy as np
 
 from deploy.benchmark import AutoLog, RunInfo, StageLog, StageTimes, open_log
 from deploy.runner import BACKENDS, DeployedModel
-from engine.cli import run_main, str2bool
+from engine.cli import finite_float, non_negative_int, positive_int, run_main, str2bool
 from engine.errors import ConfigError
 from engine.inference import PredictorOptions
 from engine.predict import Reporter, collect_images, output_names
@@ -27,20 +27,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stats", default=None,
                         help="stats.npz of a --no-fuse export (default: the one beside the model)")
     parser.add_argument("--input_file", required=True, help="an image file or a folder of images")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per batch (default 1)")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="images per batch (default 1)")
     parser.add_argument("--use_gpu", type=str2bool, default=False, help="run on a GPU (default False)")
-    parser.add_argument("--gpu_mem", type=int, default=4000, help="initial GPU memory pool, MB")
-    parser.add_argument("--gpu_id", type=int, default=0, help="GPU device id (default 0)")
+    parser.add_argument("--gpu_mem", type=positive_int, default=4000, help="initial GPU memory pool, MB")
+    parser.add_argument("--gpu_id", type=non_negative_int, default=0, help="GPU device id (default 0)")
     parser.add_argument("--use_tensorrt", type=str2bool, default=False,
                         help="TensorRT subgraphs on the GPU (default False)")
     parser.add_argument("--precision", default="fp32", choices=("fp32", "fp16"),
                         help="fp16 needs --use_gpu True (default fp32)")
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True,
                         help="oneDNN on the CPU (default True)")
-    parser.add_argument("--cpu_threads", type=int, default=2, help="CPU math threads (default 2)")
+    parser.add_argument("--cpu_threads", type=positive_int, default=2, help="CPU math threads (default 2)")
     parser.add_argument("--save_path", default="./output/infer",
                         help="folder for the PNGs and results.jsonl (default ./output/infer)")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=finite_float, default=None,
                         help="image-score threshold (default: the one in deploy.json)")
     parser.add_argument("--enable_benchmark", type=str2bool, default=False,
                         help="print stage times, memory and settings in auto_log's format")
@@ -84,8 +84,6 @@ def open_benchmark(args: argparse.Namespace, deployed: DeployedModel) -> StageLo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch_size {args.batch_size}: must be at least 1")
     paths = collect_images([args.input_file])
     deployed = DeployedModel.load(args.model_file, args.params_file, args.stats,
                                   options_from(args), args.backend)

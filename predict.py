@@ -9,7 +9,8 @@ import argparse
 from pathlib import Path
 
 from datasets import Preprocess
-from engine.cli import add_runtime_args, run_main
+from datasets.mvtec import check_category_name
+from engine.cli import add_runtime_args, finite_float, positive_int, run_main
 from engine.errors import ConfigError
 from engine.predict import Reporter, batches, collect_images, output_names
 from engine.workflow import runtime_from
@@ -25,9 +26,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="category whose checkpoint to use when --model_path is a folder")
     parser.add_argument("--save_path", default="./output/predict",
                         help="folder for the PNGs and results.jsonl (default ./output/predict)")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=finite_float, default=None,
                         help="image-score threshold (default: the one stored at fit time)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per batch (default 8)")
     add_runtime_args(parser)
     return parser.parse_args(argv)
 
@@ -39,15 +40,18 @@ def checkpoint_path(model_path: str, category: str | None) -> Path:
         return path
     if not category:
         raise ConfigError(f"--model_path {path} is a folder: add --category to pick a checkpoint")
-    return path / f"{category}.npz"
+    return path / f"{check_category_name(category)}.npz"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths = collect_images(args.inputs)
-    model = load_model(str(checkpoint_path(args.model_path, args.category)),
-                       runtime=runtime_from(args))
+    path = checkpoint_path(args.model_path, args.category)
+    model = load_model(str(path), runtime=runtime_from(args), final=True)
     threshold = args.threshold if args.threshold is not None else model.threshold
+    if threshold is None:
+        raise ConfigError(f"{path}: holds no threshold (the model was never calibrated); "
+                          "pass --threshold")
     preprocess = Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
     reporter = Reporter(args.save_path, threshold)
     names = dict(zip(paths, output_names(paths), strict=True))

@@ -224,6 +224,11 @@ class GaussianAccumulator:
         cov = self.covariance(eps, basis)
         inv_cov = np.empty(cov.shape, dtype=np.float32)
         for start in range(0, self.positions, _CHUNK):
-            chol_inv = np.linalg.inv(np.linalg.cholesky(cov[start : start + _CHUNK]))
+            try:
+                chol_inv = np.linalg.inv(np.linalg.cholesky(cov[start : start + _CHUNK]))
+            except np.linalg.LinAlgError as exc:
+                raise ConfigError(f"--eps {eps}: a covariance plus eps*I is not positive definite "
+                                  "(too few or too similar training images for k); pass a larger "
+                                  "--eps (default 0.01) or a smaller --k") from exc
             inv_cov[start : start + _CHUNK] = np.matmul(chol_inv.transpose(0, 2, 1), chol_inv)
         return self.moments(basis)[0].astype(np.float32), inv_cov

@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from models.static_ops import arg_min, reduce_sum, sqrt
+from models.static_ops import arg_min, non_negative, reduce_sum, sqrt
 
 BLOCK = 1 << 22
 """Entries of the distance block (and of the bank block) :func:`knn` computes at once."""
@@ -114,7 +114,7 @@ class BankSearch(nn.Layer):
                  stop: int) -> paddle.Tensor:
         """Squared distances (R, stop - start) of queries (R, D) to bank rows start:stop."""
         cross = queries @ paddle.transpose(self.bank[start:stop], [1, 0])
-        return paddle.clip(q_sq - 2.0 * cross + self.bank_sq[:, start:stop], min=0.0)
+        return non_negative(q_sq - 2.0 * cross + self.bank_sq[:, start:stop])
 
     def nearest(self, queries: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Distance (R,) of each centred query (R, D) to its nearest bank row, and that row (R,)."""
