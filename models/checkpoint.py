@@ -34,10 +34,11 @@ def write_npz(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) ->
             np.savez(f, **payload)
         os.replace(tmp, path)
     except OSError as exc:
-        reason = "disk full" if exc.errno == errno.ENOSPC else exc.strerror or str(exc)
+        full = exc.errno == errno.ENOSPC
+        reason = "disk full" if full else exc.strerror or str(exc)
         kept = " (the previous file is kept)" if os.path.exists(path) else ""
-        raise CheckpointError(f"{path}: cannot write it: {reason}{kept}; free space or pass another "
-                              "--save_path") from exc
+        fix = "free space or pass another --save_path" if full else "pass a writable --save_path"
+        raise CheckpointError(f"{path}: cannot write it: {reason}{kept}; {fix}") from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
