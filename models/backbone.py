@@ -102,10 +102,10 @@ class ResNetTrunk(nn.Layer):
             )
         for name, tensor in own.items():
             value = np.asarray(arrays[name])
-            if tuple(value.shape) != tuple(tensor.shape):
+            if tuple(value.shape) != tuple(tensor.shape) or value.dtype.kind != "f":
                 raise CheckpointError(
-                    f"{source}: {name} has shape {value.shape}, {self.arch} needs "
-                    f"{tuple(tensor.shape)}; is it a {self.arch} file?"
+                    f"{source}: {name} has shape {value.shape} and dtype {value.dtype}, {self.arch} "
+                    f"needs {tuple(tensor.shape)} floats; is it a {self.arch} file?"
                 )
             if not np.isfinite(value).all():
                 raise CheckpointError(f"{source}: {name} contains NaN or inf; the file is corrupt")

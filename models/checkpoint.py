@@ -57,6 +57,9 @@ def read_npz(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
             f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc}); "
             "it may be truncated or from another tool: train it again"
         ) from exc
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata is not a JSON object; the file was changed or is "
+                              "from another tool: train it again")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: checkpoint format {meta.get('format_version')} but this version reads "

@@ -213,8 +213,8 @@ def rewrite(path: Path, out: Path, arrays: dict | None = None, meta: dict | None
         contents = {name: data[name] for name in data.files}
     record = json.loads(str(contents["__meta__"]))
     record.update(meta or {})
-    contents.update(arrays or {})
     contents["__meta__"] = np.array(json.dumps(record))
+    contents.update(arrays or {})
     np.savez(out, **contents)
     return out
 
@@ -240,6 +240,9 @@ def test_tampered_checkpoint_is_one_line(method: str, tmp_path: Path, images_dir
         "huge size": ({}, {"image_size": 10**9, "resize": 10**9}, "image_size=1000000000"),
         "threshold": ({}, {"threshold": "high"}, "metadata field threshold"),
         "arch": ({}, {"arch": ["resnet18"]}, "metadata field arch"),
+        "meta list": ({"__meta__": np.array("[1, 2]")}, {}, "metadata is not a JSON object"),
+        "trunk dtype": ({"backbone.stem.0.weight": np.zeros((64, 3, 7, 7), np.int32)}, {},
+                        "stem.0.weight has shape (64, 3, 7, 7) and dtype int32"),
     }
     argv = [str(images_dir), "--save_path", str(tmp_path / "out"), "--engine", "dynamic"]
     for name, (arrays, meta, expected) in cases.items():
