@@ -15,7 +15,7 @@ from deploy.runner import BACKENDS, DeployedModel
 from engine.cli import finite_float, non_negative_int, positive_int, run_main, str2bool
 from engine.errors import ConfigError
 from engine.inference import PredictorOptions
-from engine.predict import Reporter, collect_images, output_names
+from engine.predict import BadInputs, Reporter, collect_images, output_names, report_all
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="print stage times, memory and settings in auto_log's format")
     parser.add_argument("--backend", default="paddle", choices=tuple(BACKENDS),
                         help="paddle (Paddle Inference, default) or onnxruntime (model.onnx)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="skip unreadable images (each named on stderr; exit status 3) "
+                             "instead of stopping at the first")
     return parser.parse_args(argv)
 
 
@@ -91,12 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     names = dict(zip(paths, output_names(paths), strict=True))
     log = open_benchmark(args, deployed) if args.enable_benchmark else None
     timer = log.times if log else StageTimes()
-    for path, image, amap, score in deployed.results(paths, args.batch_size, timer):
-        reporter.add(path, names[path], image, amap, score)
-    print(f"wrote {len(paths)} pictures and {reporter.write_jsonl()}")
+    bad = BadInputs(args.skip_bad)
+    status = report_all(deployed.results(paths, args.batch_size, timer, bad), reporter, names, bad)
     if log:
-        log.report(len(paths))
-    return 0
+        log.report(len(reporter.records))
+    return status
 
 
 if __name__ == "__main__":

@@ -6,15 +6,19 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from datasets import Preprocess
 from datasets.mvtec import check_category_name
 from engine.cli import add_runtime_args, finite_float, positive_int, run_main
 from engine.errors import ConfigError
-from engine.predict import Reporter, batches, collect_images, output_names
+from engine.predict import BadInputs, Reporter, Result, batches, collect_images, output_names, report_all
 from engine.workflow import runtime_from
 from models import load_model
+from models.base import AnomalyModel
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +33,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threshold", type=finite_float, default=None,
                         help="image-score threshold (default: the one stored at fit time)")
     parser.add_argument("--batch_size", type=positive_int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--skip_bad", action="store_true",
+                        help="skip unreadable images (each named on stderr; exit status 3) "
+                             "instead of stopping at the first")
     add_runtime_args(parser)
     return parser.parse_args(argv)
 
@@ -53,14 +60,18 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{path}: holds no threshold (the model was never calibrated); "
                           "pass --threshold")
     preprocess = Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
-    reporter = Reporter(args.save_path, threshold)
     names = dict(zip(paths, output_names(paths), strict=True))
-    for chunk, images in batches(paths, preprocess, args.batch_size):
+    bad = BadInputs(args.skip_bad)
+    return report_all(scored(model, batches(paths, preprocess, args.batch_size, bad)),
+                      Reporter(args.save_path, threshold), names, bad)
+
+
+def scored(model: AnomalyModel, chunks: Iterable[tuple[list[Path], np.ndarray]]) -> Iterator[Result]:
+    """(path, image (3, S, S), map (S, S), score) of each image, scored batch by batch."""
+    for chunk, images in chunks:
         amaps, scores = model.score(images, [str(p) for p in chunk])
         for path, image, amap, score in zip(chunk, images, amaps, scores, strict=True):
-            reporter.add(path, names[path], image, amap, float(score))
-    print(f"wrote {len(paths)} pictures and {reporter.write_jsonl()}")
-    return 0
+            yield path, image, amap, float(score)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from datasets.image import Preprocess, read_image, read_mask
 from engine.errors import InputError
+from engine.io import atomic_write_text, remove_stale_temporaries, staging_dir
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 OBJECTS = (
@@ -225,6 +225,9 @@ class AnomalyDataset:
         }
 
 
+WRITTEN = "written"  # marker key: the top-level entries of the dataset folder this tool wrote
+
+
 def _read_marker(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -232,54 +235,104 @@ def _read_marker(path: Path) -> Any:
         return None
 
 
+def _content(marker: Any) -> Any:
+    """A marker's content as its builder returned it (without the list of written entries)."""
+    if isinstance(marker, dict):
+        return {key: value for key, value in marker.items() if key != WRITTEN}
+    return marker
+
+
+def _owned(marker: Any, built: list[str]) -> set[str]:
+    """Top-level entry names an earlier build recorded in its marker (plain names only).
+
+    A marker of a version that kept no record owned the whole folder; of it only the entries the
+    new build replaces (``built``) are taken, so nothing else is deleted.
+    """
+    written = marker.get(WRITTEN) if isinstance(marker, dict) else None
+    if not isinstance(written, list):
+        return set(built)
+    return {name for name in written
+            if isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name}
+
+
 def build_atomically(
     dst: Path, marker: str, build: Callable[[Path], dict], accept: Callable[[Any], bool]
 ) -> tuple[dict, bool]:
-    """Build a dataset folder in a temporary sibling and rename it to ``dst`` when complete.
+    """Build a dataset folder in a temporary sibling and move it into ``dst`` when complete.
 
     If ``dst/marker`` exists and ``accept`` returns True for its JSON content, nothing is built.
-    Otherwise ``build(tmp)`` fills ``tmp`` and returns the marker content, which is written last;
-    then ``tmp`` replaces ``dst`` (an earlier, not accepted build by this tool is removed). An
-    interrupted run leaves no half-written ``dst``.
+    Otherwise ``build(tmp)`` fills ``tmp`` and returns the marker content, which is written last
+    with the list of the top-level entries built (key ``written``). A missing or empty ``dst``
+    is replaced by ``tmp`` in one rename. In a ``dst`` holding an earlier build (its marker not
+    accepted), only the entries that build wrote are replaced; anything else there (a user's own
+    category folder) is kept. An interrupted run leaves no half-written entry, and a marker no run
+    accepts, so the next run builds again. Staging folders of killed runs are removed.
 
     Returns:
         (marker content, True if this call built the folder).
 
     Raises:
-        InputError: ``dst`` exists, is not empty and holds no marker (not ours to replace).
+        InputError: ``dst`` exists, is not empty and holds no marker (not ours to replace), or
+            an entry the build would write exists in ``dst`` without being one of ours.
     """
     current = _read_marker(dst / marker)
-    if current is not None and accept(current):
-        return current, False
+    if current is not None and accept(_content(current)):
+        return _content(current), False
     if dst.exists() and current is None and (not dst.is_dir() or any(dst.iterdir())):
         raise InputError(
             f"{dst}: exists but is not a dataset written by this tool; remove it or choose "
             "another destination"
         )
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
+    remove_stale_temporaries(dst.parent)
+    tmp = staging_dir(dst, "partial")
     try:
         content = build(tmp)
-        (tmp / marker).write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, dst, marker, accept)
+        entries = sorted(entry.name for entry in tmp.iterdir())
+        (tmp / marker).write_text(
+            json.dumps({**content, WRITTEN: entries}, indent=2, sort_keys=True) + "\n"
+        )
+        _swap_into_place(tmp, dst, marker, accept, entries)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return content, True
 
 
-def _swap_into_place(tmp: Path, dst: Path, marker: str, accept: Callable[[Any], bool]) -> None:
-    """Rename ``tmp`` to ``dst``, moving an older ``dst`` aside first and deleting it after."""
+def _swap_into_place(
+    tmp: Path, dst: Path, marker: str, accept: Callable[[Any], bool], entries: list[str]
+) -> None:
+    """Move the ``entries`` built in ``tmp`` and then its marker into ``dst``.
+
+    The entries of an earlier build are moved aside into a sibling (deleted at the end); an
+    entry of ``dst`` not listed in the earlier marker is never touched.
+    """
     current = _read_marker(dst / marker)
-    if current is not None and accept(current):
+    if current is not None and accept(_content(current)):
         return  # a concurrent run published the same dataset meanwhile; keep it
-    old = tmp.with_name(tmp.name + ".old")
-    if dst.exists():
-        os.rename(dst, old)
-    try:
+    if current is None:  # dst is missing or empty (checked before the build)
+        if dst.exists():
+            dst.rmdir()
         os.rename(tmp, dst)
-    except OSError:
-        if old.exists():
-            os.rename(old, dst)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        return
+    owned = _owned(current, entries)
+    foreign = [name for name in entries if name not in owned and os.path.lexists(dst / name)]
+    if foreign:
+        raise InputError(
+            f"{dst / foreign[0]}: exists but was not written by this tool, and the new build "
+            "would replace it; move it away or choose another destination"
+        )
+    # From here until the final marker, the marker lists every entry that may be ours and is
+    # accepted by no run.
+    in_progress = json.dumps({WRITTEN: sorted(owned | set(entries))}, indent=2) + "\n"
+    atomic_write_text(dst / marker, in_progress)
+    old = tmp.with_name(tmp.name + ".old")
+    old.mkdir()
+    try:
+        for name in sorted(owned):
+            if os.path.lexists(dst / name):
+                os.rename(dst / name, old / name)
+        for name in entries:
+            os.rename(tmp / name, dst / name)
+        os.replace(tmp / marker, dst / marker)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

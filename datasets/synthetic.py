@@ -206,15 +206,17 @@ def generate(
 
     Writes ``dst/<category>/train/good/NNN.png`` (``n_train``), ``test/good`` (``n_test_good``),
     ``test/<defect>`` and ``ground_truth/<defect>/NNN_mask.png`` (``n_test_defect`` per defect
-    type), then ``dst/.synthetic.json`` with the parameters. Nothing is done if that file
-    already holds the same parameters; another earlier synthetic dataset is replaced.
+    type), then ``dst/.synthetic.json`` with the parameters and the folders written. Nothing is
+    done if that file already holds the same parameters. The category folders of an earlier
+    synthetic dataset in ``dst`` are replaced; anything else in ``dst`` is left alone.
 
     Returns:
         ``dst`` as a Path.
 
     Raises:
         ConfigError: unknown category, size < 32 or a count < 1.
-        InputError: ``dst`` is a non-empty folder not written by this generator.
+        InputError: ``dst`` is a non-empty folder not written by this generator, or holds a
+            folder of a category to write that this generator did not write.
     """
     return _generate(dst, categories, n_train, n_test_good, n_test_defect, size, seed)[0]
 

@@ -9,7 +9,8 @@ Layouts:
 
 Files are written to a staging folder beside the target, the graph (and the ONNX file) is run once
 on a probe image and compared with the dynamic-graph layer, then the files are moved into place and
-``deploy.json`` is written last.
+``deploy.json`` is written last. Staging folders left by a killed export (``.NAME.export-PID-*``
+whose process is gone) are removed by the next export beside them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,6 +31,7 @@ from deploy.onnx_model import ONNX, OnnxRunner, convert, require
 from deploy.stats import STATS, write_stats
 from engine.errors import ConfigError
 from engine.inference import Predictor, PredictorOptions
+from engine.io import remove_stale_temporaries, staging_dir
 from engine.runtime import RunFn, Runtime, compile_layer, save_static
 from models.base import AnomalyModel
 from models.gaussian_model import GaussianModel
@@ -111,7 +112,8 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
                           "(ortho and padim have); drop --no-fuse to export it fused")
     try:
         save_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{save_dir.name}.export-", dir=save_dir.parent))
+        remove_stale_temporaries(save_dir.parent)
+        staging = staging_dir(save_dir, "export")
     except OSError as exc:
         raise ConfigError(f"--save_dir {save_dir}: cannot write there ({exc.strerror}); "
                           "pass a writable folder") from exc

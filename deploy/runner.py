@@ -23,7 +23,7 @@ from deploy.postprocess import GaussianHead
 from deploy.stats import read_stats
 from engine.errors import ConfigError, InputError, ToolkitError
 from engine.inference import Predictor, PredictorOptions
-from engine.predict import batches
+from engine.predict import BadInputs, Result, batches
 from engine.runtime import RunFn, run_chunked
 
 BACKENDS = {"paddle": (".json", ".pdmodel"), "onnxruntime": (".onnx",)}
@@ -143,14 +143,15 @@ class DeployedModel:
         """Anomaly maps (N, S, S) and image scores (N,) of images (N, 3, S, S) float32."""
         return self.finish(self.forward(images))
 
-    def results(self, paths: Sequence[Path], batch_size: int,
-                timer: Timer) -> Iterator[tuple[Path, np.ndarray, np.ndarray, float]]:
+    def results(self, paths: Sequence[Path], batch_size: int, timer: Timer,
+                bad: BadInputs | None = None) -> Iterator[Result]:
         """(path, image (3, S, S), map (S, S), score) of each image file, batch by batch.
 
         ``timer`` is stamped the auto_log way: reading + preprocessing, inference, postprocessing
-        of each batch; whatever the caller does with a result is not timed.
+        of each batch; whatever the caller does with a result is not timed. An unreadable image
+        goes to ``bad`` (default: raise).
         """
-        for chunk, images in timed(batches(paths, self.preprocess, batch_size), timer):
+        for chunk, images in timed(batches(paths, self.preprocess, batch_size, bad), timer):
             outputs = self.forward(images)
             timer.stamp()
             amaps, scores = self.finish(outputs)

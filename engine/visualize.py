@@ -8,6 +8,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
+from engine.io import temp_path
+
 PANEL_GAP = 4
 """White columns between two panels, in pixels."""
 CAPTION_HEIGHT = 16
@@ -107,15 +109,16 @@ def four_panel(
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     """Write ``rgb`` (uint8 (H, W, 3) or (H, W)) to ``path`` as PNG, atomically.
 
-    The picture goes to ``path + ".tmp"`` in the same folder first and then replaces ``path``, so
-    readers never see a half-written file; missing parent folders are created.
+    The picture goes to a temporary name in the same folder first (``engine.io.temp_path``) and
+    then replaces ``path``, so readers never see a half-written file; missing parent folders are
+    created.
     """
     rgb = np.asarray(rgb)
     if rgb.dtype != np.uint8 or rgb.ndim not in (2, 3):
         raise ValueError(f"rgb must be uint8 (H, W, 3) or (H, W), got {rgb.dtype} {rgb.shape}")
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = path + ".tmp"
+    temporary = temp_path(path)
     try:
         Image.fromarray(rgb).save(temporary, format="PNG")
         os.replace(temporary, path)

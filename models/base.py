@@ -332,7 +332,7 @@ class AnomalyModel(ABC):
             for name, value in arrays.items()
             if name.startswith(_TRUNK_PREFIX)
         }
-        trunk.load_weight_arrays(trunk_arrays, source=path)
+        trunk.load_weight_arrays(trunk_arrays, source=path, digest=meta.get("backbone_sha256"))
         model = cls(config, trunk, runtime)
         model.threshold = meta.get("threshold")
         model.category = meta.get("category", "")

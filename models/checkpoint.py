@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import CheckpointError
+from engine.io import remove_stale_temporaries, temp_path
 
 FORMAT_VERSION = 1
 SUFFIX = ".npz"
@@ -26,7 +27,8 @@ def write_npz(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) ->
     """Write ``meta`` and ``arrays`` to ``path`` atomically (temporary file, then rename)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    remove_stale_temporaries(folder)
+    tmp = temp_path(path)
     payload = dict(arrays)
     payload[_META_KEY] = np.array(json.dumps({"format_version": FORMAT_VERSION, **meta}))
     try:

@@ -103,6 +103,7 @@ def test_read_image_scales_16_bit_and_32_bit(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["truncated_jpeg", "random_bytes", "missing", "folder", "empty"])
+@pytest.mark.bad_input
 def test_read_image_failures_name_the_file(tmp_path, kind):
     path = tmp_path / "bad.jpg"
     if kind == "truncated_jpeg":
@@ -124,6 +125,7 @@ def test_read_image_failures_name_the_file(tmp_path, kind):
     assert message.endswith("replace or remove the file")
 
 
+@pytest.mark.bad_input
 def test_read_mask_any_mode(tmp_path):
     values = np.array([[0, 1], [255, 0]], np.uint8)
     assert read_mask(save(values, tmp_path / "l.png")).tolist() == [[False, True], [True, False]]
@@ -174,6 +176,7 @@ def test_preprocess_centre_crop_offsets():
     assert out[0, 0, 1] == pytest.approx((r - 0.485) / 0.229, abs=1e-6)
 
 
+@pytest.mark.bad_input
 def test_preprocess_sizes():
     assert Preprocess(resize=32).size == 32
     assert Preprocess().size == 256
@@ -238,6 +241,7 @@ def test_resolve_categories_mvtec_groups(tmp_path):
     assert resolve_categories(tmp_path, "objects,textures") == list(OBJECTS + TEXTURES)
 
 
+@pytest.mark.bad_input
 def test_resolve_categories_errors(tmp_path):
     with pytest.raises(InputError, match="dataset root not found"):
         resolve_categories(tmp_path / "missing", "all")
@@ -251,7 +255,7 @@ def test_resolve_categories_errors(tmp_path):
     assert "categories found: mine, wood" in str(info.value)
     with pytest.raises(InputError, match="carpet"):
         resolve_categories(tmp_path, "textures")
-    with pytest.raises(InputError, match="empty"):
+    with pytest.raises(InputError, match="category spec ' , ' is empty"):
         resolve_categories(tmp_path, " , ")
 
 
@@ -299,6 +303,7 @@ def test_list_samples_order_and_masks(tmp_path):
     assert not has_masks(train)
 
 
+@pytest.mark.bad_input
 def test_list_samples_missing_folders(tmp_path):
     with pytest.raises(InputError) as info:
         list_samples(tmp_path, "x", "train")
@@ -330,6 +335,7 @@ def test_anomaly_dataset_items(tmp_path):
     assert unmasked["mask"] is None and unmasked["label"] == 1
 
 
+@pytest.mark.bad_input
 def test_anomaly_dataset_mask_size_mismatch(tmp_path):
     image = save(rgb(8, 6), tmp_path / "img.png")
     mask = save(np.zeros((5, 7), np.uint8), tmp_path / "img_mask.png")
@@ -414,6 +420,7 @@ def test_batch_loader_prefetch_is_bounded():
     assert dataset.started == 40
 
 
+@pytest.mark.bad_input
 def test_batch_loader_reraises_worker_error():
     dataset = CountingDataset(20, fail_at=6)
     seen = []
@@ -504,14 +511,16 @@ def test_synthetic_deterministic_and_idempotent(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
 
 
+@pytest.mark.bad_input
 def test_synthetic_refuses_foreign_folder_and_bad_args(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "keep.txt").write_text("x")
-    with pytest.raises(InputError, match="not a dataset written by this tool"):
+    with pytest.raises(InputError, match="exists but is not a dataset written by this tool"):
         synthetic.generate(tmp_path / "mine", size=32)
     assert (tmp_path / "mine" / "keep.txt").exists()
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError) as info:
         synthetic.generate(tmp_path / "x", categories=("cube",))
+    assert str(info.value).startswith("synthetic categories ['cube']: choose from")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
 
 
@@ -574,6 +583,7 @@ def test_magnetic_tile_convert(tmp_path):
     assert sorted(p.name for p in dst.iterdir()) == ["magnetic_tile"]
 
 
+@pytest.mark.bad_input
 def test_magnetic_tile_errors(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     with pytest.raises(InputError, match="magnetic-tile dataset folder not found"):

@@ -75,6 +75,7 @@ def test_two_processes_equal_one(data: Path, plain: Path, tmp_path: Path) -> Non
     np.testing.assert_allclose(double.score(images)[1], single.score(images)[1], rtol=1e-5)
 
 
+@pytest.mark.bad_input
 def test_resume_after_kill_equals_uninterrupted(data: Path, tmp_path: Path) -> None:
     size = ["--resize", "192"]  # slow enough to be killed in the middle of the fit
     finished(train(data, tmp_path / "plain", *size))
