@@ -22,6 +22,7 @@ from engine.cli import (
     run_main,
     script_parser,
 )
+from engine.errors import CheckpointError, ConfigError
 from engine.evaluate import write_results
 from engine.workflow import categories, data_root, evaluate_category, runtime_from
 from models import AnomalyModel, load_model
@@ -56,11 +57,17 @@ def main(argv: list[str] | None = None) -> int:
     names = categories(args, root)
     runtime = runtime_from(args)
     folder = checkpoint_folder(args.model_path, args.save_path, args)
+    if folder.suffix == ".npz" and len(names) > 1:
+        raise ConfigError(f"--model_path {folder} is one checkpoint but --category names "
+                          f"{len(names)} categories; pass one category or the checkpoint folder")
     expect = expected_identity(args)
     rows, out = [], None
     for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
         path = folder if folder.suffix == ".npz" else folder / f"{category}.npz"
-        model = load_model(str(path), expect=expect, runtime=runtime)
+        model = load_model(str(path), expect=expect, runtime=runtime, final=True)
+        if model.category and model.category != category:
+            raise CheckpointError(f"{path}: checkpoint of category {model.category} but --category "
+                                  f"{category} was asked for; pass that category's checkpoint")
         # One table: every checkpoint of this run must have the first one's configuration.
         expect = model.config.identity()
         out = out or results_folder(args, folder, model)

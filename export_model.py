@@ -73,9 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     source = checkpoint_folder(args.model_path, args.save_path, args)
     expect = expected_identity(args, side="img_size")
     for path, save_dir in export_jobs(source, args.category, Path(args.save_dir)):
-        model = load_model(str(path), expect=expect, runtime=Runtime(engine="dynamic"))
-        if not model.fitted:
-            raise ConfigError(f"{path}: holds an unfinished fit; finish training it first")
+        model = load_model(str(path), expect=expect, runtime=Runtime(engine="dynamic"), final=True)
         manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, str(path))
         layout = "fused" if manifest.fused else "unfused"
         k = f" k={manifest.k}" if manifest.k else ""  # patchcore has no k

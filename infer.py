@@ -18,7 +18,7 @@ import numpy as np
 from deploy.benchmark import AutoLog, RunInfo, StageLog, StageTimes, open_log
 from deploy.manifest import MANIFEST
 from deploy.runner import BACKENDS, DeployedModel
-from engine.cli import DEMO_ROOT, run_main, str2bool
+from engine.cli import DEMO_ROOT, finite_float, non_negative_int, positive_int, run_main, str2bool
 from engine.device import check_gpu
 from engine.errors import ConfigError, InputError
 from engine.inference import PredictorOptions
@@ -44,20 +44,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--input_file", default=None,
                         help=f"an image file or a folder of images (default: the test images of the "
                              f"export's category in the demo data, {DEMO_ROOT}/<category>/test/*/)")
-    parser.add_argument("--batch_size", type=int, default=1, help="images per batch (default 1)")
+    parser.add_argument("--batch_size", type=positive_int, default=1, help="images per batch (default 1)")
     parser.add_argument("--use_gpu", type=str2bool, default=False, help="run on a GPU (default False)")
-    parser.add_argument("--gpu_mem", type=int, default=4000, help="initial GPU memory pool, MB")
-    parser.add_argument("--gpu_id", type=int, default=0, help="GPU device id (default 0)")
+    parser.add_argument("--gpu_mem", type=positive_int, default=4000, help="initial GPU memory pool, MB")
+    parser.add_argument("--gpu_id", type=non_negative_int, default=0, help="GPU device id (default 0)")
     parser.add_argument("--use_tensorrt", type=str2bool, default=False,
                         help="TensorRT subgraphs on the GPU (default False)")
     parser.add_argument("--precision", default="fp32",
                         help="fp32 or fp16; fp16 needs --use_gpu True (default fp32)")
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True,
                         help="oneDNN on the CPU (default True)")
-    parser.add_argument("--cpu_threads", type=int, default=2, help="CPU math threads (default 2)")
+    parser.add_argument("--cpu_threads", type=positive_int, default=2, help="CPU math threads (default 2)")
     parser.add_argument("--save_path", default="./output/infer",
                         help="folder for the PNGs and results.jsonl (default ./output/infer)")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=finite_float, default=None,
                         help="image-score threshold (default: the one in deploy.json)")
     parser.add_argument("--enable_benchmark", type=str2bool, default=False,
                         help="print stage times, memory and settings in auto_log's format")

@@ -16,12 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from datasets import Preprocess
+from datasets.mvtec import check_category_name
 from engine.cli import (
     add_checkpoint_args,
     add_identity_args,
     add_runtime_args,
     checkpoint_folder,
     expected_identity,
+    finite_float,
+    positive_int,
     run_main,
     str2bool,
 )
@@ -43,9 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "category whose checkpoint to use when the checkpoints are a folder")
     parser.add_argument("--save_pic", type=str2bool, default=True,
                         help="False: print the lines and write results.jsonl, but no PNGs (default True)")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=finite_float, default=None,
                         help="image-score threshold (default: the one stored at fit time)")
-    parser.add_argument("--batch_size", type=int, default=8, help="images per batch (default 8)")
+    parser.add_argument("--batch_size", type=positive_int, default=8, help="images per batch (default 8)")
     parser.add_argument("--skip_bad", action="store_true",
                         help="skip unreadable images (each named on stderr; exit status 3) "
                              "instead of stopping at the first")
@@ -60,16 +63,19 @@ def checkpoint_path(folder: Path, category: str | None) -> Path:
         return folder
     if not category:
         raise ConfigError(f"the checkpoints are the folder {folder}: add --category to pick one")
-    return folder / f"{category}.npz"
+    return folder / f"{check_category_name(category)}.npz"
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     paths = collect_images(args.inputs)
     folder = checkpoint_folder(args.model_path, args.save_path, args)
-    model = load_model(str(checkpoint_path(folder, args.category)), expect=expected_identity(args),
-                       runtime=runtime_from(args))
+    path = checkpoint_path(folder, args.category)
+    model = load_model(str(path), expect=expected_identity(args), runtime=runtime_from(args), final=True)
     threshold = args.threshold if args.threshold is not None else model.threshold
+    if threshold is None:
+        raise ConfigError(f"{path}: holds no threshold (the model was never calibrated); "
+                          "pass --threshold")
     preprocess = Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
     names = dict(zip(paths, output_names(paths), strict=True))
     bad = BadInputs(args.skip_bad)

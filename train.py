@@ -15,6 +15,7 @@ from tqdm import tqdm
 from engine.cli import (
     add_eval_args,
     model_dir,
+    non_negative_int,
     run_main,
     script_parser,
 )
@@ -35,9 +36,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--save_path", default="./output",
                         help="checkpoints go to SAVE_PATH/<method>_<arch>_<k>/ (default ./output)")
-    parser.add_argument("--calib_images", type=int, default=200,
+    parser.add_argument("--calib_images", type=non_negative_int, default=200,
                         help="training images scored to set the default threshold (0 = all)")
-    parser.add_argument("--save_every", type=int, default=0,
+    parser.add_argument("--save_every", type=non_negative_int, default=0,
                         help="save the fit state every N images for --resume (default 0: never)")
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted fit from its saved fit state")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -16,6 +17,59 @@ DEMO_ROOT = Path("data/demo")
 DEFAULT_SAVE_PATH = "./output"
 METHOD_ALIASES = {"sample": "padim", "coreset": "patchcore"}
 """Method names of the reference Paddle reproduction and the method each one is here."""
+MAX_SIDE = 8192
+"""Largest accepted image side (--resize, --crop_size, --img_size, a checkpoint's sizes)."""
+
+
+def _number(value: str, kind: type) -> int | float:
+    """``value`` as an int or a finite float; an ArgumentTypeError (argparse's one line) if not."""
+    try:
+        number = kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                         f"got {value!r}") from None
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {value!r}")
+    return number
+
+
+def int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type=`` accepting integers in [low, high] (no upper bound if ``high`` is None)."""
+
+    def parse(value: str) -> int:
+        number = _number(value, int)
+        if number < low or (high is not None and number > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
+        return number
+
+    return parse
+
+
+def finite_float(value: str) -> float:
+    """An argparse ``type=`` accepting any finite number (not nan or inf)."""
+    return _number(value, float)
+
+
+def positive_float(value: str) -> float:
+    """An argparse ``type=`` accepting finite numbers > 0."""
+    number = _number(value, float)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return number
+
+
+def fraction(value: str) -> float:
+    """An argparse ``type=`` accepting numbers in (0, 1]."""
+    number = _number(value, float)
+    if not 0 < number <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return number
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+image_side = int_at_least(1, MAX_SIDE)
 
 
 def str2bool(value: str | bool) -> bool:
@@ -47,11 +101,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help=f"dataset root in MVTec AD layout (default: demo data in {DEMO_ROOT})")
     group.add_argument("--category", default="all",
                        help="a category, a comma list, all, textures or objects (default: all)")
-    group.add_argument("--resize", type=int, default=256, help="square resize side (default 256)")
-    group.add_argument("--crop_size", type=int, default=None,
+    group.add_argument("--resize", type=image_side, default=256, help="square resize side (default 256)")
+    group.add_argument("--crop_size", type=image_side, default=None,
                        help="centre crop side, the network input (default: = resize)")
-    group.add_argument("--batch_size", type=int, default=32, help="images per batch (default 32)")
-    group.add_argument("--num_workers", type=int, default=2,
+    group.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default 32)")
+    group.add_argument("--num_workers", type=non_negative_int, default=2,
                        help="image-loading threads, 0 = load in the main thread (default 2)")
 
 
@@ -64,21 +118,21 @@ def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) ->
                                 "reproduction's sample and coreset mean padim and patchcore")
     group.add_argument("--arch", default="resnet18",
                        help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
-    group.add_argument("--k", type=int, default=None,
+    group.add_argument("--k", type=positive_int, default=None,
                        help="ortho/padim: embedding dimension (default 100); spade: nearest "
                             "training images (default 50); not used by patchcore")
-    group.add_argument("--eps", type=float, default=0.01,
+    group.add_argument("--eps", type=positive_float, default=0.01,
                        help="covariance regulariser eps*I (default 0.01)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed of every random draw (projection, channels, random init)")
     group.add_argument("--pretrained", default="imagenet",
                        help="imagenet (Paddle's download and cache), PATH.pdparams, or none")
-    group.add_argument("--coreset_ratio", type=float, default=0.1,
+    group.add_argument("--coreset_ratio", type=fraction, default=0.1,
                        help="patchcore: fraction of training patches kept in the bank, 1 = all "
                             "(default 0.1)")
-    group.add_argument("--projection_dim", type=int, default=128,
+    group.add_argument("--projection_dim", type=positive_int, default=128,
                        help="patchcore: random-projection size for the coreset selection (default 128)")
-    group.add_argument("--num_neighbors", type=int, default=9,
+    group.add_argument("--num_neighbors", type=positive_int, default=9,
                        help="patchcore: bank patches in the image-score reweighting (default 9)")
     group.add_argument("--half", action="store_true",
                        help="spade/patchcore: store the gallery/bank in float16 (half its size)")
@@ -91,7 +145,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine", default="inference", choices=("inference", "dynamic"),
                        help="inference: Paddle Inference predictor (fast, default); "
                             "dynamic: eager Paddle")
-    group.add_argument("--cpu_threads", type=int, default=min(os.cpu_count() or 1, 8),
+    group.add_argument("--cpu_threads", type=positive_int, default=min(os.cpu_count() or 1, 8),
                        help="CPU math threads of the predictor")
     group.add_argument("--enable_mkldnn", type=str2bool, default=True,
                        help="use oneDNN on the CPU (default True)")
@@ -131,9 +185,10 @@ def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ..
     group.add_argument("--method", default=None, type=method_name,
                        help="ortho, padim, spade or patchcore (sample = padim, coreset = patchcore)")
     group.add_argument("--arch", default=None, help="resnet18, resnet50 or wide_resnet50_2")
-    group.add_argument("--k", type=int, default=None, help="k of the checkpoint")
-    group.add_argument("--resize", type=int, default=None, help="resize side of the checkpoint")
-    group.add_argument(*size_flags, type=int, default=None, help="network input side of the checkpoint")
+    group.add_argument("--k", type=positive_int, default=None, help="k of the checkpoint")
+    group.add_argument("--resize", type=image_side, default=None, help="resize side of the checkpoint")
+    group.add_argument(*size_flags, type=image_side, default=None,
+                       help="network input side of the checkpoint")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, save_path_help: str, category_help: str) -> None:

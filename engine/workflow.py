@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -112,7 +113,15 @@ def _start(args: argparse.Namespace, category: str, runtime: Runtime,
         model = build_model(config_from(args), runtime)
         model.category = category
         return model
-    model = load_model(str(path), expect=config_from(args).identity(), runtime=runtime)
+    config = config_from(args)
+    model = load_model(str(path), expect=config.identity(), runtime=runtime)
+    changed = [name for name, value in dataclasses.asdict(config).items()
+               if getattr(model.config, name) != value]
+    if changed:
+        was = ", ".join(f"{name}={getattr(model.config, name)}" for name in changed)
+        now = ", ".join(f"{name}={getattr(config, name)}" for name in changed)
+        raise CheckpointError(f"{path}: this fit state was made with {was}, this run asks for {now}; "
+                              "pass the same arguments to resume, or delete it to start over")
     if model.fitted or model.meta.get("train_images_sha256") != digest:
         raise CheckpointError(
             f"{path}: this fit state belongs to another list of training images (or is finished); "

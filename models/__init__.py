@@ -36,10 +36,12 @@ def build_model(config: ModelConfig, runtime: Runtime | None = None) -> AnomalyM
 
 
 def load_model(
-    path: str, expect: ModelConfig | dict[str, Any] | None = None, runtime: Runtime | None = None
+    path: str, expect: ModelConfig | dict[str, Any] | None = None, runtime: Runtime | None = None,
+    final: bool = False,
 ) -> AnomalyModel:
-    """Load a checkpoint of any method; ``expect`` (method/arch/k/size) must match if given."""
-    return load_checkpoint(path, METHODS, expect, runtime)
+    """Load a checkpoint of any method; ``expect`` (method/arch/k/size) must match if given;
+    ``final`` refuses a fit state."""
+    return load_checkpoint(path, METHODS, expect, runtime, final)
 
 
 __all__ = ["METHODS", "AnomalyModel", "ModelConfig", "Runtime", "build_model", "load_model",

@@ -21,7 +21,8 @@ from paddle import nn
 
 from engine.errors import InputError
 from engine.runtime import Chunks, RunFn, run_chunked
-from models.base import AnomalyModel, Batch, unpack_batch
+from models.base import AnomalyModel, Batch, ModelConfig, recorded_count, unpack_batch
+from models.checkpoint import ArraySpec
 from models.knn import PreparedBank
 
 
@@ -77,6 +78,37 @@ class MemoryBankModel(AnomalyModel):
     @abstractmethod
     def _restore_bank(self, arrays: dict[str, np.ndarray]) -> None:
         """Inverse of :meth:`_bank_arrays`."""
+
+    @classmethod
+    @abstractmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Shape of one image's output of :meth:`fit_layer` for ``config``, by output name."""
+
+    @classmethod
+    @abstractmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """Shapes of :meth:`_bank_arrays` for ``config`` and ``n_train`` training images."""
+
+    @classmethod
+    def random_specs(cls, config: ModelConfig) -> dict[str, ArraySpec]:
+        """Shapes of :meth:`_random_arrays` (none by default)."""
+        return {}
+
+    @classmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """Random parts, n_train and the bank, or the fit state: every recorded batch of each
+        fit output (b_j, ...), the batch count and the training paths (n_train,)."""
+        n_train = recorded_count(arrays, "n_train")
+        specs = {**cls.random_specs(config), "n_train": ArraySpec((), "i")}
+        if fitted:
+            specs.update(cls.bank_specs(config, n_train))
+            return specs
+        parts = recorded_count(arrays, "fit_parts")
+        for name, shape in cls.fit_shapes(config).items():
+            specs.update({f"fit_{name}_{i}": ArraySpec((None, *shape)) for i in range(parts)})
+        specs.update(fit_parts=ArraySpec((), "i"), train_paths=ArraySpec((n_train,), "U"))
+        return specs
 
     def _random_arrays(self) -> dict[str, np.ndarray]:
         """The method's random parts (none by default)."""

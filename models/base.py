@@ -25,11 +25,15 @@ from paddle import nn
 from engine.distributed import Collective
 from engine.errors import CheckpointError, ConfigError, InputError
 from engine.runtime import RunFn, Runtime, compile_layer, run_chunked
-from models.backbone import ResNetTrunk, build_trunk, layer_grid, weights_digest
-from models.checkpoint import check_identity, read_npz, write_npz
+from models.backbone import ResNetTrunk, build_trunk, check_arch, layer_grid, weights_digest
+from models.checkpoint import ArraySpec, check_arrays, check_identity, read_npz, write_npz
 
 Batch = np.ndarray | dict[str, Any]
 _TRUNK_PREFIX = "backbone."
+MAX_SIDE = 8192
+"""Largest image side a checkpoint may declare (engine.cli.MAX_SIDE for the arguments)."""
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,),
+                                             "bool": (bool,)}
 
 
 @dataclass
@@ -58,6 +62,51 @@ class ModelConfig:
         """The fields a loaded checkpoint must match: method, arch, k and input sizes."""
         return {"method": self.method, "arch": self.arch, "k": self.k,
                 "image_size": self.image_size, "resize": self.resize}
+
+
+def config_from_meta(path: str, meta: dict[str, Any]) -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint's metadata, every field type and size checked.
+
+    Raises a CheckpointError naming ``path`` for a missing field, a value of the wrong JSON type,
+    an unknown backbone or image sizes outside 1 <= image_size <= resize <= MAX_SIDE.
+    """
+    values = {}
+    for field in dataclasses.fields(ModelConfig):
+        if field.name not in meta and field.name != "method":
+            continue  # written before the field existed: its default
+        value = meta[field.name] if field.name in meta else None
+        wanted = _FIELD_TYPES[str(field.type)]
+        if not isinstance(value, wanted) or (bool not in wanted and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: metadata field {field.name} is {value!r}, expected "
+                                  f"{'a number' if field.type == 'float' else f'a {field.type}'}; "
+                                  "the file was changed or is damaged: train it again")
+        values[field.name] = value
+    config = ModelConfig(**values)
+    if not 1 <= config.image_size <= config.resize <= MAX_SIDE:
+        raise CheckpointError(f"{path}: metadata image_size={config.image_size}, "
+                              f"resize={config.resize}: need 1 <= image_size <= resize <= {MAX_SIDE}; "
+                              "the file was changed or is damaged: train it again")
+    for name in ("threshold", "category", "stage"):
+        value, wanted = meta.get(name), {"threshold": (int, float, type(None)), "category": (str,),
+                                         "stage": (str,)}[name]
+        if not isinstance(value, wanted) or isinstance(value, bool) or (
+            name == "threshold" and value is not None and not np.isfinite(value)
+        ) or (name == "stage" and value not in ("fit", "final")):
+            raise CheckpointError(f"{path}: metadata field {name} is {value!r}; "
+                                  "the file was changed or is damaged: train it again")
+    try:
+        check_arch(config.arch)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return config
+
+
+def recorded_count(arrays: dict[str, np.ndarray], name: str) -> int:
+    """The non-negative integer a checkpoint stores as the 0-d array ``name`` (ValueError if not)."""
+    value = arrays.get(name)
+    if value is None or value.shape != () or value.dtype.kind not in "iu" or int(value) < 0:
+        raise ValueError(f"{name} must be a non-negative integer scalar")
+    return int(value)
 
 
 def unpack_batch(batch: Batch) -> tuple[np.ndarray, list[str] | None]:
@@ -148,6 +197,19 @@ class AnomalyModel(ABC):
     def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
         """Inverse of :meth:`_arrays`."""
 
+    @classmethod
+    @abstractmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """The arrays :meth:`_arrays` writes for ``config`` (final statistics if ``fitted``, else
+        the fit state), with their shapes. ``arrays`` gives counts a fit state records itself."""
+
+    def check_statistics(self, source: str, fix: str) -> None:
+        """Raise a CheckpointError naming ``source`` if an array of the model is not what
+        :meth:`array_specs` declares (shape, dtype) or holds NaN/inf; ``fix`` ends the message."""
+        arrays = self._arrays()
+        check_arrays(source, arrays, self.array_specs(self.config, self.fitted, arrays), fix)
+
     # -- shared behaviour --------------------------------------------------------------------
     def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
         """Fit on an iterable of image batches (arrays or loader dicts), then finalise."""
@@ -171,7 +233,13 @@ class AnomalyModel(ABC):
             self._scorer = self.compile(self.fused_layer())
         outputs = [out for _, out in run_chunked(self._scorer, images, self.runtime.chunk)]
         amaps = np.concatenate([amap for amap, _ in outputs])
-        return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
+        scores = np.concatenate([scores for _, scores in outputs])
+        if not (np.isfinite(scores).all() and np.isfinite(amaps.sum(dtype=np.float64))):
+            raise CheckpointError(
+                f"{self.category or self.config.method}: the model gave NaN or inf anomaly scores; "
+                "its statistics are not finite: fit it again"
+            )
+        return amaps[:, 0], scores
 
     def reduce_across(self, collective: Collective) -> None:
         """Combine the fit states of all processes of a launched job (see engine.distributed).
@@ -251,8 +319,13 @@ class AnomalyModel(ABC):
         cls, path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], runtime: Runtime | None
     ) -> AnomalyModel:
         """Rebuild a model of this class from checkpoint contents (see :func:`load_model`)."""
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        config = ModelConfig(**{key: value for key, value in meta.items() if key in fields})
+        config = config_from_meta(path, meta)
+        fitted = meta.get("stage") == "final"
+        try:
+            specs = cls.array_specs(config, fitted, arrays)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
+        check_arrays(path, arrays, specs)
         trunk = ResNetTrunk(config.arch, cls.layers)
         trunk_arrays = {
             name[len(_TRUNK_PREFIX):]: value
@@ -265,7 +338,7 @@ class AnomalyModel(ABC):
         model.category = meta.get("category", "")
         model.meta = meta
         try:
-            model._restore(arrays, fitted=meta.get("stage") == "final")
+            model._restore(arrays, fitted=fitted)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
         return model
@@ -276,8 +349,12 @@ def load_checkpoint(
     registry: dict[str, type[AnomalyModel]],
     expect: ModelConfig | dict[str, Any] | None = None,
     runtime: Runtime | None = None,
+    final: bool = False,
 ) -> AnomalyModel:
-    """Load any method's checkpoint, checking it against ``expect`` (method/arch/k/size)."""
+    """Load any method's checkpoint, checking it against ``expect`` (method/arch/k/size).
+
+    ``final``: refuse a fit state (the unfinished fit train.py --save_every writes).
+    """
     meta, arrays = read_npz(path)
     if expect is not None:
         wanted = expect.identity() if isinstance(expect, ModelConfig) else dict(expect)
@@ -285,4 +362,7 @@ def load_checkpoint(
     method = meta.get("method")
     if method not in registry:
         raise CheckpointError(f"{path}: unknown method {method!r} in checkpoint")
+    if final and meta.get("stage") != "final":
+        raise CheckpointError(f"{path}: holds an unfinished fit (a --save_every fit state), not a "
+                              "fitted model; finish it with train.py --resume or pass a final checkpoint")
     return registry[method].from_file(path, meta, arrays, runtime)

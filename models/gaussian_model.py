@@ -7,6 +7,7 @@ distance, upsampling, blur and image score are shared here.
 
 from __future__ import annotations
 
+import math
 import zlib
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -18,9 +19,10 @@ from paddle import nn
 
 from engine.distributed import Collective
 from engine.errors import CheckpointError, ConfigError
-from engine.runtime import RunFn, run_chunked
-from models.backbone import layer_grid
-from models.base import AnomalyModel, Batch, unpack_batch
+from engine.runtime import RunFn, Runtime, run_chunked
+from models.backbone import layer_channels, layer_grid
+from models.base import AnomalyModel, Batch, ModelConfig, unpack_batch
+from models.checkpoint import ArraySpec, check_arrays
 from models.gaussian import GaussianAccumulator, gaussian_of, mean_of, squared_distances
 from models.layers import AnomalyMapHead, MahalanobisMap, ToRows
 from models.projection import FeatureConcat
@@ -67,6 +69,14 @@ class GaussianModel(AnomalyModel):
         self._inv_cov: np.ndarray | None = None
         self.n_train = 0
         self._embedder: RunFn | None = None
+
+    @classmethod
+    def create(cls, config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
+        """As AnomalyModel.create; a ConfigError unless eps is a finite number > 0."""
+        if not (math.isfinite(config.eps) and config.eps > 0):
+            raise ConfigError(f"--eps {config.eps}: must be a finite number > 0 "
+                              "(the covariance regulariser eps*I)")
+        return super().create(config, runtime)
 
     def feature_channels(self) -> int:
         """F, the channels of the concatenated features x; a ConfigError if k exceeds it."""
@@ -123,6 +133,14 @@ class GaussianModel(AnomalyModel):
         self._inv_cov = None  # formed when first used: after the threshold, see inv_cov
         self.fitted = True
         self._scorer = None
+        self._check_fitted({"mean": self.mean})
+
+    def _check_fitted(self, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse fitted statistics (see :meth:`array_specs`) that are not finite, naming the fit."""
+        specs = self.array_specs(self.config, True, arrays)
+        check_arrays(f"fit of {self.category or self.method}", arrays,
+                     {name: specs[name] for name in arrays},
+                     f"check --eps ({self.config.eps}) and the training images")
 
     @property
     def inv_cov(self) -> np.ndarray | None:
@@ -133,6 +151,7 @@ class GaussianModel(AnomalyModel):
         """
         if self._inv_cov is None and self.fitted:
             self._inv_cov = gaussian_of(self.folds, self.config.eps, self.fit_basis())[1]
+            self._check_fitted({"inv_cov": self._inv_cov})
         return self._inv_cov
 
     @inv_cov.setter
@@ -240,3 +259,25 @@ class GaussianModel(AnomalyModel):
     @abstractmethod
     def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
         """Inverse of :meth:`_random_arrays`."""
+
+    @classmethod
+    @abstractmethod
+    def random_specs(cls, config: ModelConfig, channels: tuple[int, ...]) -> dict[str, ArraySpec]:
+        """Shapes of :meth:`_random_arrays` for ``config``; ``channels`` per layer of the trunk."""
+
+    @classmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """Random parts, n_train and mean (P, k) / inv_cov (P, k, k), or per fold its count, mean
+        and scatter; P the positions of layer1's grid."""
+        side, k = layer_grid(config.image_size, cls.layers[0]), config.k
+        specs = {**cls.random_specs(config, layer_channels(config.arch, cls.layers)),
+                 "n_train": ArraySpec((), "i")}
+        if fitted:
+            specs.update(mean=ArraySpec((side * side, k)), inv_cov=ArraySpec((side * side, k, k)))
+            return specs
+        for index in range(cls.folds_count):
+            specs.update({f"fold{index}_count": ArraySpec((), "i"),
+                          f"fold{index}_mean": ArraySpec((side * side, k)),
+                          f"fold{index}_scatter": ArraySpec((side * side, k, k))})
+        return specs

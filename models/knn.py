@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from models.static_ops import arg_min, reduce_sum, sqrt
+from models.static_ops import arg_min, non_negative, reduce_sum, sqrt
 
 BLOCK = 1 << 22
 """Entries of the distance block (and of the bank block) :func:`knn` computes at once."""
@@ -153,7 +153,7 @@ class BankSearch(nn.Layer):
         q_sq = reduce_sum(queries * queries, axis=1)
         if len(partial.shape) == 2:
             q_sq = q_sq.unsqueeze(1)
-        return sqrt(paddle.clip(partial + q_sq, min=0.0))
+        return sqrt(non_negative(partial + q_sq))
 
     def nearest(self, queries: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """Distance (R,) of each centred query (R, D) to its nearest bank row, and that row (R,)."""

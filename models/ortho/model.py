@@ -6,6 +6,8 @@ import numpy as np
 from paddle import nn
 
 from models.backbone import layer_grid
+from models.base import ModelConfig
+from models.checkpoint import ArraySpec
 from models.gaussian_model import GaussianModel
 from models.projection import ProjectedEmbedding
 
@@ -69,6 +71,14 @@ class OrthoModel(GaussianModel):
         if self.basis is not None:
             arrays["fit_basis"] = self.basis
         return arrays
+
+    @classmethod
+    def random_specs(cls, config: ModelConfig, channels: tuple[int, ...]) -> dict[str, ArraySpec]:
+        """W (F, k), and the fit basis (k, k) when k >= layer1's channels."""
+        specs = {"projection": ArraySpec((sum(channels), config.k))}
+        if config.k >= channels[0]:
+            specs["fit_basis"] = ArraySpec((config.k, config.k))
+        return specs
 
     def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
         self.weight = np.asarray(arrays["projection"], dtype=np.float64)

@@ -10,8 +10,10 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from engine.errors import ConfigError
-from models.backbone import layer_grid
+from models.backbone import layer_channels, layer_grid
 from models.bank_model import MemoryBankModel
+from models.base import ModelConfig
+from models.checkpoint import ArraySpec
 from models.knn import BankSearch
 from models.layers import SmoothUpsample, ToRows
 from models.projection import FeatureConcat
@@ -156,6 +158,23 @@ class PatchCoreModel(MemoryBankModel):
 
     def _searched(self) -> np.ndarray:
         return self.bank
+
+    @classmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Patch features (P, D) on layer2's grid."""
+        side = layer_grid(config.image_size, cls.layers[0])
+        return {"patches": (side * side, sum(layer_channels(config.arch, cls.layers)))}
+
+    @classmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """The coreset (M, D)."""
+        return {"bank": ArraySpec((None, cls.fit_shapes(config)["patches"][1]))}
+
+    @classmethod
+    def random_specs(cls, config: ModelConfig) -> dict[str, ArraySpec]:
+        """The coreset selection's projection (D, projection_dim) and start ()."""
+        dims = cls.fit_shapes(config)["patches"][1]
+        return {"projection": ArraySpec((dims, config.projection_dim)), "coreset_start": ArraySpec(())}
 
     def _random_arrays(self) -> dict[str, np.ndarray]:
         return {"projection": self.projection, "coreset_start": np.array(self.start)}

@@ -9,7 +9,10 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
+from models.backbone import layer_channels, layer_grid
 from models.bank_model import MemoryBankModel, concatenate_released
+from models.base import ModelConfig
+from models.checkpoint import ArraySpec
 from models.knn import BankSearch
 from models.layers import SmoothUpsample
 from models.static_ops import reduce_sum, sqrt
@@ -113,6 +116,22 @@ class SpadeModel(MemoryBankModel):
 
     def _searched(self) -> np.ndarray:
         return self.vectors
+
+    @classmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """layer1..3 maps (C_i, g_i, g_i) and the image vector (C_4,)."""
+        channels = dict(zip(cls.layers, layer_channels(config.arch, cls.layers), strict=True))
+        shapes = {}
+        for name in MAP_LAYERS:
+            side = layer_grid(config.image_size, name)
+            shapes[name] = (channels[name], side, side)
+        return {**shapes, "vector": (channels["layer4"],)}
+
+    @classmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """The gallery: every training image's vector and maps."""
+        return {f"gallery_{name}": ArraySpec((n_train, *shape))
+                for name, shape in cls.fit_shapes(config).items()}
 
     def _bank_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"gallery_vector": self.vectors}
