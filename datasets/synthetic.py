@@ -35,6 +35,8 @@ from PIL import Image
 from core.errors import ConfigError, ToolkitError
 from datasets.mvtec import build_atomically
 
+DEMO_ROOT = Path("data/demo")
+"""Where the scripts generate and look for the demo data."""
 CATEGORIES = ("tiles", "disc")
 DEFECTS = ("scratch", "spot")
 MARKER = ".synthetic.json"

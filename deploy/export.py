@@ -112,6 +112,7 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
     Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
     :meth:`unfused_parts` (ortho, padim).
     """
+    model.check_statistics(source or f"{model.config.method} model", "fit it again")
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
     if not fuse and model.unfused_parts() is None:

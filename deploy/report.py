@@ -134,9 +134,10 @@ class Reporter:
     Heat maps share one colour scale: 0 to 1.5 x threshold, so the threshold shows as orange.
     """
 
-    def __init__(self, save_path: str, threshold: float) -> None:
+    def __init__(self, save_path: str, threshold: float, save_pic: bool = True) -> None:
         self.folder = Path(save_path)
         self.threshold = float(threshold)
+        self.save_pic = save_pic
         self.records: list[dict[str, Any]] = []
 
     @property
@@ -145,19 +146,24 @@ class Reporter:
         return self.folder / "results.jsonl"
 
     def add(self, path: Path, name: str, image: np.ndarray, amap: np.ndarray, score: float) -> None:
-        """Report one image: ``image`` (3, S, S) normalised, ``amap`` (S, S), ``score``."""
+        """Report one image: ``image`` (3, S, S) normalised, ``amap`` (S, S), ``score``.
+
+        Without ``save_pic`` no PNG is written and the record's ``image`` is None.
+        """
         if not np.isfinite(score):
             raise InputError(f"{path}: the anomaly score is NaN or inf; check the image and model")
         anomalous = bool(score > self.threshold)
         flag = "yes" if anomalous else "no"
-        title = f"score={score:.4f} threshold={self.threshold:.4f} anomalous={flag}"
-        panel = four_panel(denormalize(image), amap, self.threshold, 0.0, 1.5 * self.threshold,
-                           title=title)
-        save_png(self.folder / name, panel)
+        if self.save_pic:
+            title = f"score={score:.4f} threshold={self.threshold:.4f} anomalous={flag}"
+            panel = four_panel(denormalize(image), amap, self.threshold, 0.0, 1.5 * self.threshold,
+                               title=title)
+            save_png(self.folder / name, panel)
         print(f"{path} score={score:.6f} anomalous={flag}")
         self.records.append({"path": str(path), "score": float(score),
                              "label": "anomalous" if anomalous else "normal",
-                             "threshold": self.threshold, "image": str(self.folder / name)})
+                             "threshold": self.threshold,
+                             "image": str(self.folder / name) if self.save_pic else None})
 
     def write_jsonl(self) -> Path:
         """Write results.jsonl (one JSON object per image reported so far) atomically."""
@@ -187,7 +193,8 @@ def report_all(results: Iterable[Result], reporter: Reporter, names: dict[Path, 
                          f"are in {reporter.jsonl_path})") from error
     finally:
         reporter.write_jsonl()
-    print(f"wrote {len(reporter.records)} pictures and {reporter.jsonl_path}")
+    pictures = f"{len(reporter.records)} pictures and " if reporter.save_pic else ""
+    print(f"wrote {pictures}{reporter.jsonl_path}")
     if bad.skipped:
         print(f"skipped {len(bad.skipped)} of {len(names)} images (listed above); exit status "
               f"{SKIPPED_STATUS}", file=sys.stderr)

@@ -15,6 +15,7 @@ PANEL_GAP = 4
 CAPTION_HEIGHT = 16
 """Height of a caption row (and of the title line), in pixels."""
 CAPTIONS = ("image", "heat map", "mask", "boundary")
+GROUND_TRUTH_CAPTION = "ground truth"
 BOUNDARY_RGB = (255, 0, 0)
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -55,6 +56,11 @@ def mask_boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _white_on_black(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W) -> uint8 (H, W, 3): 255 where ``mask``, 0 elsewhere."""
+    return np.repeat(np.where(mask, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+
+
 def _panel(rgb: np.ndarray, caption: str) -> Image.Image:
     """One panel: ``rgb`` (H, W, 3) under a caption row, the caption clipped to the panel width."""
     height, width = rgb.shape[:2]
@@ -71,6 +77,7 @@ def four_panel(
     vmin: float,
     vmax: float,
     title: str = "",
+    ground_truth: np.ndarray | None = None,
 ) -> np.ndarray:
     """Side-by-side image, heat map, predicted mask and mask boundary; uint8 (h, w, 3).
 
@@ -79,7 +86,8 @@ def four_panel(
     ``amap > threshold`` in white on black; the last panel draws the mask boundary, dilated by one
     pixel, in red over the image. Each panel has a caption row above it and ``title``, if given,
     gets a line of its own on top, so h = H + CAPTION_HEIGHT (+ CAPTION_HEIGHT with a title) and
-    w = 4 W + 3 PANEL_GAP with white gaps.
+    w = 4 W + 3 PANEL_GAP with white gaps. ``ground_truth`` (bool or 0/1 (H, W)), if given, adds a
+    "ground truth" panel (white on black) after the image: w = 5 W + 4 PANEL_GAP.
     """
     image = np.asarray(image)
     amap = np.asarray(amap, dtype=np.float64)
@@ -90,16 +98,25 @@ def four_panel(
     heat = colormap_jet(normalize_map(amap, vmin, vmax)).astype(np.uint16) + image
     heat = ((heat + 1) // 2).astype(np.uint8)
     predicted = amap > threshold
-    mask_rgb = np.repeat(np.where(predicted, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+    mask_rgb = _white_on_black(predicted)
     outline = ndimage.binary_dilation(mask_boundary(predicted), structure=_EIGHT_CONNECTED)
     boundary = image.copy()
     boundary[outline] = BOUNDARY_RGB
 
+    panels = [image, heat, mask_rgb, boundary]
+    captions = list(CAPTIONS)
+    if ground_truth is not None:
+        if np.shape(ground_truth) != amap.shape:
+            raise ValueError(f"ground_truth has shape {np.shape(ground_truth)} but amap is {amap.shape}")
+        panels.insert(1, _white_on_black(np.asarray(ground_truth) > 0))
+        captions.insert(1, GROUND_TRUTH_CAPTION)
+
     height, width = amap.shape
     top = CAPTION_HEIGHT if title else 0
-    sheet = Image.new("RGB", (4 * width + 3 * PANEL_GAP, top + CAPTION_HEIGHT + height), "white")
-    panels = (image, heat, mask_rgb, boundary)
-    for index, (rgb, caption) in enumerate(zip(panels, CAPTIONS, strict=True)):
+    count = len(panels)
+    sheet = Image.new("RGB", (count * width + (count - 1) * PANEL_GAP, top + CAPTION_HEIGHT + height),
+                      "white")
+    for index, (rgb, caption) in enumerate(zip(panels, captions, strict=True)):
         sheet.paste(_panel(rgb, caption), (index * (width + PANEL_GAP), top))
     if title:
         ImageDraw.Draw(sheet).text((2, 2), title, fill="black", font=ImageFont.load_default())

@@ -7,17 +7,35 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from core.device import parse_device, select_device
 from core.distributed import World
 from core.runtime import Runtime
-from core.script import str2bool
+from core.script import (
+    image_side,
+    non_negative_int,
+    positive_int,
+    str2bool,
+)
 from datasets import Preprocess
-from datasets.synthetic import generate
+from datasets.synthetic import DEMO_ROOT, generate
 from engine.workflow import DataPlan, EvalPlan, FitPlan
-from models import METHODS, ModelConfig, model_config
+from models import METHODS, ModelConfig, method_class, model_config
 
-DEMO_ROOT = Path("data/demo")
+DEFAULT_SAVE_PATH = "./output"
+METHOD_ALIASES = {"sample": "padim", "coreset": "patchcore"}
+"""Method names of the reference Paddle reproduction and the method each one is here."""
+
+
+def method_name(value: str) -> str:
+    """``--method`` as given, with the reproduction's names mapped to ours (sample -> padim,
+    coreset -> patchcore; a note on stdout says so)."""
+    name = value.strip().lower()
+    if name in METHOD_ALIASES:
+        print(f"--method {name} is {METHOD_ALIASES[name]} here")
+        return METHOD_ALIASES[name]
+    return name
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -27,11 +45,11 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help=f"dataset root in MVTec AD layout (default: demo data in {DEMO_ROOT})")
     group.add_argument("--category", default="all",
                        help="a category, a comma list, all, textures or objects (default: all)")
-    group.add_argument("--resize", type=int, default=256, help="square resize side (default 256)")
-    group.add_argument("--crop_size", type=int, default=None,
+    group.add_argument("--resize", type=image_side, default=256, help="square resize side (default 256)")
+    group.add_argument("--crop_size", type=image_side, default=None,
                        help="centre crop side, the network input (default: = resize)")
-    group.add_argument("--batch_size", type=int, default=32, help="images per batch (default 32)")
-    group.add_argument("--num_workers", type=int, default=2,
+    group.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default 32)")
+    group.add_argument("--num_workers", type=non_negative_int, default=2,
                        help="image-loading threads, 0 = load in the main thread (default 2)")
 
 
@@ -58,10 +76,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """--method, --arch, --seed, --pretrained, and every method's options (``--k``, ``--eps``,
     PatchCore's, SPADE's, ...) as the methods declare them (models.base.MethodOptions)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--method", default="ortho", help=f"{', '.join(METHODS)} (default ortho)")
+    group.add_argument("--method", default="ortho", type=method_name,
+                       help=f"{', '.join(METHODS)} (default ortho); the reproduction's sample and "
+                            "coreset mean padim and patchcore")
     group.add_argument("--arch", default="resnet18",
                        help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed of every random draw (projection, channels, random init)")
     group.add_argument("--pretrained", default="imagenet",
                        help="imagenet (Paddle's download and cache), PATH.pdparams, or none")
@@ -72,7 +92,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
             options.add_argument(f"--{name}", action="store_true", default=None, help=_option_help(owners))
         else:
             kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
-            options.add_argument(f"--{name}", type=kind, default=None, help=_option_help(owners))
+            options.add_argument(f"--{name}", type=field.metadata.get("parse") or kind, default=None,
+                                 help=_option_help(owners))
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -82,7 +103,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine", default="inference", choices=("inference", "dynamic"),
                        help="inference: Paddle Inference predictor (fast, default); "
                             "dynamic: eager Paddle")
-    group.add_argument("--cpu_threads", type=int, default=min(os.cpu_count() or 1, 8),
+    group.add_argument("--cpu_threads", type=positive_int, default=min(os.cpu_count() or 1, 8),
                        help="CPU math threads of the predictor")
     group.add_argument("--enable_mkldnn", type=str2bool, default=True,
                        help="use oneDNN on the CPU (default True)")
@@ -98,10 +119,73 @@ def script_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    """--eval_PRO, --non_partial_AUC."""
+    """--eval_PRO, --non_partial_AUC, --test_batch_size, --save_pic."""
     parser.add_argument("--eval_PRO", action="store_true", help="also compute the PRO score")
     parser.add_argument("--non_partial_AUC", action="store_true",
                         help="AUROC by the midpoint-rectangle rule of the reference reproduction")
+    parser.add_argument("--test_batch_size", type=positive_int, default=None,
+                        help="images per batch when scoring the test split (default: --batch_size)")
+    parser.add_argument("--save_pic", type=str2bool, default=False,
+                        help="True: write the picture of every test image (image, ground truth, heat "
+                             "map, mask, boundary) under the results folder, in <category>/ "
+                             "(default False)")
+
+
+def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ...] = ("--crop_size",)
+                      ) -> None:
+    """--method, --arch, --k, --resize and ``size_flags`` (the input side) as optional checks.
+
+    They are read from the checkpoint; the ones given must match it (see :func:`expected_identity`).
+    Without ``--model_path``, --method/--arch/--k also name the checkpoint folder (defaults ortho,
+    resnet18, the method's k), as in train.py.
+    """
+    group = parser.add_argument_group("checks against the checkpoint (read from it when not given)")
+    group.add_argument("--method", default=None, type=method_name,
+                       help="ortho, padim, spade or patchcore (sample = padim, coreset = patchcore)")
+    group.add_argument("--arch", default=None, help="resnet18, resnet50 or wide_resnet50_2")
+    group.add_argument("--k", type=positive_int, default=None, help="k of the checkpoint")
+    group.add_argument("--resize", type=image_side, default=None, help="resize side of the checkpoint")
+    group.add_argument(*size_flags, type=image_side, default=None,
+                       help="network input side of the checkpoint")
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser, save_path_help: str, category_help: str) -> None:
+    """--model_path, --save_path (train.py's root, default ./output) and --category: which checkpoints."""
+    parser.add_argument("--model_path", default=None,
+                        help="a checkpoint .npz, or a folder of <category>.npz checkpoints "
+                             "(default: SAVE_PATH/<method>_<arch>_<k>, train.py's layout)")
+    parser.add_argument("--save_path", default=DEFAULT_SAVE_PATH,
+                        help=f"{save_path_help} (default {DEFAULT_SAVE_PATH})")
+    parser.add_argument("--category", default=None, help=category_help)
+
+
+def expected_identity(args: argparse.Namespace, side: str = "crop_size") -> dict[str, Any]:
+    """The checkpoint fields the user asked for: method, arch, k, resize, image_size (given ones only).
+
+    ``side`` names the attribute holding the input side (export_model.py's is img_size); it
+    defaults to --resize when only --resize is given (train.py's rule); k is checked only when
+    given (patchcore's is always 0).
+    """
+    wanted: dict[str, Any] = {}
+    for key in ("method", "arch"):
+        if getattr(args, key) is not None:
+            wanted[key] = getattr(args, key)
+    if args.k is not None and (not args.method or "k" in method_class(args.method).Options.name_fields):
+        wanted["k"] = args.k  # a method without k (patchcore) ignores --k, as train.py does
+    if args.resize is not None:
+        wanted["resize"] = args.resize
+    if (getattr(args, side) or args.resize) is not None:
+        wanted["image_size"] = getattr(args, side) or args.resize
+    return wanted
+
+
+def checkpoint_folder(model_path: str | None, save_path: str | None,
+                      args: argparse.Namespace) -> Path:
+    """``model_path`` (a folder or a .npz) or train.py's SAVE_PATH/<method>_<arch>_<k>."""
+    if model_path:
+        return Path(model_path)
+    config = model_config(args.method or "ortho", strict=False, arch=args.arch or "resnet18", k=args.k)
+    return Path(save_path or DEFAULT_SAVE_PATH) / config.run_name
 
 
 def config_from(args: argparse.Namespace, method: str | None = None) -> ModelConfig:
@@ -131,7 +215,8 @@ def preprocess_from(args: argparse.Namespace) -> Preprocess:
 
 def data_plan_from(args: argparse.Namespace) -> DataPlan:
     """The data arguments as a plan (the demo data is generated if no --data_path is given)."""
-    return DataPlan(data_root(args), preprocess_from(args), args.batch_size, args.num_workers)
+    preprocess = None if args.resize is None else preprocess_from(args)  # eval.py: the checkpoint's
+    return DataPlan(data_root(args), preprocess, args.batch_size, args.num_workers)
 
 
 def fit_plan_from(args: argparse.Namespace, data: DataPlan) -> FitPlan:
@@ -142,7 +227,8 @@ def fit_plan_from(args: argparse.Namespace, data: DataPlan) -> FitPlan:
 
 def eval_plan_from(args: argparse.Namespace, data: DataPlan) -> EvalPlan:
     """--eval_PRO / --non_partial_AUC as an evaluation plan."""
-    return EvalPlan(data, args.eval_PRO, "midpoint" if args.non_partial_AUC else "trapezoid")
+    return EvalPlan(data, args.eval_PRO, "midpoint" if args.non_partial_AUC else "trapezoid",
+                    args.test_batch_size, args.save_pic)
 
 
 def runtime_from(args: argparse.Namespace, world: World | None = None) -> Runtime:

@@ -24,8 +24,9 @@ from tqdm import tqdm
 from core.distributed import Collective, World
 from core.errors import CheckpointError, ConfigError
 from core.runtime import Runtime
-from datasets import AnomalyDataset, BatchLoader, Preprocess, Sample, list_samples, shard_indices
-from engine.evaluate import metrics, score_batches
+from datasets import AnomalyDataset, BatchLoader, Preprocess, Sample, denormalize, list_samples, shard_indices
+from deploy.visualize import four_panel, save_png
+from engine.evaluate import ScoredSet, metrics, score_batches
 from models import AnomalyModel, ModelConfig, build_model, load_model, method_class
 
 
@@ -35,7 +36,8 @@ class DataPlan:
     images per batch, loading threads (0 = the main thread)."""
 
     root: Path
-    preprocess: Preprocess
+    preprocess: Preprocess | None = None
+    """None: each checkpoint's own (an evaluation); a fit needs it."""
     batch_size: int = 32
     num_workers: int = 2
 
@@ -62,6 +64,8 @@ class FitPlan:
     resume: bool = False
 
     def __post_init__(self) -> None:
+        if self.data.preprocess is None:
+            raise ConfigError("a FitPlan needs DataPlan.preprocess (the training images' resize and crop)")
         size, resize = self.data.preprocess.size, self.data.preprocess.resize
         if (self.config.image_size, self.config.resize) != (size, resize):
             raise ConfigError(f"the model config has image_size {self.config.image_size}, resize "
@@ -84,12 +88,16 @@ class FitPlan:
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """An evaluation: the data, whether to compute PRO, and the AUROC rule (trapezoid or
-    midpoint, the reference reproduction's)."""
+    """An evaluation: the data (its root, workers and batch size; the preprocessing is each
+    checkpoint's own), whether to compute PRO, the AUROC rule (trapezoid or midpoint, the
+    reference reproduction's), the test batch size (None: the data's) and whether to write a
+    picture of every test image."""
 
     data: DataPlan
     pro: bool = False
     rule: str = "trapezoid"
+    test_batch_size: int | None = None
+    save_pic: bool = False
 
 
 def with_progress(loader: BatchLoader, total: int, desc: str,
@@ -124,6 +132,13 @@ def _start(plan: FitPlan, category: str, runtime: Runtime, digest: str) -> Anoma
         model.category = category
         return model
     model = load_model(str(path), expect=plan.config.identity(), runtime=runtime)
+    was, now = model.config.to_meta(), plan.config.to_meta()
+    changed = [name for name, value in now.items() if was.get(name) != value]
+    if changed:
+        raise CheckpointError(
+            f"{path}: this fit state was made with {', '.join(f'{n}={was.get(n)}' for n in changed)}, "
+            f"this run asks for {', '.join(f'{n}={now[n]}' for n in changed)}; "
+            "pass the same arguments to resume, or delete it to start over")
     if model.fitted or model.meta.get("train_images_sha256") != digest:
         raise CheckpointError(
             f"{path}: this fit state belongs to another list of training images (or is finished); "
@@ -187,9 +202,43 @@ def train_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
     return model
 
 
-def evaluate_category(plan: EvalPlan, category: str, model: AnomalyModel) -> dict[str, Any]:
-    """Score the test split of ``category`` and compute the metrics row."""
+def model_preprocess(model: AnomalyModel) -> Preprocess:
+    """The preprocessing a checkpoint was fitted with (its resize and input side)."""
+    return Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
+
+
+def save_test_pictures(folder: Path, dataset: AnomalyDataset, scored: ScoredSet,
+                       threshold: float) -> None:
+    """Write ``folder/<defect>_<name>.png`` for every test image: image, ground truth (when the
+    image has a mask), heat map (0 to 1.5 x threshold, as predict.py), mask ``map > threshold``
+    and its boundary. ``scored`` holds the maps (N, S, S) and scores (N,) of ``dataset``, in order."""
+    for index, sample in enumerate(dataset.samples):
+        item = dataset[index]
+        score = float(scored.scores[index])
+        flag = "yes" if score > threshold else "no"
+        title = f"{sample.defect} score={score:.4f} threshold={threshold:.4f} anomalous={flag}"
+        panel = four_panel(denormalize(item["image"]), scored.maps[index], threshold, 0.0,
+                           1.5 * threshold, title=title, ground_truth=item["mask"])
+        save_png(folder / f"{sample.defect}_{sample.path.stem}.png", panel)
+
+
+def evaluate_category(plan: EvalPlan, category: str, model: AnomalyModel,
+                      out: Path | None = None) -> dict[str, Any]:
+    """Score the test split of ``category`` and compute the metrics row.
+
+    Images are preprocessed as the checkpoint was fitted; with ``plan.save_pic`` the pictures go
+    to ``out/<category>/``.
+    """
     samples = list_samples(plan.data.root, category, "test")
-    loader = plan.data.loader(samples)
+    dataset = AnomalyDataset(samples, model_preprocess(model))
+    loader = BatchLoader(dataset, plan.test_batch_size or plan.data.batch_size, plan.data.num_workers)
     scored = score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+    if plan.save_pic:
+        if out is None:
+            raise ConfigError("EvalPlan.save_pic: pass evaluate_category the folder for the pictures")
+        if model.threshold is None:
+            raise CheckpointError(f"{category}: the checkpoint holds no threshold (never calibrated), "
+                                  "so --save_pic has no mask to draw; train it again")
+        save_test_pictures(out / category, dataset, scored, model.threshold)
+        print(f"{category}: wrote {len(samples)} pictures to {out / category}", file=sys.stderr)
     return metrics(scored, category, plan.pro, plan.rule)

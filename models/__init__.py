@@ -59,10 +59,12 @@ def build_model(config: ModelConfig, runtime: Runtime | None = None) -> AnomalyM
 
 
 def load_model(
-    path: str, expect: ModelConfig | dict[str, Any] | None = None, runtime: Runtime | None = None
+    path: str, expect: ModelConfig | dict[str, Any] | None = None, runtime: Runtime | None = None,
+    final: bool = False,
 ) -> AnomalyModel:
-    """Load a checkpoint of any method; ``expect`` (method/arch/size/k) must match if given."""
-    return load_checkpoint(path, METHODS, expect, runtime)
+    """Load a checkpoint of any method; ``expect`` (method/arch/k/size) must match if given;
+    ``final`` refuses a fit state."""
+    return load_checkpoint(path, METHODS, expect, runtime, final)
 
 
 def load_plugins(names: str) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -25,16 +25,21 @@ from paddle import nn
 from core.distributed import Collective
 from core.errors import CheckpointError, ConfigError, InputError
 from core.runtime import RunFn, Runtime, compile_layer, run_chunked
-from models.checkpoint import check_identity, read_npz, write_npz
-from models.components.backbone import ResNetTrunk, build_trunk, layer_grid, weights_digest
+from models.checkpoint import ArraySpec, check_arrays, check_identity, read_npz, write_npz
+from models.components.backbone import ResNetTrunk, build_trunk, check_arch, layer_grid, weights_digest
 
 Batch = np.ndarray | dict[str, Any]
 _TRUNK_PREFIX = "backbone."
+MAX_SIDE = 8192
+"""Largest image side a checkpoint may declare (engine.cli.MAX_SIDE for the arguments)."""
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,),
+                                             "bool": (bool,)}
 
 
-def option(default: Any, help: str) -> Any:
-    """A method option: a dataclass field with the help of its command-line flag ``--<name>``."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A method option: a dataclass field with the help of its command-line flag ``--<name>`` and
+    the argparse ``type=`` that parses and range-checks it (default: the field's type)."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
 
 
 @dataclass(frozen=True)
@@ -111,6 +116,51 @@ class UnfusedParts:
     layer: nn.Layer
     arrays: dict[str, np.ndarray]
     meta: dict[str, Any]
+
+
+def config_from_meta(path: str, meta: dict[str, Any], options: type[MethodOptions]) -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint's metadata (shared fields and the fields of
+    ``options``, the method's), every field type and size checked.
+
+    Raises a CheckpointError naming ``path`` for a missing field, a value of the wrong JSON type,
+    an unknown backbone or image sizes outside 1 <= image_size <= resize <= MAX_SIDE.
+    """
+    fields = [f for f in dataclasses.fields(ModelConfig) if f.name != "options"]
+    for field in [*fields, *dataclasses.fields(options)]:
+        if field.name not in meta and field.name != "method":
+            continue  # written before the field existed: its default
+        value = meta[field.name] if field.name in meta else None
+        wanted = _FIELD_TYPES[str(field.type)]
+        if not isinstance(value, wanted) or (bool not in wanted and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: metadata field {field.name} is {value!r}, expected "
+                                  f"{'a number' if field.type == 'float' else f'a {field.type}'}; "
+                                  "the file was changed or is damaged: train it again")
+    config = ModelConfig.from_meta(meta, options)
+    if not 1 <= config.image_size <= config.resize <= MAX_SIDE:
+        raise CheckpointError(f"{path}: metadata image_size={config.image_size}, "
+                              f"resize={config.resize}: need 1 <= image_size <= resize <= {MAX_SIDE}; "
+                              "the file was changed or is damaged: train it again")
+    for name in ("threshold", "category", "stage"):
+        value, wanted = meta.get(name), {"threshold": (int, float, type(None)), "category": (str,),
+                                         "stage": (str,)}[name]
+        if not isinstance(value, wanted) or isinstance(value, bool) or (
+            name == "threshold" and value is not None and not np.isfinite(value)
+        ) or (name == "stage" and value not in ("fit", "final")):
+            raise CheckpointError(f"{path}: metadata field {name} is {value!r}; "
+                                  "the file was changed or is damaged: train it again")
+    try:
+        check_arch(config.arch)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return config
+
+
+def recorded_count(arrays: dict[str, np.ndarray], name: str) -> int:
+    """The non-negative integer a checkpoint stores as the 0-d array ``name`` (ValueError if not)."""
+    value = arrays.get(name)
+    if value is None or value.shape != () or value.dtype.kind not in "iu" or int(value) < 0:
+        raise ValueError(f"{name} must be a non-negative integer scalar")
+    return int(value)
 
 
 def unpack_batch(batch: Batch) -> tuple[np.ndarray, list[str] | None]:
@@ -202,6 +252,19 @@ class AnomalyModel(ABC):
     def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
         """Inverse of :meth:`_arrays`."""
 
+    @classmethod
+    @abstractmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """The arrays :meth:`_arrays` writes for ``config`` (final statistics if ``fitted``, else
+        the fit state), with their shapes. ``arrays`` gives counts a fit state records itself."""
+
+    def check_statistics(self, source: str, fix: str) -> None:
+        """Raise a CheckpointError naming ``source`` if an array of the model is not what
+        :meth:`array_specs` declares (shape, dtype) or holds NaN/inf; ``fix`` ends the message."""
+        arrays = self._arrays()
+        check_arrays(source, arrays, self.array_specs(self.config, self.fitted, arrays), fix)
+
     # -- shared behaviour --------------------------------------------------------------------
     # -- the fit's course: epochs over the training images (one for the statistics methods) -------
     @property
@@ -248,7 +311,13 @@ class AnomalyModel(ABC):
             self._scorer = self.compile(self.fused_layer())
         outputs = [out for _, out in run_chunked(self._scorer, images, self.runtime.chunk)]
         amaps = np.concatenate([amap for amap, _ in outputs])
-        return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
+        scores = np.concatenate([scores for _, scores in outputs])
+        if not (np.isfinite(scores).all() and np.isfinite(amaps.sum(dtype=np.float64))):
+            raise CheckpointError(
+                f"{self.category or self.config.method}: the model gave NaN or inf anomaly scores; "
+                "its statistics are not finite: fit it again"
+            )
+        return amaps[:, 0], scores
 
     def unfused_parts(self) -> UnfusedParts | None:
         """The reference deploy layout of this model, or None if it only exports fused."""
@@ -332,7 +401,13 @@ class AnomalyModel(ABC):
         cls, path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], runtime: Runtime | None
     ) -> AnomalyModel:
         """Rebuild a model of this class from checkpoint contents (see :func:`load_model`)."""
-        config = ModelConfig.from_meta(meta, cls.Options)
+        config = config_from_meta(path, meta, cls.Options)
+        fitted = meta.get("stage") == "final"
+        try:
+            specs = cls.array_specs(config, fitted, arrays)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
+        check_arrays(path, arrays, specs)
         trunk = ResNetTrunk(config.arch, cls.layers)
         trunk_arrays = {
             name[len(_TRUNK_PREFIX):]: value
@@ -345,7 +420,7 @@ class AnomalyModel(ABC):
         model.category = meta.get("category", "")
         model.meta = meta
         try:
-            model._restore(arrays, fitted=meta.get("stage") == "final")
+            model._restore(arrays, fitted=fitted)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
         return model
@@ -356,8 +431,12 @@ def load_checkpoint(
     registry: dict[str, type[AnomalyModel]],
     expect: ModelConfig | dict[str, Any] | None = None,
     runtime: Runtime | None = None,
+    final: bool = False,
 ) -> AnomalyModel:
-    """Load any method's checkpoint, checking it against ``expect`` (method/arch/k/size)."""
+    """Load any method's checkpoint, checking it against ``expect`` (method/arch/k/size).
+
+    ``final``: refuse a fit state (the unfinished fit train.py --save_every writes).
+    """
     meta, arrays = read_npz(path)
     if expect is not None:
         wanted = expect.identity() if isinstance(expect, ModelConfig) else dict(expect)
@@ -365,4 +444,7 @@ def load_checkpoint(
     method = meta.get("method")
     if method not in registry:
         raise CheckpointError(f"{path}: unknown method {method!r} in checkpoint")
+    if final and meta.get("stage") != "final":
+        raise CheckpointError(f"{path}: holds an unfinished fit (a --save_every fit state), not a "
+                              "fitted model; finish it with train.py --resume or pass a final checkpoint")
     return registry[method].from_file(path, meta, arrays, runtime)

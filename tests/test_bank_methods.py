@@ -33,7 +33,7 @@ from engine.cli import config_from
 from engine.evaluate import metrics, score_batches
 from engine.workflow import DataPlan, FitPlan, fit_category
 from models import METHODS, Runtime, build_model, load_model, model_config
-from models.components.knn import BankSearch, knn
+from models.components.knn import BankSearch, PreparedBank, knn
 from models.components.layers import SmoothUpsample
 from models.components.sampling import kcenter_greedy, project, take_rows
 
@@ -128,6 +128,56 @@ def test_knn_float32_is_accurate_on_features_with_a_large_mean():
     np.testing.assert_allclose(dist[:, 0], ref.min(axis=1), rtol=1e-3)
 
 
+def brute_force(queries, bank, k, exclude=None):
+    """The search written out as before the prepared bank: the bank's mean, centred rows and norms
+    taken for this call, one (Q, M) block, float32 like the held-out scores."""
+    center = bank.mean(axis=0, dtype=np.float64)
+    centred_q = (queries - center).astype(np.float32)
+    centred_b = bank.astype(np.float32) - center.astype(np.float32)
+    squared = (np.einsum("ij,ij->i", centred_q, centred_q)[:, None] - 2.0 * (centred_q @ centred_b.T)
+               + np.einsum("ij,ij->i", centred_b, centred_b)[None])
+    if exclude is not None:
+        squared[:, exclude] = np.inf
+    index = np.argsort(squared, axis=1, kind="stable")[:, :k]
+    return np.sqrt(np.maximum(np.take_along_axis(squared, index, axis=1), 0.0)), index
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_prepared_bank_reused_equals_the_per_call_search(k):
+    """One PreparedBank searched many times (blocks of bank rows and of queries, rows left out or
+    not) gives the per-call formula's indices and distances to float32 rounding."""
+    rng = np.random.default_rng(10 + k)
+    bank = (3.0 + rng.standard_normal((700, 24))).astype(np.float32)
+    prepared = PreparedBank(bank)
+    assert prepared.rows.dtype == np.float32 and prepared.squared.shape == (700,)
+    np.testing.assert_allclose(prepared.rows.mean(axis=0), 0.0, atol=1e-5)
+    for seed in range(3):
+        queries = (3.0 + rng.standard_normal((40, 24))).astype(np.float32)
+        exclude = (np.arange(700) // 100 == seed) if seed else None
+        dist, index = prepared.search(queries, k, exclude, block=24 * 64)
+        ref_dist, ref_index = brute_force(queries, bank, k, exclude)
+        np.testing.assert_array_equal(index, ref_index)
+        np.testing.assert_allclose(dist, ref_dist, rtol=2e-6)
+        if exclude is not None:
+            assert not exclude[index].any()
+    half = PreparedBank(bank.astype(np.float16))  # --half banks search in float32
+    assert half.dtype == np.float32
+    np.testing.assert_array_equal(half.search(bank[:5], 1)[1][:, 0], np.arange(5))
+
+
+def test_bank_models_prepare_their_bank_once_per_fit(fitted, train_images, train_names):
+    model = new_model(fitted.method).fit(batches(train_images, train_names))
+    list(model.calibration_scores(batches(train_images[:4], train_names[:4])))
+    prepared = model.prepared
+    searched = model.bank if model.method == "patchcore" else model.vectors
+    assert prepared.rows.shape == searched.shape
+    list(model.calibration_scores(batches(train_images[4:8], train_names[4:8])))
+    assert model.prepared is prepared
+    model.fit(batches(train_images[:6], train_names[:6]))  # a new fit makes a new bank
+    assert model.prepared is not prepared
+    assert len(model.prepared) == len(model.bank if model.method == "patchcore" else model.vectors)
+
+
 @pytest.mark.parametrize("slice_rows", [7, 50])
 def test_bank_search_layer_equals_knn(slice_rows):
     rng = np.random.default_rng(slice_rows)
@@ -139,6 +189,9 @@ def test_bank_search_layer_equals_knn(slice_rows):
         centred = layer.center(paddle.to_tensor(queries))
         dist, index = (t.numpy() for t in layer.nearest(centred))
         dist_k, index_k = (t.numpy() for t in layer.smallest(centred, 4))
+        rows = layer.rows(paddle.to_tensor(np.arange(50))).numpy()
+    mean = bank.astype(np.float64).mean(axis=0)
+    np.testing.assert_array_equal(rows, (bank.astype(np.float64) - mean).astype(np.float32))  # bit for bit
     ref_dist, ref_index = knn(queries.astype(np.float64), bank.astype(np.float64), 4)
     np.testing.assert_array_equal(index, ref_index[:, 0])
     np.testing.assert_array_equal(index_k, ref_index)

@@ -15,6 +15,7 @@ import paddle
 from paddle import nn
 
 from core.errors import ConfigError
+from core.script import positive_float, positive_int
 from models import register_method
 from models.base import option
 from models.components.layers import AnomalyMapHead
@@ -29,8 +30,8 @@ class ToyOptions(TrainingOptions):
     """The toy's options: the training options with its own defaults, and the bottleneck."""
 
     name_fields: ClassVar[tuple[str, ...]] = ("variant",)
-    epochs: int = option(2, "passes over the training images")
-    lr: float = option(0.01, "learning rate of the first epoch (halved every epoch)")
+    epochs: int = option(2, "passes over the training images", positive_int)
+    lr: float = option(0.01, "learning rate of the first epoch (halved every epoch)", positive_float)
     variant: str = option("small", "bottleneck: small (4 channels) or wide (16)")
 
     def check(self) -> None:

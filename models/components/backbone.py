@@ -118,10 +118,10 @@ class ResNetTrunk(nn.Layer):
             )
         for name, tensor in own.items():
             value = np.asarray(found[name])
-            if tuple(value.shape) != tuple(tensor.shape):
+            if tuple(value.shape) != tuple(tensor.shape) or value.dtype.kind != "f":
                 raise CheckpointError(
-                    f"{source}: {keys[name]} has shape {value.shape}, {self.arch} needs "
-                    f"{tuple(tensor.shape)}; is it a {self.arch} file?"
+                    f"{source}: {keys[name]} has shape {value.shape} and dtype {value.dtype}, "
+                    f"{self.arch} needs {tuple(tensor.shape)} floats; is it a {self.arch} file?"
                 )
             if not np.isfinite(value).all():
                 raise CheckpointError(

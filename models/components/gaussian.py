@@ -324,6 +324,7 @@ class _Union:
         self.mean = sum(part.count * mean for part, mean in zip(parts, self.means, strict=True))
         self.mean /= self.count
         self.basis = basis
+        self.eps = eps
         dims = parts[0].dims
         self.regulariser = eps * (np.eye(dims) if basis is None else basis @ basis.T)
 
@@ -339,10 +340,9 @@ class _Union:
         try:
             return np.linalg.cholesky(lower)
         except np.linalg.LinAlgError as exc:
-            raise ConfigError(
-                f"a covariance between positions {start} and {stop} is not positive definite; "
-                "use a larger --eps"
-            ) from exc
+            raise ConfigError(f"--eps {self.eps}: a covariance plus eps*I is not positive definite "
+                              "(too few or too similar training images for k); pass a larger "
+                              "--eps (default 0.01) or a smaller --k") from exc
 
     def inverse(self, start: int, stop: int, out: np.ndarray) -> None:
         """Inverse covariance of z at positions start:stop into ``out`` (c, k, k) float32."""

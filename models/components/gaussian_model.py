@@ -7,6 +7,7 @@ distance, upsampling, blur and image score are shared here.
 
 from __future__ import annotations
 
+import math
 import zlib
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,9 +20,20 @@ from paddle import nn
 
 from core.distributed import Collective
 from core.errors import CheckpointError, ConfigError
-from core.runtime import RunFn, run_chunked
-from models.base import AnomalyModel, Batch, MethodOptions, UnfusedParts, option, positive, unpack_batch
-from models.components.backbone import layer_grid
+from core.runtime import RunFn, Runtime, run_chunked
+from core.script import positive_float, positive_int
+from models.base import (
+    AnomalyModel,
+    Batch,
+    MethodOptions,
+    ModelConfig,
+    UnfusedParts,
+    option,
+    positive,
+    unpack_batch,
+)
+from models.checkpoint import ArraySpec, check_arrays
+from models.components.backbone import layer_channels, layer_grid
 from models.components.gaussian import GaussianAccumulator, gaussian_of, mean_of, squared_distances
 from models.components.layers import AnomalyMapHead, MahalanobisMap, ToRows
 from models.components.projection import FeatureConcat
@@ -50,8 +62,8 @@ class GaussianOptions(MethodOptions):
     """Options of the per-position Gaussian methods (ortho, padim)."""
 
     name_fields: ClassVar[tuple[str, ...]] = ("k",)
-    k: int = option(100, "embedding dimension (<= the backbone's F)")
-    eps: float = option(0.01, "covariance regulariser eps*I")
+    k: int = option(100, "embedding dimension (<= the backbone's F)", positive_int)
+    eps: float = option(0.01, "covariance regulariser eps*I", positive_float)
 
     def check(self) -> None:
         positive("k", self.k)
@@ -81,6 +93,14 @@ class GaussianModel(AnomalyModel):
         self._inv_cov: np.ndarray | None = None
         self.n_train = 0
         self._embedder: RunFn | None = None
+
+    @classmethod
+    def create(cls, config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
+        """As AnomalyModel.create; a ConfigError unless eps is a finite number > 0."""
+        if not (math.isfinite(config.options.eps) and config.options.eps > 0):
+            raise ConfigError(f"--eps {config.options.eps}: must be a finite number > 0 "
+                              "(the covariance regulariser eps*I)")
+        return super().create(config, runtime)
 
     def feature_channels(self) -> int:
         """F, the channels of the concatenated features x; a ConfigError if k exceeds it."""
@@ -137,6 +157,14 @@ class GaussianModel(AnomalyModel):
         self._inv_cov = None  # formed when first used: after the threshold, see inv_cov
         self.fitted = True
         self._scorer = None
+        self._check_fitted({"mean": self.mean})
+
+    def _check_fitted(self, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse fitted statistics (see :meth:`array_specs`) that are not finite, naming the fit."""
+        specs = self.array_specs(self.config, True, arrays)
+        check_arrays(f"fit of {self.category or self.method}", arrays,
+                     {name: specs[name] for name in arrays},
+                     f"check --eps ({self.options.eps}) and the training images")
 
     @property
     def inv_cov(self) -> np.ndarray | None:
@@ -147,6 +175,7 @@ class GaussianModel(AnomalyModel):
         """
         if self._inv_cov is None and self.fitted:
             self._inv_cov = gaussian_of(self.folds, self.options.eps, self.fit_basis())[1]
+            self._check_fitted({"inv_cov": self._inv_cov})
         return self._inv_cov
 
     @inv_cov.setter
@@ -263,3 +292,25 @@ class GaussianModel(AnomalyModel):
     @abstractmethod
     def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
         """Inverse of :meth:`_random_arrays`."""
+
+    @classmethod
+    @abstractmethod
+    def random_specs(cls, config: ModelConfig, channels: tuple[int, ...]) -> dict[str, ArraySpec]:
+        """Shapes of :meth:`_random_arrays` for ``config``; ``channels`` per layer of the trunk."""
+
+    @classmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """Random parts, n_train and mean (P, k) / inv_cov (P, k, k), or per fold its count, mean
+        and scatter; P the positions of layer1's grid."""
+        side, k = layer_grid(config.image_size, cls.layers[0]), config.options.k
+        specs = {**cls.random_specs(config, layer_channels(config.arch, cls.layers)),
+                 "n_train": ArraySpec((), "i")}
+        if fitted:
+            specs.update(mean=ArraySpec((side * side, k)), inv_cov=ArraySpec((side * side, k, k)))
+            return specs
+        for index in range(cls.folds_count):
+            specs.update({f"fold{index}_count": ArraySpec((), "i"),
+                          f"fold{index}_mean": ArraySpec((side * side, k)),
+                          f"fold{index}_scatter": ArraySpec((side * side, k, k))})
+        return specs

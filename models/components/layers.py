@@ -17,7 +17,7 @@ import paddle
 from paddle import nn
 
 from core.resample import nearest_indices, smoothing_matrix
-from models.components.static_ops import reduce_sum, sqrt
+from models.components.static_ops import non_negative, reduce_sum, sqrt
 
 
 class NearestResize(nn.Layer):
@@ -100,7 +100,7 @@ class MahalanobisMap(nn.Layer):
         h, w = self.grid
         diff = paddle.transpose(paddle.reshape(z, [-1, k, h * w]), [2, 0, 1]) - self.mean.unsqueeze(1)
         squared = reduce_sum((diff @ self.inv_cov) * diff, axis=2)  # (P, N)
-        dist = sqrt(paddle.clip(squared, min=0.0))
+        dist = sqrt(non_negative(squared))  # rounding can make squared < 0; NaN stays NaN
         return paddle.reshape(paddle.transpose(dist, [1, 0]), [-1, 1, h, w])
 
 

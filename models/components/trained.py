@@ -26,7 +26,9 @@ import paddle
 from paddle import nn
 
 from core.errors import CheckpointError, InputError
-from models.base import AnomalyModel, MethodOptions, option, positive
+from core.script import positive_float, positive_int
+from models.base import AnomalyModel, MethodOptions, ModelConfig, option, positive
+from models.checkpoint import ArraySpec
 
 _NET = "net."
 _OPT = "opt."
@@ -37,8 +39,8 @@ _SCHEDULE = "opt_schedule"
 class TrainingOptions(MethodOptions):
     """Options every trained method has; a method subclasses this with its own (``--variant``...)."""
 
-    epochs: int = option(10, "passes over the training images")
-    lr: float = option(1e-3, "learning rate at the start of the schedule")
+    epochs: int = option(10, "passes over the training images", positive_int)
+    lr: float = option(1e-3, "learning rate at the start of the schedule", positive_float)
 
     def check(self) -> None:
         positive("epochs", self.epochs)
@@ -171,6 +173,16 @@ class TrainedModel(AnomalyModel):
         self._scorer = None
 
     # -- checkpoints -------------------------------------------------------------------------
+    @classmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """n_train, the loss of every step and, unfinished, the fit progress (epoch, position,
+        epoch start); the network's weights are checked against the network when restored."""
+        specs = {"n_train": ArraySpec((), "i"), "train_losses": ArraySpec((None,))}
+        if not fitted:
+            specs["fit_progress"] = ArraySpec((3,), "i")
+        return specs
+
     def _arrays(self) -> dict[str, np.ndarray]:
         arrays = {_NET + name: value.numpy() for name, value in self.network.state_dict().items()}
         arrays["n_train"] = np.array(self.n_train, dtype=np.int64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from paddle import nn
 
+from models.base import ModelConfig
+from models.checkpoint import ArraySpec
 from models.components.backbone import layer_grid
 from models.components.gaussian_model import GaussianModel
 from models.components.projection import ChannelSubset
@@ -29,5 +31,14 @@ class PadimModel(GaussianModel):
     def _random_arrays(self) -> dict[str, np.ndarray]:
         return {"channels": self.channels.astype(np.int64)}
 
+    @classmethod
+    def random_specs(cls, config: ModelConfig, channels: tuple[int, ...]) -> dict[str, ArraySpec]:
+        """The k channel indices."""
+        return {"channels": ArraySpec((config.options.k,), "i")}
+
     def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
-        self.channels = np.asarray(arrays["channels"], dtype=np.int64)
+        channels = np.asarray(arrays["channels"], dtype=np.int64)
+        features = sum(self.trunk.channels)
+        if len(np.unique(channels)) != len(channels) or channels.min() < 0 or channels.max() >= features:
+            raise ValueError(f"channels must be distinct indices below {features}")
+        self.channels = channels

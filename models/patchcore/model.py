@@ -11,10 +11,12 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from core.errors import ConfigError
-from models.base import option, positive
-from models.components.backbone import layer_grid
+from core.script import fraction, positive_int
+from models.base import ModelConfig, option, positive
+from models.checkpoint import ArraySpec
+from models.components.backbone import layer_channels, layer_grid
 from models.components.bank_model import BankOptions, MemoryBankModel
-from models.components.knn import BankSearch, knn
+from models.components.knn import BankSearch
 from models.components.layers import SmoothUpsample, ToRows
 from models.components.projection import FeatureConcat
 from models.components.sampling import kcenter_greedy, project, random_projection, take_rows
@@ -28,9 +30,9 @@ SLICE_ENTRIES = 1 << 24
 class PatchCoreOptions(BankOptions):
     """PatchCore's options; it has no k, so its folder is ``patchcore_<arch>``."""
 
-    coreset_ratio: float = option(0.1, "fraction of training patches kept in the bank, 1 = all")
-    projection_dim: int = option(128, "random-projection size for the coreset selection")
-    num_neighbors: int = option(9, "bank patches in the image-score reweighting")
+    coreset_ratio: float = option(0.1, "fraction of training patches kept in the bank, 1 = all", fraction)
+    projection_dim: int = option(128, "random-projection size for the coreset selection", positive_int)
+    num_neighbors: int = option(9, "bank patches in the image-score reweighting", positive_int)
 
     def check(self) -> None:
         if not 0.0 < self.coreset_ratio <= 1.0:
@@ -155,15 +157,36 @@ class PatchCoreModel(MemoryBankModel):
 
     def _image_score(self, rows: np.ndarray, exclude: np.ndarray | None) -> float:
         """Image score of one image's patch features (P, D) against the bank minus ``exclude``."""
-        dist, nearest = knn(rows, self.bank, 1, exclude)
+        dist, nearest = self.prepared.search(rows, 1, exclude)
         worst = int(np.argmax(dist[:, 0]))
         left = len(self.bank) - (0 if exclude is None else int(exclude.sum()))
         neighbours = min(self.options.num_neighbors, left)
-        _, support = knn(self.bank[nearest[worst]], self.bank, neighbours, exclude)
+        _, support = self.prepared.search(self.bank[nearest[worst]], neighbours, exclude)
         gaps = np.linalg.norm(self.bank[support[0]].astype(np.float64) - rows[worst], axis=1)
         score = reweighted(paddle.to_tensor(dist[worst].astype(np.float64)), paddle.to_tensor(gaps[None]),
                            1.0 / math.sqrt(self.dims))
         return float(score.numpy()[0])
+
+    def _searched(self) -> np.ndarray:
+        return self.bank
+
+    @classmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Patch features (P, D) on layer2's grid."""
+        side = layer_grid(config.image_size, cls.layers[0])
+        return {"patches": (side * side, sum(layer_channels(config.arch, cls.layers)))}
+
+    @classmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """The coreset (M, D)."""
+        return {"bank": ArraySpec((None, cls.fit_shapes(config)["patches"][1]))}
+
+    @classmethod
+    def random_specs(cls, config: ModelConfig) -> dict[str, ArraySpec]:
+        """The coreset selection's projection (D, projection_dim) and start ()."""
+        dims = cls.fit_shapes(config)["patches"][1]
+        return {"projection": ArraySpec((dims, config.options.projection_dim)),
+                "coreset_start": ArraySpec(())}
 
     def _random_arrays(self) -> dict[str, np.ndarray]:
         return {"projection": self.projection, "coreset_start": np.array(self.start)}

@@ -11,9 +11,12 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from models.base import option, positive
+from core.script import positive_int
+from models.base import ModelConfig, option, positive
+from models.checkpoint import ArraySpec
+from models.components.backbone import layer_channels, layer_grid
 from models.components.bank_model import BankOptions, MemoryBankModel, concatenate_released
-from models.components.knn import BankSearch, knn
+from models.components.knn import BankSearch
 from models.components.layers import SmoothUpsample
 from models.components.static_ops import reduce_sum, sqrt
 
@@ -25,7 +28,7 @@ class SpadeOptions(BankOptions):
     """SPADE's options: k nearest training images."""
 
     name_fields: ClassVar[tuple[str, ...]] = ("k",)
-    k: int = option(50, "nearest training images")
+    k: int = option(50, "nearest training images", positive_int)
 
     def check(self) -> None:
         positive("k", self.k)
@@ -122,8 +125,27 @@ class SpadeModel(MemoryBankModel):
         for i, owner in enumerate(owners):
             if owner is not None:
                 exclude = np.arange(len(self.vectors)) == owner
-                scores[i] = knn(self.vectors[owner][None], self.vectors, k, exclude)[0].mean()
+                scores[i] = self.prepared.search(self.vectors[owner][None], k, exclude)[0].mean()
         return scores
+
+    def _searched(self) -> np.ndarray:
+        return self.vectors
+
+    @classmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """layer1..3 maps (C_i, g_i, g_i) and the image vector (C_4,)."""
+        channels = dict(zip(cls.layers, layer_channels(config.arch, cls.layers), strict=True))
+        shapes = {}
+        for name in MAP_LAYERS:
+            side = layer_grid(config.image_size, name)
+            shapes[name] = (channels[name], side, side)
+        return {**shapes, "vector": (channels["layer4"],)}
+
+    @classmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """The gallery: every training image's vector and maps."""
+        return {f"gallery_{name}": ArraySpec((n_train, *shape))
+                for name, shape in cls.fit_shapes(config).items()}
 
     def _bank_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"gallery_vector": self.vectors}
