@@ -24,11 +24,11 @@ import predict
 import train
 from core.errors import CheckpointError, ConfigError
 from core.runtime import compile_layer
+from core.script import run_main
 from deploy.export import export_model as export_to
 from deploy.manifest import MANIFEST, sha256_file
 from deploy.postprocess import GaussianHead
 from deploy.stats import Stats
-from engine.cli import run_main
 from models import METHODS, Runtime, build_model, load_model, model_config
 from models.components.gaussian_model import GaussianModel
 
