@@ -74,8 +74,8 @@ def test_the_method_options_are_flags_and_folder_names(demo_root, tmp_path):
     proc = train(demo_root, tmp_path, "--variant", "huge")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
         "error: --variant huge: use small or wide")
-    proc = train(demo_root, tmp_path, "--lr", "0")
-    assert proc.returncode == 2 and "error: --lr 0.0: must be a positive number" in proc.stderr
+    proc = train(demo_root, tmp_path, "--lr", "0")  # the option's parse type checks it
+    assert proc.returncode == 2 and "error: argument --lr: must be a finite number > 0, got 0" in proc.stderr
 
 
 def test_resume_after_an_interruption_equals_the_uninterrupted_fit(uninterrupted, demo_root, tmp_path,
