@@ -11,6 +11,7 @@ A plan is built once per script (engine.cli builds them from the arguments) or b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 from collections.abc import Iterator, Sequence
@@ -132,7 +133,9 @@ def _start(plan: FitPlan, category: str, runtime: Runtime, digest: str) -> Anoma
         model.category = category
         return model
     model = load_model(str(path), expect=plan.config.identity(), runtime=runtime)
-    was, now = model.config.to_meta(), plan.config.to_meta()
+    # the method's options first (k, eps, ...), then the shared fields
+    was = {**dataclasses.asdict(model.config.options), **model.config.to_meta()}
+    now = {**dataclasses.asdict(plan.config.options), **plan.config.to_meta()}
     changed = [name for name, value in now.items() if was.get(name) != value]
     if changed:
         raise CheckpointError(
