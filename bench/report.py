@@ -35,3 +35,10 @@ def update_section(name: str, body: str) -> None:
     tmp = DOC.with_name(f".{DOC.name}.tmp")
     tmp.write_text(text if text.endswith("\n") else text + "\n")
     os.replace(tmp, DOC)
+
+
+def publish(name: str, body: str, print_only: bool) -> None:
+    """Print ``body`` and, unless ``print_only`` (a script's --no_doc), write it as section ``name``."""
+    print(body)
+    if not print_only:
+        update_section(name, body)

@@ -42,6 +42,7 @@ class Manifest:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     paddle_version: str
+    batched: bool = False
     stats_file: str | None = None
     onnx_file: str | None = None
     files: dict[str, str] = field(default_factory=dict)
