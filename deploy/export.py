@@ -83,6 +83,15 @@ def deviation(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
                for a, e in zip(actual, expected, strict=True))
 
 
+def batch_deviation(run: RunFn, probes: np.ndarray, expected: list[np.ndarray]) -> float | None:
+    """:func:`deviation` of ``run(probes)`` (several images in one call); None if the call fails
+    (Paddle 3.3's oneDNN has crashed on batches of some graphs: those run one image per call)."""
+    try:
+        return deviation(run(probes), expected)
+    except Exception:  # noqa: BLE001 - Paddle raises assorted C++ error types
+        return None
+
+
 def check_outputs(run: RunFn, expected: list[np.ndarray], probe: np.ndarray, what: Path) -> float:
     """Largest relative deviation of ``run(probe)`` from ``expected``; ConfigError past tolerance."""
     worst = deviation(run(probe), expected)
@@ -142,8 +151,8 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
     with ir_guard(fmt):
         model_file = Path(save_static(layer, [None, 3, size, size], str(staging / "model")))
     predictor = Predictor(str(model_file), str(staging / PARAMS), PredictorOptions())
-    verified = {"paddle_max_rel_diff": check_outputs(predictor.run, expected, probe, model_file),
-                "paddle_batch_max_rel_diff": deviation(predictor.run(probes), expected_all)}
+    verified = {"paddle_max_rel_diff": check_outputs(predictor.run, expected, probe, model_file)}
+    batch_diff = verified["paddle_batch_max_rel_diff"] = batch_deviation(predictor.run, probes, expected_all)
     files = [model_file.name, PARAMS]
     if not fuse:
         write_stats(staging / STATS, model)
@@ -161,7 +170,7 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         inputs=[{"name": predictor.input_names[0], "shape": [-1, 3, size, size],
                  "dtype": "float32", "layout": "NCHW", "color": "RGB"}],
         outputs=_outputs(model, predictor.output_names, fuse), paddle_version=paddle.__version__,
-        batched=verified["paddle_batch_max_rel_diff"] <= PROBE_TOLERANCE,
+        batched=batch_diff is not None and batch_diff <= PROBE_TOLERANCE,
         stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
         files={name: sha256_file(staging / name) for name in files}, verified=verified,
         source={"checkpoint": source,

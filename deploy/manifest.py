@@ -46,7 +46,7 @@ class Manifest:
     stats_file: str | None = None
     onnx_file: str | None = None
     files: dict[str, str] = field(default_factory=dict)
-    verified: dict[str, float] = field(default_factory=dict)
+    verified: dict[str, float | None] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
