@@ -193,6 +193,17 @@ def test_batch_of_eight_equals_one_image_per_call(method, exports, images_dir):
     np.testing.assert_allclose(scores, one_scores, rtol=1e-5)
 
 
+def test_export_without_batch_check_runs_one_image_per_call(exports, tmp_path):
+    """deploy.json of an export made before the batch check (no "batched"): oneDNN gets one image
+    per call, as then."""
+    folder = shutil.copytree(exports("ortho", True, "json"), tmp_path / "old")
+    record = json.loads((folder / "deploy.json").read_text())
+    del record["batched"]
+    (folder / "deploy.json").write_text(json.dumps(record))
+    assert DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=True)).chunk == 1
+    assert DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=False)).chunk == 0
+
+
 def test_unfused_stats_file_is_plain_arrays(exports):
     folder = exports("padim", False, "json")
     with np.load(folder / "stats.npz", allow_pickle=False) as data:
