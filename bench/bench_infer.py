@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import machine, publish  # noqa: E402
 from core.inference import Predictor, PredictorOptions  # noqa: E402
 from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image  # noqa: E402
@@ -173,9 +173,7 @@ def main() -> int:
         "predict.py row uses infer.py's preprocess times (the same code). Largest relative "
         f"difference between infer.py's and the dynamic graph's image scores: {deviation:.1e}.",
     ])
-    print(body)
-    if not args.no_doc:
-        update_section(SECTION, body)
+    publish(SECTION, body, not args.no_doc)
     return 0
 
 

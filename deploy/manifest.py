@@ -42,10 +42,11 @@ class Manifest:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     paddle_version: str
+    batched: bool = False
     stats_file: str | None = None
     onnx_file: str | None = None
     files: dict[str, str] = field(default_factory=dict)
-    verified: dict[str, float] = field(default_factory=dict)
+    verified: dict[str, float | None] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     run_name: str = ""

@@ -101,9 +101,12 @@ class DeployedModel:
             return cls(manifest, runner.run, 0, head, runner.status, folder)
         params = Path(params_file) if params_file else folder / manifest.params_file
         check_file(manifest, folder, params, "params")
-        # oneDNN runs one image per call: fastest there, and safe: Paddle 3.3's oneDNN has given
-        # wrong results for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
-        chunk = 1 if options.enable_mkldnn and not options.use_gpu else 0
+        # A batch goes to the graph in one call when the export checked that oneDNN gives the same
+        # results for it (deploy.json "batched"): then the statistics are read once per batch.
+        # Otherwise oneDNN runs one image per call: Paddle 3.3's oneDNN has given wrong results
+        # for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
+        one_by_one = options.enable_mkldnn and not options.use_gpu and not manifest.batched
+        chunk = 1 if one_by_one else 0
         predictor = _paddle_runner(model_path, params, options)
         return cls(manifest, predictor.run, chunk, head, paddle_status(predictor), folder)
 

@@ -176,6 +176,34 @@ def test_infer_equals_dynamic_graph(method, fuse, fmt, exports, references, imag
     check_export(folder, images_dir, references[method], tmp_path)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_of_eight_equals_one_image_per_call(method, exports, images_dir):
+    """The fused export runs 8 images in one oneDNN call (the export checked that it may) and gives
+    what it gives one image at a time, to 1e-5 of the maps' scale."""
+    folder = exports(method, True, "json")
+    assert read_manifest(folder).batched
+    five = np.stack([Preprocess(SIZE)(read_image(p)) for p in sorted(images_dir.iterdir())])
+    images = np.concatenate([five, five[:3, :, ::-1]])  # 8 images, 3 of them flipped upside down
+    deployed = DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=True))
+    assert deployed.chunk == 0
+    maps, scores = deployed.score(images)
+    singles = [deployed.score(image[None]) for image in images]
+    one_maps, one_scores = np.concatenate([m for m, _ in singles]), np.concatenate([s for _, s in singles])
+    assert np.abs(maps - one_maps).max() <= 1e-5 * np.abs(one_maps).max()
+    np.testing.assert_allclose(scores, one_scores, rtol=1e-5)
+
+
+def test_export_without_batch_check_runs_one_image_per_call(exports, tmp_path):
+    """deploy.json of an export made before the batch check (no "batched"): oneDNN gets one image
+    per call, as then."""
+    folder = shutil.copytree(exports("ortho", True, "json"), tmp_path / "old")
+    record = json.loads((folder / "deploy.json").read_text())
+    del record["batched"]
+    (folder / "deploy.json").write_text(json.dumps(record))
+    assert DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=True)).chunk == 1
+    assert DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=False)).chunk == 0
+
+
 def test_unfused_stats_file_is_plain_arrays(exports):
     folder = exports("padim", False, "json")
     with np.load(folder / "stats.npz", allow_pickle=False) as data:

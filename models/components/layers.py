@@ -80,26 +80,79 @@ class SmoothUpsample(nn.Layer):
         return paddle.transpose(tall, [1, 0, 2]).unsqueeze(1)
 
 
+def factor_blocks(inv_cov: np.ndarray, blocks: int) -> list[np.ndarray] | None:
+    """Column blocks of the Cholesky factor L of each inverse covariance (inv = L L^T), lower part only.
+
+    ``inv_cov`` (P, k, k). Block c covers columns [a, b) of L and holds rows a..k-1 only (above the
+    diagonal L is zero): float32 (P, k - a, b - a). The squared distance is
+    ``sum_c ||(z - mean)[a:] @ L_c||^2``; the blocks hold ``sum_c (k - a_c)(b_c - a_c)`` values per
+    position instead of k^2 (3/4 of them for 2 blocks, see :func:`block_edges`), so a graph reads
+    that much less memory.
+    None if ``blocks`` is 0 or a matrix is not positive definite in float64 (its float32 rounding
+    can be): the caller keeps the full matrices then.
+    """
+    if blocks < 1:
+        return None
+    positions, k = inv_cov.shape[:2]
+    edges = block_edges(k, blocks)
+    factors = [np.empty((positions, k - a, b - a), dtype=np.float32)
+               for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    for start in range(0, positions, _SLICE):  # float64 temporaries of a slice of positions only
+        try:
+            part = np.linalg.cholesky(inv_cov[start:start + _SLICE].astype(np.float64))
+        except np.linalg.LinAlgError:
+            return None
+        for factor, a, b in zip(factors, edges[:-1], edges[1:], strict=True):
+            factor[start:start + _SLICE] = part[:, a:, a:b]
+    return factors
+
+
+def block_edges(k: int, blocks: int) -> list[int]:
+    """Column edges [0, ..., k] of ``blocks`` equal-width column blocks of a k x k factor.
+
+    Equal widths store the fewest values: k^2 (blocks + 1) / (2 blocks) per position.
+    """
+    return sorted({int(e) for e in np.linspace(0, k, min(blocks, k) + 1).round()})
+
+
+_SLICE = 256  # positions per float64 Cholesky slice
+FACTOR_BLOCKS = 2
+"""Column blocks of the packed Cholesky factor: 2 reads 3/4 of the full matrices' bytes with one
+extra matmul; more blocks read less but each small matmul costs a oneDNN call (measured in
+docs/benchmarks.md)."""
+
+
 class MahalanobisMap(nn.Layer):
     """Distance of every position's feature to that position's Gaussian.
 
     ``mean`` (P, k) and ``inv_cov`` (P, k, k) with P = h * w; ``forward(z)`` takes (N, k, h, w) and
-    returns sqrt((z - mean)^T inv_cov (z - mean)) as (N, 1, h, w).
+    returns sqrt((z - mean)^T inv_cov (z - mean)) as (N, 1, h, w), computed as ||(z - mean) @ L||
+    from the lower-triangular column blocks of :func:`factor_blocks` (or from ``inv_cov`` itself if
+    ``blocks`` is 0 or a matrix has no Cholesky factor).
     """
 
-    def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, grid: tuple[int, int]) -> None:
+    def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, grid: tuple[int, int],
+                 blocks: int = FACTOR_BLOCKS) -> None:
         super().__init__()
         self.grid = tuple(grid)
         self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
-        self.register_buffer(
-            "inv_cov", paddle.to_tensor(inv_cov.astype(np.float32)), persistable=True
-        )
+        factors = factor_blocks(inv_cov, blocks)
+        self.starts = [] if factors is None else [inv_cov.shape[-1] - f.shape[1] for f in factors]
+        if factors is None:
+            self.register_buffer("inv_cov", paddle.to_tensor(inv_cov.astype(np.float32)), persistable=True)
+        for index, factor in enumerate(factors or []):
+            self.register_buffer(f"factor{index}", paddle.to_tensor(factor), persistable=True)
 
     def forward(self, z: paddle.Tensor) -> paddle.Tensor:
         k = self.mean.shape[1]
         h, w = self.grid
         diff = paddle.transpose(paddle.reshape(z, [-1, k, h * w]), [2, 0, 1]) - self.mean.unsqueeze(1)
-        squared = reduce_sum((diff @ self.inv_cov) * diff, axis=2)  # (P, N)
+        if not self.starts:
+            squared = reduce_sum((diff @ self.inv_cov) * diff, axis=2)  # (P, N)
+        for index, start in enumerate(self.starts):
+            y = diff[:, :, start:] @ getattr(self, f"factor{index}")  # (P, N, block)
+            part = reduce_sum(y * y, axis=2)
+            squared = part if index == 0 else squared + part
         dist = sqrt(non_negative(squared))  # rounding can make squared < 0; NaN stays NaN
         return paddle.reshape(paddle.transpose(dist, [1, 0]), [-1, 1, h, w])
 
