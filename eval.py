@@ -1,6 +1,10 @@
 """Evaluate saved checkpoints on the test split: image AUROC, pixel AUROC and PRO.
 
     python eval.py --data_path PATH/TO/MVTec --category all --method ortho --arch resnet18 --k 100
+    python eval.py --data_path PATH/TO/MVTec --category carpet --model_path output/ortho_resnet18_100 \
+        --eval_PRO --save_pic=True
+
+Method, arch, k and input size come from each checkpoint; the ones given are checked against it.
 """
 
 from __future__ import annotations
@@ -10,49 +14,67 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from core.errors import CheckpointError, ConfigError
+from core.script import run_main
+from datasets import resolve_categories
 from engine.cli import (
     add_eval_args,
-    model_dir,
-    run_main,
+    checkpoint_folder,
+    data_plan_from,
+    eval_plan_from,
+    expected_identity,
+    runtime_from,
     script_parser,
 )
 from engine.evaluate import write_results
-from engine.plots import write_plots
-from engine.workflow import categories, category_metrics, config_from, data_root, runtime_from, score_category
-from models import load_model
+from engine.workflow import evaluate_category
+from models import AnomalyModel, load_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--model_path", default=None,
                         help="folder of <category>.npz checkpoints, or one .npz file "
-                             "(default: ./output/<method>_<arch>_<k>)")
+                             "(default: SAVE_PATH/<method>_<arch>_<k>, train.py's layout)")
     parser.add_argument("--save_path", default=None,
-                        help="where results.csv/md go (default: the checkpoint folder)")
-    parser.add_argument("--plots", action="store_true",
-                        help="also write <category>_roc.png, _pro.png and _hist.png beside results.csv")
+                        help="root as in train.py: checkpoints are read from, and results.csv/md and "
+                             "pictures written to, SAVE_PATH/<method>_<arch>_<k> (default ./output; "
+                             "with --model_path, results go beside the checkpoints)")
     add_eval_args(parser)
+    # Read from the checkpoint; given ones are checked (the folder lookup uses train.py's defaults).
+    parser.set_defaults(method=None, arch=None, resize=None)
     return parser.parse_args(argv)
+
+
+def results_folder(args: argparse.Namespace, folder: Path, model: AnomalyModel) -> Path:
+    """SAVE_PATH/<method>_<arch>_<k> of the checkpoint with --save_path, else the checkpoint folder."""
+    if args.save_path:
+        return Path(args.save_path) / model.config.run_name
+    return folder.parent if folder.suffix == ".npz" else folder
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    root = data_root(args)
-    names = categories(args, root)
+    data = data_plan_from(args)
+    plan = eval_plan_from(args, data)
+    names = resolve_categories(data.root, args.category)
     runtime = runtime_from(args)
-    given = Path(args.model_path) if args.model_path else None
-    folder = given or model_dir("./output", args.method, args.arch, args.k)
-    expect = config_from(args).identity()
-    out = Path(args.save_path) if args.save_path else (folder.parent if folder.suffix else folder)
-    rows = []
+    folder = checkpoint_folder(args.model_path, args.save_path, args)
+    if folder.suffix == ".npz" and len(names) > 1:
+        raise ConfigError(f"--model_path {folder} is one checkpoint but --category names "
+                          f"{len(names)} categories; pass one category or the checkpoint folder")
+    expect = expected_identity(args)
+    rows, out = [], None
     for category in tqdm(names, desc="categories", unit="cat", disable=len(names) < 2):
         path = folder if folder.suffix == ".npz" else folder / f"{category}.npz"
-        model = load_model(str(path), expect=expect, runtime=runtime)
-        scored = score_category(args, root, category, model)
-        rows.append(category_metrics(args, category, scored))
-        if args.plots:
-            written = write_plots(out, category, scored, model.threshold)
-            print(f"wrote {', '.join(str(p) for p in written)}")
+        model = load_model(str(path), expect=expect, runtime=runtime, final=True)
+        if model.category and model.category != category:
+            raise CheckpointError(f"{path}: checkpoint of category {model.category} but --category "
+                                  f"{category} was asked for; pass that category's checkpoint")
+        # One table: every checkpoint of this run must have the first one's configuration.
+        expect = model.config.identity()
+        out = out or results_folder(args, folder, model)
+        rows.append(evaluate_category(plan, category, model, out))
     write_results(out, rows)
     return 0
 

@@ -1,10 +1,12 @@
-"""Export a fitted checkpoint to a Paddle Inference folder (deploy.json beside the model) for infer.py.
+"""Export fitted checkpoints to Paddle Inference folders (deploy.json beside the model) for infer.py.
 
-    python export_model.py --method ortho --arch resnet18 --k 100 \
-        --model_path output/ortho_resnet18_100/bottle.npz --save_dir export/bottle
-    python export_model.py --method patchcore --model_path output/patchcore_resnet18/bottle.npz \
-        --save_dir export/bottle_patchcore
+    python export_model.py                 # every checkpoint of the default train.py run
+    python export_model.py --model_path output/ortho_resnet18_100/bottle.npz --save_dir export/bottle
+    python export_model.py --model_path output/patchcore_resnet18 --category bottle --save_dir export
 
+A .npz is exported into --save_dir; a folder of checkpoints (default: train.py's
+SAVE_PATH/<method>_<arch>_<k>) into --save_dir/<category>/, one export per checkpoint.
+Method, arch, k and input size come from the checkpoint; the ones given are checked against it.
 Every method (ortho, padim, spade, patchcore) exports fused; --no-fuse is ortho's and padim's.
 """
 
@@ -13,26 +15,29 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from core.errors import ConfigError, InputError
+from core.runtime import Runtime
+from core.script import run_main
 from deploy.export import FORMATS, export_model
-from engine.cli import run_main
-from engine.errors import ConfigError
-from engine.runtime import Runtime
-from models import load_model, resolve_k
+from engine.cli import (
+    add_checkpoint_args,
+    add_identity_args,
+    checkpoint_folder,
+    expected_identity,
+)
+from models import load_model
+
+DEFAULT_SAVE_DIR = "./output/inference"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", default="ortho",
-                        help="method of the checkpoint: ortho (default), padim, spade or patchcore")
-    parser.add_argument("--arch", default="resnet18", help="backbone of the checkpoint (default resnet18)")
-    parser.add_argument("--k", type=int, default=None,
-                        help="k of the checkpoint (default: the method's, ortho/padim 100, spade 50; "
-                             "patchcore has none)")
-    parser.add_argument("--model_path", required=True, help="the checkpoint .npz written by train.py")
-    parser.add_argument("--save_dir", required=True,
-                        help="folder for model.*, model.pdiparams, deploy.json (and stats.npz, model.onnx)")
-    parser.add_argument("--img_size", type=int, default=256,
-                        help="network input side of the checkpoint (default 256)")
+    add_checkpoint_args(parser, "train.py's --save_path, where the default checkpoints are",
+                        "with a folder of checkpoints: a category or a comma list (default: all)")
+    parser.add_argument("--save_dir", default=DEFAULT_SAVE_DIR,
+                        help="export folder: model.*, model.pdiparams, deploy.json (and stats.npz, "
+                             f"model.onnx); one sub-folder per category for a folder of checkpoints "
+                             f"(default {DEFAULT_SAVE_DIR})")
     parser.add_argument("--format", default="json", choices=FORMATS,
                         help="json: PIR model.json (Paddle 3, default); pdmodel: legacy model.pdmodel")
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
@@ -40,22 +45,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "embedding graph plus stats.npz, finished in numpy by infer.py")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx with paddle2onnx (requirements-deploy.txt)")
+    add_identity_args(parser, size_flags=("--img_size", "--crop_size"))
     return parser.parse_args(argv)
+
+
+def export_jobs(source: Path, category: str | None, save_dir: Path) -> list[tuple[Path, Path]]:
+    """(checkpoint, export folder) pairs: a .npz -> ``save_dir``; a folder -> ``save_dir/<category>``."""
+    if source.suffix == ".npz":
+        if category:
+            raise ConfigError(f"--category {category}: picks from a folder of checkpoints, but "
+                              f"--model_path {source} is one file; drop one of them")
+        return [(source, save_dir)]
+    if not source.is_dir():
+        raise InputError(f"{source}: no such checkpoint folder; run train.py first, or pass "
+                         "--model_path (or the --method/--arch/--k/--save_path of the training run)")
+    if category:
+        paths = [source / f"{name.strip()}.npz" for name in category.split(",")]
+    else:
+        paths = sorted(p for p in source.glob("*.npz") if not p.name.endswith(".fitstate.npz"))
+        if not paths:
+            raise InputError(f"{source}: holds no checkpoint (<category>.npz); train one first")
+    return [(path, save_dir / path.stem) for path in paths]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    expect = {"method": args.method, "arch": args.arch, "k": resolve_k(args.method, args.k),
-              "image_size": args.img_size}
-    model = load_model(args.model_path, expect=expect, runtime=Runtime(engine="dynamic"))
-    if not model.fitted:
-        raise ConfigError(f"{args.model_path}: holds an unfinished fit; finish training it first")
-    save_dir = Path(args.save_dir)
-    manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, args.model_path)
-    layout = "fused" if manifest.fused else "unfused"
-    k = f" k={manifest.k}" if manifest.k else ""  # patchcore has no k
-    print(f"exported {layout} {manifest.method} {manifest.arch}{k} "
-          f"({manifest.category or 'no category'}) to {save_dir}: {', '.join(manifest.files)}, deploy.json")
+    source = checkpoint_folder(args.model_path, args.save_path, args)
+    expect = expected_identity(args, side="img_size")
+    for path, save_dir in export_jobs(source, args.category, Path(args.save_dir)):
+        model = load_model(str(path), expect=expect, runtime=Runtime(engine="dynamic"), final=True)
+        manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, str(path))
+        layout = "fused" if manifest.fused else "unfused"
+        print(f"exported {layout} {manifest.run_name} "
+              f"({manifest.category or 'no category'}) to {save_dir}: {', '.join(manifest.files)}, "
+              "deploy.json")
     return 0
 
 

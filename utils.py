@@ -4,8 +4,8 @@
 """
 
 from datasets import Preprocess, denormalize, read_image, read_mask
+from deploy.visualize import colormap_jet, four_panel, mask_boundary, save_png
 from engine.metrics import auc_midpoint, auc_trapezoid, pro_auc, roc_auc, roc_curve
-from engine.visualize import colormap_jet, four_panel, mask_boundary, save_png
 from models import build_model, load_model
 
 __all__ = [

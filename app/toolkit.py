@@ -13,16 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
+from core.errors import InputError, ToolkitError
+from core.scores import normalized_score
 from datasets import AnomalyDataset, BatchLoader, Preprocess, denormalize, list_samples, read_image
 from datasets.mvtec import IMAGE_SUFFIXES, Sample, resolve_categories
-from datasets.synthetic import generate
+from datasets.synthetic import DEMO_ROOT, generate
 from deploy.export import export_model
-from engine.cli import DEMO_ROOT
-from engine.errors import InputError, ToolkitError
-from engine.scores import normalized_score
-from engine.visualize import heat_overlay, outline_overlay
+from deploy.visualize import heat_overlay, outline_overlay
 from engine.workflow import calibration_indices
-from models import METHODS, AnomalyModel, ModelConfig, build_model, resolve_k
+from models import METHODS, AnomalyModel, build_model, model_config
 
 __all__ = ["METHODS", "AnomalyModel", "ToolkitError"]  # re-exported for the page
 
@@ -98,19 +97,25 @@ def fit(samples: Sequence[Sample], settings: FitSettings, progress: Progress,
         category: str = "") -> AnomalyModel:
     """A model of ``category`` fitted on ``samples``, calibrated on (up to 200 of) them.
 
-    ``progress`` is called after every batch."""
-    config = ModelConfig(method=settings.method, arch=settings.arch,
-                         k=resolve_k(settings.method, settings.k), image_size=settings.image_size,
-                         resize=settings.image_size, pretrained=settings.pretrained, seed=settings.seed)
+    Runs the model's epochs (one for the statistics methods) in its epoch order, as train.py does;
+    ``progress`` is called after every batch with the images done over all epochs. ``settings.k``
+    is skipped for a method without ``k``."""
+    config = model_config(settings.method, strict=False, k=settings.k, arch=settings.arch,
+                          image_size=settings.image_size, resize=settings.image_size,
+                          pretrained=settings.pretrained, seed=settings.seed)
     model = build_model(config)
     model.category = category
     dataset = AnomalyDataset(list(samples), Preprocess(resize=settings.image_size))
+    total = model.epochs * len(dataset)
     done = 0
-    progress(done, len(dataset))
-    for batch in BatchLoader(dataset, settings.batch_size, num_workers=0):
-        model.partial_fit(batch["images"], batch["paths"])
-        done += len(batch["paths"])
-        progress(done, len(dataset))
+    progress(done, total)
+    for epoch in range(model.epochs):
+        order = model.epoch_order(len(dataset), epoch).tolist()
+        for batch in BatchLoader(dataset, settings.batch_size, num_workers=0, indices=order):
+            model.partial_fit(batch["images"], batch["paths"])
+            done += len(batch["paths"])
+            progress(done, total)
+        model.end_epoch()
     model.finalize()
     picked = calibration_indices(len(dataset), CALIB_IMAGES)
     model.calibrate(BatchLoader(dataset, settings.batch_size, num_workers=0, indices=picked))

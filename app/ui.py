@@ -90,7 +90,7 @@ def run_fit(root: str, category: str | None, uploads: list[str] | None, method: 
         progress((done, total), desc="fitting", unit="images")
 
     model = toolkit.fit(samples, settings, report, category=name)
-    status = (f"Fitted **{method}** / {arch} / k={model.config.k} on {len(samples)} good images of "
+    status = (f"Fitted **{model.config.run_name}** on {len(samples)} good images of "
               f"*{name}*; threshold {model.threshold:.4f}.")
     return model, status
 

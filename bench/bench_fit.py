@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, update_section  # noqa: E402
+from core.runtime import Runtime, compile_layer  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
-from engine.runtime import Runtime, compile_layer  # noqa: E402
-from models.backbone import ResNetTrunk  # noqa: E402
+from models.components.backbone import ResNetTrunk  # noqa: E402
 
 
 def backbone_images_per_second(data_path: str, threads: int) -> tuple[float, int]:

@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, update_section  # noqa: E402
+from core.runtime import Runtime, compile_layer  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples  # noqa: E402
-from engine.runtime import Runtime, compile_layer  # noqa: E402
-from models import ModelConfig, build_model  # noqa: E402
-from models.backbone import ResNetTrunk  # noqa: E402
-from models.gaussian import GaussianAccumulator  # noqa: E402
-from models.gaussian_model import GaussianModel  # noqa: E402
+from models import build_model, model_config  # noqa: E402
+from models.components.backbone import ResNetTrunk  # noqa: E402
+from models.components.gaussian import GaussianAccumulator  # noqa: E402
+from models.components.gaussian_model import GaussianModel  # noqa: E402
 
 SIZE, K, THREADS = 256, 100, 2
 
@@ -47,7 +47,7 @@ def ms_per_image(work: Callable[[], None], count: int) -> float:
 
 
 def new_model() -> GaussianModel:
-    config = ModelConfig(method="ortho", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
+    config = model_config("ortho", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
     return build_model(config, Runtime(engine="inference", cpu_threads=THREADS))
 
 

@@ -31,14 +31,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import machine, publish  # noqa: E402
+from core.inference import Predictor, PredictorOptions  # noqa: E402
+from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import DeployedModel, export_model  # noqa: E402
 from deploy.benchmark import StageTimes  # noqa: E402
-from engine.inference import Predictor, PredictorOptions  # noqa: E402
-from engine.runtime import Runtime, save_static  # noqa: E402
-from models import ModelConfig, build_model, load_model  # noqa: E402
+from models import build_model, load_model, model_config  # noqa: E402
 
 SIZE, K, THREADS, TARGET = 256, 100, 2, 1.3
 SECTION = "bench_infer"
@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
 
 def fit(root: Path, count: int, folder: Path) -> Path:
     """Fit and calibrate ortho on ``count`` training images; returns the checkpoint path."""
-    config = ModelConfig("ortho", "resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
+    config = model_config("ortho", arch="resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
     model = build_model(config, Runtime(cpu_threads=THREADS))
     model.category = CATEGORY
     dataset = AnomalyDataset(list_samples(root, CATEGORY, "train")[:count], Preprocess(SIZE))
@@ -173,9 +173,7 @@ def main() -> int:
         "predict.py row uses infer.py's preprocess times (the same code). Largest relative "
         f"difference between infer.py's and the dynamic graph's image scores: {deviation:.1e}.",
     ])
-    print(body)
-    if not args.no_doc:
-        update_section(SECTION, body)
+    publish(SECTION, body, not args.no_doc)
     return 0
 
 

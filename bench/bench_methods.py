@@ -32,7 +32,7 @@ from bench.report import machine, update_section  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples  # noqa: E402
 from engine.evaluate import metrics, score_batches  # noqa: E402
 from engine.workflow import calibration_indices  # noqa: E402
-from models import ModelConfig, Runtime, build_model  # noqa: E402
+from models import Runtime, build_model, model_config  # noqa: E402
 
 CATEGORY = "magnetic_tile"
 RUNS = (
@@ -57,8 +57,8 @@ def spread(items: list, count: int) -> list:
 def measure(spec: dict) -> dict:
     """Fit, threshold and evaluate one configuration in this process; the report as a dict."""
     size, threads = spec["size"], spec["threads"]
-    config = ModelConfig(method=spec["method"], image_size=size, resize=size, pretrained="none",
-                         seed=0, **spec["settings"])
+    config = model_config(spec["method"], image_size=size, resize=size, pretrained="none",
+                          seed=0, **spec["settings"])
     model = build_model(config, Runtime(engine="inference", cpu_threads=threads))
     model.category = CATEGORY
     preprocess = Preprocess(size)

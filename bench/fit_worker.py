@@ -22,10 +22,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from core.distributed import Collective, current_world  # noqa: E402
+from core.runtime import Runtime  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, shard_indices  # noqa: E402
-from engine.distributed import Collective, current_world  # noqa: E402
-from engine.runtime import Runtime  # noqa: E402
-from models import ModelConfig, build_model  # noqa: E402
+from models import build_model, model_config  # noqa: E402
 
 
 def peak_rss_mb() -> float:
@@ -51,8 +51,8 @@ def main() -> None:
     order = [i % len(samples) for i in range(total)]
     shard = [order[i] for i in shard_indices(total, world.rank, world.size)]
     runtime = Runtime(engine="inference", cpu_threads=args.threads)
-    config = ModelConfig(method=args.method, k=args.k, image_size=args.size, resize=args.size,
-                         pretrained="none")
+    config = model_config(args.method, k=args.k, image_size=args.size, resize=args.size,
+                          pretrained="none")
     model = build_model(config, runtime)
     collective = Collective(world) if world.size > 1 else None
     warm = dataset[0]["image"][None]

@@ -35,3 +35,10 @@ def update_section(name: str, body: str) -> None:
     tmp = DOC.with_name(f".{DOC.name}.tmp")
     tmp.write_text(text if text.endswith("\n") else text + "\n")
     os.replace(tmp, DOC)
+
+
+def publish(name: str, body: str, write: bool) -> None:
+    """Print a benchmark's section and, when ``write``, put it into docs/benchmarks.md."""
+    print(body)
+    if write:
+        update_section(name, body)

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import InputError, ToolkitError
 from datasets.image import read_mask
 from datasets.mvtec import build_atomically
-from engine.errors import InputError, ToolkitError
 
 CATEGORY = "magnetic_tile"
 DEFECT_FOLDERS = ("MT_Blowhole", "MT_Break", "MT_Crack", "MT_Fray", "MT_Uneven")

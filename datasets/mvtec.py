@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InputError
+from core.io import atomic_write_text, remove_stale_temporaries, staging_dir
 from datasets.image import Preprocess, read_image, read_mask
-from engine.errors import InputError
-from engine.io import atomic_write_text, remove_stale_temporaries, staging_dir
 
 TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
 OBJECTS = (
@@ -53,6 +53,15 @@ def _found_categories(root: Path) -> list[str]:
         for d in root.iterdir()
         if not d.name.startswith(".") and _train_dir(root, d.name).is_dir()
     )
+
+
+def check_category_name(name: str) -> str:
+    """``name`` if it is one plain path component; else an InputError (it would reach outside the
+    dataset root and the checkpoint folder)."""
+    if name in (".", "..") or any(char in name for char in "/\\\0"):
+        raise InputError(f"--category {name}: a category is one folder name under the dataset root "
+                         "(no /, \\ or ..); pass its name")
+    return name
 
 
 def resolve_categories(root: str | Path, spec: str) -> list[str]:
@@ -90,7 +99,7 @@ def resolve_categories(root: str | Path, spec: str) -> list[str]:
         elif token == "objects":
             names += OBJECTS
         elif token:
-            names.append(token)
+            names.append(check_category_name(token))
     if not names:
         raise InputError(f"category spec {spec!r} is empty; pass a name, a comma list or all")
     for name in names:

@@ -32,9 +32,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.errors import ConfigError, ToolkitError
 from datasets.mvtec import build_atomically
-from engine.errors import ConfigError, ToolkitError
 
+DEMO_ROOT = Path("data/demo")
+"""Where the scripts generate and look for the demo data."""
 CATEGORIES = ("tiles", "disc")
 DEFECTS = ("scratch", "spot")
 MARKER = ".synthetic.json"

@@ -9,9 +9,20 @@ postprocess (their numpy tail), onnx_model (paddle2onnx / onnxruntime), runner (
 benchmark (--enable_benchmark reports).
 """
 
-import engine  # noqa: F401  (first: quiets Paddle's import-time glog and warnings)
-from deploy.export import export_model
+from typing import Any
+
+import core  # noqa: F401  (first: quiets Paddle's import-time glog and warnings)
 from deploy.manifest import Manifest, read_manifest
 from deploy.runner import DeployedModel
 
 __all__ = ["DeployedModel", "Manifest", "export_model", "read_manifest"]
+
+
+def __getattr__(name: str) -> Any:
+    """``export_model`` is imported on first use: the runtime side (runner, manifest, stats,
+    postprocess, report) must import without the models, so infer.py runs on a box without them."""
+    if name == "export_model":
+        from deploy.export import export_model
+
+        return export_model
+    raise AttributeError(f"module 'deploy' has no attribute {name!r}")

@@ -25,16 +25,15 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from core.errors import ConfigError
+from core.inference import Predictor, PredictorOptions
+from core.io import remove_stale_temporaries, staging_dir
+from core.runtime import RunFn, Runtime, compile_layer, save_static
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import MANIFEST, Manifest, sha256_file, write_manifest
 from deploy.onnx_model import ONNX, OnnxRunner, convert, require
 from deploy.stats import STATS, write_stats
-from engine.errors import ConfigError
-from engine.inference import Predictor, PredictorOptions
-from engine.io import remove_stale_temporaries, staging_dir
-from engine.runtime import RunFn, Runtime, compile_layer, save_static
-from models.base import AnomalyModel
-from models.gaussian_model import GaussianModel
+from models.base import AnomalyModel, UnfusedParts
 
 FORMATS = ("json", "pdmodel")
 PARAMS = "model.pdiparams"
@@ -42,6 +41,8 @@ ARTEFACTS = ("model.json", "model.pdmodel", PARAMS, f"{PARAMS}.info", STATS, ONN
 """Files an export may leave in its folder; those a new export does not write are removed."""
 PROBE_TOLERANCE = 1e-3
 """Largest accepted |exported - dynamic| / max|dynamic| on the probe image."""
+BATCH_PROBE = 3
+"""Probe images run in one predictor call (oneDNN) to decide whether the export runs batches."""
 
 
 def _pir_enabled() -> bool:
@@ -71,16 +72,29 @@ def ir_guard(fmt: str) -> Iterator[None]:
         yield
 
 
-def probe_image(size: int) -> np.ndarray:
-    """A fixed pseudo-random normalised image (1, 3, S, S) float32 for checking exports."""
-    return np.random.default_rng(0).standard_normal((1, 3, size, size)).astype(np.float32)
+def probe_image(size: int, count: int = 1) -> np.ndarray:
+    """Fixed pseudo-random normalised images (count, 3, S, S) float32 for checking exports."""
+    return np.random.default_rng(0).standard_normal((count, 3, size, size)).astype(np.float32)
+
+
+def deviation(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
+    """Largest |actual - expected| / max|expected| over pairs of outputs."""
+    return max(float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12))
+               for a, e in zip(actual, expected, strict=True))
+
+
+def batch_deviation(run: RunFn, probes: np.ndarray, expected: list[np.ndarray]) -> float | None:
+    """:func:`deviation` of ``run(probes)`` (several images in one call); None if the call fails
+    (Paddle 3.3's oneDNN has crashed on batches of some graphs: those run one image per call)."""
+    try:
+        return deviation(run(probes), expected)
+    except Exception:  # noqa: BLE001 - Paddle raises assorted C++ error types
+        return None
 
 
 def check_outputs(run: RunFn, expected: list[np.ndarray], probe: np.ndarray, what: Path) -> float:
     """Largest relative deviation of ``run(probe)`` from ``expected``; ConfigError past tolerance."""
-    actual = run(probe)
-    worst = max(float(np.abs(a - e).max() / max(np.abs(e).max(), 1e-12))
-                for a, e in zip(actual, expected, strict=True))
+    worst = deviation(run(probe), expected)
     if not worst <= PROBE_TOLERANCE:
         raise ConfigError(f"{what}: the exported graph's outputs differ from the model's by "
                           f"{worst:.2e} (relative) on a test image; this Paddle/runtime does not "
@@ -88,25 +102,35 @@ def check_outputs(run: RunFn, expected: list[np.ndarray], probe: np.ndarray, wha
     return worst
 
 
-def _outputs(model: AnomalyModel, names: list[str], fuse: bool) -> list[dict[str, object]]:
+def _outputs(model: AnomalyModel, names: list[str], unfused: UnfusedParts | None) -> list[dict[str, object]]:
     """The graph outputs' names, meanings and shapes (-1 = batch) for deploy.json."""
-    size, (h, w) = model.config.image_size, model.grid
-    if fuse:
+    size = model.config.image_size
+    if unfused is None:
         return [{"name": names[0], "meaning": "anomaly_map", "shape": [-1, 1, size, size]},
                 {"name": names[1], "meaning": "image_score", "shape": [-1]}]
-    features = sum(model.trunk.channels)
-    return [{"name": names[0], "meaning": "embedding", "shape": [-1, features, h, w]}]
+    h, w = unfused.meta["grid"]
+    return [{"name": names[0], "meaning": "embedding", "shape": [-1, unfused.meta["features"], h, w]}]
+
+
+def _identity(model: AnomalyModel) -> dict[str, object]:
+    """What deploy.json and stats.npz record of the model: method, arch, k (0: the method has
+    none), category, input sizes."""
+    config = model.config
+    return {"method": config.method, "arch": config.arch, "k": config.identity().get("k", 0),
+            "category": model.category, "image_size": config.image_size, "resize": config.resize}
 
 
 def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: bool = True,
                  onnx: bool = False, source: str = "") -> Manifest:
     """Export ``model`` to ``save_dir`` (see the module docstring) and return its deploy.json.
 
-    Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a Gaussian method.
+    Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
+    :meth:`unfused_parts` (ortho, padim).
     """
+    model.check_statistics(source or f"{model.config.method} model", "fit it again")
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
-    if not fuse and not isinstance(model, GaussianModel):
+    if not fuse and model.unfused_parts() is None:
         raise ConfigError(f"--no-fuse: --method {model.config.method} has no unfused layout "
                           "(ortho and padim have); drop --no-fuse to export it fused")
     try:
@@ -131,16 +155,20 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         require("paddle2onnx", "--onnx")
         require("onnxruntime", "--onnx")
     size = model.config.image_size
-    layer = model.fused_layer() if fuse else model.feature_layer()
-    probe = probe_image(size)
-    expected = compile_layer(layer, size, Runtime(engine="dynamic"))(probe)
+    unfused = None if fuse else model.unfused_parts()
+    layer = model.fused_layer() if unfused is None else unfused.layer
+    probes = probe_image(size, BATCH_PROBE)
+    expected_all = compile_layer(layer, size, Runtime(engine="dynamic"))(probes)
+    probe, expected = probes[:1], [out[:1] for out in expected_all]
     with ir_guard(fmt):
         model_file = Path(save_static(layer, [None, 3, size, size], str(staging / "model")))
     predictor = Predictor(str(model_file), str(staging / PARAMS), PredictorOptions())
     verified = {"paddle_max_rel_diff": check_outputs(predictor.run, expected, probe, model_file)}
+    batch_diff = verified["paddle_batch_max_rel_diff"] = batch_deviation(predictor.run, probes, expected_all)
     files = [model_file.name, PARAMS]
-    if not fuse:
-        write_stats(staging / STATS, model)
+    if unfused is not None:
+        write_stats(staging / STATS, {**_identity(model), **unfused.meta, "threshold": model.threshold},
+                    unfused.arrays)
         files.append(STATS)
     if onnx:
         convert(model_file, staging / PARAMS, staging / ONNX)
@@ -148,14 +176,14 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         verified["onnx_max_rel_diff"] = check_outputs(runner.run, expected, probe, staging / ONNX)
         files.append(ONNX)
     return Manifest(
-        method=model.config.method, arch=model.config.arch, k=model.config.k,
-        category=model.category, image_size=size, resize=model.config.resize,
+        **_identity(model), run_name=model.config.run_name,
         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), threshold=model.threshold,
         score_min=model.score_min, fused=fuse,
         format=fmt, model_file=model_file.name, params_file=PARAMS,
         inputs=[{"name": predictor.input_names[0], "shape": [-1, 3, size, size],
                  "dtype": "float32", "layout": "NCHW", "color": "RGB"}],
-        outputs=_outputs(model, predictor.output_names, fuse), paddle_version=paddle.__version__,
+        outputs=_outputs(model, predictor.output_names, unfused), paddle_version=paddle.__version__,
+        batched=batch_diff is not None and batch_diff <= PROBE_TOLERANCE,
         stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
         files={name: sha256_file(staging / name) for name in files}, verified=verified,
         source={"checkpoint": source,

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.errors import InputError
-from engine.io import atomic_write_text
+from core.errors import InputError
+from core.io import atomic_write_text
 
 MANIFEST = "deploy.json"
 FORMAT_VERSION = 1
@@ -42,13 +42,20 @@ class Manifest:
     inputs: list[dict[str, Any]]
     outputs: list[dict[str, Any]]
     paddle_version: str
+    batched: bool = False
     stats_file: str | None = None
     onnx_file: str | None = None
     files: dict[str, str] = field(default_factory=dict)
-    verified: dict[str, float] = field(default_factory=dict)
+    verified: dict[str, float | None] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     score_min: float | None = None
     format_version: int = FORMAT_VERSION
+    run_name: str = ""
+    """The checkpoint folder's name, ``<method>_<arch>[_<k>]`` (models.base.ModelConfig.run_name)."""
+
+    def __post_init__(self) -> None:
+        if not self.run_name:  # a deploy.json written before run_name was recorded
+            self.run_name = f"{self.method}_{self.arch}" + (f"_{self.k}" if self.k else "")
 
     def identity(self) -> dict[str, Any]:
         """The model's method/arch/k/category/sizes, compared against a stats file."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.errors import ConfigError
+from core.errors import ConfigError
 
 ONNX = "model.onnx"
 OPSET = 11

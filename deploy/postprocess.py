@@ -1,16 +1,16 @@
 """The unfused export's tail in numpy: embedding x (N, F, h, w) -> anomaly maps and image scores.
 
-The same steps as the fused graph (models.gaussian_model): z = W^T x (or k channels of x) at every
+The same steps as the fused graph (models.components.gaussian_model): z = W^T x (or k channels of x) at every
 position, the Mahalanobis distance to that position's Gaussian, bilinear upsampling to the input
-size followed by a Gaussian blur (the matrices of models.layers), and image score = max of the map.
+size followed by a Gaussian blur (the matrices of models.components.layers), and image score = max of the map.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from core.resample import smoothing_matrix
 from deploy.stats import Stats
-from models.layers import smoothing_matrix
 
 
 class GaussianHead:

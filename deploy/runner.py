@@ -15,16 +15,16 @@ from pathlib import Path
 import numpy as np
 import paddle
 
+from core.errors import ConfigError, InputError, ToolkitError
+from core.inference import Predictor, PredictorOptions
+from core.runtime import RunFn, run_chunked
 from datasets import Preprocess
 from deploy.benchmark import Timer, timed
 from deploy.manifest import Manifest, check_file, read_manifest
 from deploy.onnx_model import OnnxRunner
 from deploy.postprocess import GaussianHead
+from deploy.report import BadInputs, Result, batches
 from deploy.stats import read_stats
-from engine.errors import ConfigError, InputError, ToolkitError
-from engine.inference import Predictor, PredictorOptions
-from engine.predict import BadInputs, Result, batches
-from engine.runtime import RunFn, run_chunked
 
 BACKENDS = {"paddle": (".json", ".pdmodel"), "onnxruntime": (".onnx",)}
 
@@ -70,6 +70,7 @@ class DeployedModel:
     chunk: int
     head: GaussianHead | None
     status: dict[str, object]
+    folder: Path = Path()
 
     @classmethod
     def load(cls, model_file: str | Path, params_file: str | Path | None = None,
@@ -97,14 +98,17 @@ class DeployedModel:
             if options.use_tensorrt or options.precision != "fp32":
                 raise ConfigError("--use_tensorrt and --precision fp16 apply to --backend paddle")
             runner = OnnxRunner(model_path, options.cpu_threads, options.use_gpu, options.gpu_id)
-            return cls(manifest, runner.run, 0, head, runner.status)
+            return cls(manifest, runner.run, 0, head, runner.status, folder)
         params = Path(params_file) if params_file else folder / manifest.params_file
         check_file(manifest, folder, params, "params")
-        # oneDNN runs one image per call: fastest there, and safe: Paddle 3.3's oneDNN has given
-        # wrong results for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
-        chunk = 1 if options.enable_mkldnn and not options.use_gpu else 0
+        # A batch goes to the graph in one call when the export checked that oneDNN gives the same
+        # results for it (deploy.json "batched"): then the statistics are read once per batch.
+        # Otherwise oneDNN runs one image per call: Paddle 3.3's oneDNN has given wrong results
+        # for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
+        one_by_one = options.enable_mkldnn and not options.use_gpu and not manifest.batched
+        chunk = 1 if one_by_one else 0
         predictor = _paddle_runner(model_path, params, options)
-        return cls(manifest, predictor.run, chunk, head, paddle_status(predictor))
+        return cls(manifest, predictor.run, chunk, head, paddle_status(predictor), folder)
 
     @staticmethod
     def _head(manifest: Manifest, folder: Path, stats_file: str | Path | None) -> GaussianHead | None:
@@ -132,10 +136,11 @@ class DeployedModel:
 
     def finish(self, outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Anomaly maps (N, S, S) and image scores (N,) from the graph's outputs."""
-        if self.head is None:
-            amaps, scores = outputs
-            return amaps[:, 0], scores
-        return self.head(outputs[0])
+        amaps, scores = (outputs[0][:, 0], outputs[1]) if self.head is None else self.head(outputs[0])
+        if not (np.isfinite(scores).all() and np.isfinite(amaps.sum(dtype=np.float64))):
+            raise InputError(f"{self.folder}: the exported model gave NaN or inf anomaly scores; its "
+                             "statistics are not finite: fit and export the model again")
+        return amaps, scores
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Anomaly maps (N, S, S) and image scores (N,) of images (N, 3, S, S) float32."""

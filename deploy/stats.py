@@ -16,9 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InputError
 from deploy.manifest import MANIFEST, Manifest
-from engine.errors import InputError
-from models.gaussian_model import GaussianModel
 
 STATS = "stats.npz"
 _META = "meta"
@@ -33,17 +32,11 @@ class Stats:
     arrays: dict[str, np.ndarray]
 
 
-def write_stats(path: Path, model: GaussianModel) -> None:
-    """Write the statistics of a fitted Gaussian-family model to ``path``."""
-    embedding = model.embedding_arrays()
-    (name, array), = embedding.items()
-    features = array.shape[0] if name == "projection" else sum(model.trunk.channels)
-    meta = {**model.config.identity(), "category": model.category, "sigma": model.config.sigma,
-            "grid": list(model.grid), "features": int(features), "threshold": model.threshold}
-    dtype = np.float32 if name == "projection" else np.int64
+def write_stats(path: Path, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """Write a stats file: ``meta`` as the JSON record and ``arrays`` (mean, inv_cov, projection or
+    channels) as they are."""
     with open(path, "wb") as f:
-        np.savez(f, meta=np.array(json.dumps(meta)), mean=model.mean.astype(np.float32),
-                 inv_cov=model.inv_cov.astype(np.float32), **{name: array.astype(dtype)})
+        np.savez(f, **{_META: np.array(json.dumps(meta))}, **arrays)
 
 
 def read_stats(path: Path, manifest: Manifest) -> Stats:

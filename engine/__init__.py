@@ -1,8 +1,3 @@
-"""Shared machinery behind the scripts: errors, metrics, evaluation, visualisation, CLI helpers."""
+"""The roof under the scripts: argument parsing, the fit/evaluate workflow, metrics and result tables."""
 
-import os
-import warnings
-
-# Paddle logs through glog and warns about ccache on import; neither is actionable for users.
-os.environ.setdefault("GLOG_minloglevel", "2")
-warnings.filterwarnings("ignore", message="No ccache found")
+import core  # noqa: F401  (first: quiets Paddle's import-time glog and warnings)

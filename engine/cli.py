@@ -1,29 +1,41 @@
-"""Argument groups shared by the scripts, and the top-level error handling they all use."""
+"""Argument groups shared by the scripts, and the plans, model config and runtime built from them."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from engine.errors import ToolkitError
-from models import resolve_k
+from core.device import parse_device, select_device
+from core.distributed import World
+from core.runtime import Runtime
+from core.script import (
+    image_side,
+    non_negative_int,
+    positive_int,
+    str2bool,
+)
+from datasets import Preprocess
+from datasets.synthetic import DEMO_ROOT, generate
+from engine.workflow import DataPlan, EvalPlan, FitPlan
+from models import METHODS, ModelConfig, method_class, model_config
 
-DEMO_ROOT = Path("data/demo")
+DEFAULT_SAVE_PATH = "./output"
+METHOD_ALIASES = {"sample": "padim", "coreset": "patchcore"}
+"""Method names of the reference Paddle reproduction and the method each one is here."""
 
 
-def str2bool(value: str | bool) -> bool:
-    """Parse True/False style flags the way Paddle's tools do (``--use_gpu True``)."""
-    if isinstance(value, bool):
-        return value
-    lowered = value.strip().lower()
-    if lowered in ("true", "t", "yes", "y", "1"):
-        return True
-    if lowered in ("false", "f", "no", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
+def method_name(value: str) -> str:
+    """``--method`` as given, with the reproduction's names mapped to ours (sample -> padim,
+    coreset -> patchcore; a note on stdout says so)."""
+    name = value.strip().lower()
+    if name in METHOD_ALIASES:
+        print(f"--method {name} is {METHOD_ALIASES[name]} here")
+        return METHOD_ALIASES[name]
+    return name
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -33,40 +45,55 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help=f"dataset root in MVTec AD layout (default: demo data in {DEMO_ROOT})")
     group.add_argument("--category", default="all",
                        help="a category, a comma list, all, textures or objects (default: all)")
-    group.add_argument("--resize", type=int, default=256, help="square resize side (default 256)")
-    group.add_argument("--crop_size", type=int, default=None,
+    group.add_argument("--resize", type=image_side, default=256, help="square resize side (default 256)")
+    group.add_argument("--crop_size", type=image_side, default=None,
                        help="centre crop side, the network input (default: = resize)")
-    group.add_argument("--batch_size", type=int, default=32, help="images per batch (default 32)")
-    group.add_argument("--num_workers", type=int, default=2,
+    group.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default 32)")
+    group.add_argument("--num_workers", type=non_negative_int, default=2,
                        help="image-loading threads, 0 = load in the main thread (default 2)")
 
 
-def add_model_args(parser: argparse.ArgumentParser, with_method: bool = True) -> None:
-    """--method, --arch, --k, --eps, --seed, --pretrained, and PatchCore's/SPADE's arguments."""
+def method_option_fields() -> dict[str, list[tuple[str, dataclasses.Field]]]:
+    """Every registered method's option fields by name: {name: [(method, field), ...]}."""
+    fields: dict[str, list[tuple[str, dataclasses.Field]]] = {}
+    for method, cls in METHODS.items():
+        for field in dataclasses.fields(cls.Options):
+            fields.setdefault(field.name, []).append((method, field))
+    return fields
+
+
+def _option_help(owners: list[tuple[str, dataclasses.Field]]) -> str:
+    """"m1/m2: help (default d); m3: ..." for the methods that share an option name."""
+    parts: dict[tuple[str, str], list[str]] = {}
+    for method, field in owners:
+        default = "off" if field.default is False else field.default
+        parts.setdefault((field.metadata.get("help", ""), str(default)), []).append(method)
+    return "; ".join(f"{'/'.join(methods)}: {text} (default {default})"
+                     for (text, default), methods in parts.items())
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--method, --arch, --seed, --pretrained, and every method's options (``--k``, ``--eps``,
+    PatchCore's, SPADE's, ...) as the methods declare them (models.base.MethodOptions)."""
     group = parser.add_argument_group("model")
-    if with_method:
-        group.add_argument("--method", default="ortho",
-                           help="ortho, padim, spade or patchcore (default ortho)")
+    group.add_argument("--method", default="ortho", type=method_name,
+                       help=f"{', '.join(METHODS)} (default ortho); the reproduction's sample and "
+                            "coreset mean padim and patchcore")
     group.add_argument("--arch", default="resnet18",
                        help="resnet18, resnet50 or wide_resnet50_2 (default resnet18)")
-    group.add_argument("--k", type=int, default=None,
-                       help="ortho/padim: embedding dimension (default 100); spade: nearest "
-                            "training images (default 50); not used by patchcore")
-    group.add_argument("--eps", type=float, default=0.01,
-                       help="covariance regulariser eps*I (default 0.01)")
-    group.add_argument("--seed", type=int, default=0,
+    group.add_argument("--seed", type=non_negative_int, default=0,
                        help="seed of every random draw (projection, channels, random init)")
     group.add_argument("--pretrained", default="imagenet",
                        help="imagenet (Paddle's download and cache), PATH.pdparams, or none")
-    group.add_argument("--coreset_ratio", type=float, default=0.1,
-                       help="patchcore: fraction of training patches kept in the bank, 1 = all "
-                            "(default 0.1)")
-    group.add_argument("--projection_dim", type=int, default=128,
-                       help="patchcore: random-projection size for the coreset selection (default 128)")
-    group.add_argument("--num_neighbors", type=int, default=9,
-                       help="patchcore: bank patches in the image-score reweighting (default 9)")
-    group.add_argument("--half", action="store_true",
-                       help="spade/patchcore: store the gallery/bank in float16 (half its size)")
+    options = parser.add_argument_group("method options (each method reads its own; default: the method's)")
+    for name, owners in method_option_fields().items():
+        field = owners[0][1]
+        if field.type in (bool, "bool"):
+            options.add_argument(f"--{name}", action="store_true", default=None, help=_option_help(owners))
+        else:
+            kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
+            options.add_argument(f"--{name}", type=field.metadata.get("parse") or kind, default=None,
+                                 help=_option_help(owners))
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -76,7 +103,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine", default="inference", choices=("inference", "dynamic"),
                        help="inference: Paddle Inference predictor (fast, default); "
                             "dynamic: eager Paddle")
-    group.add_argument("--cpu_threads", type=int, default=min(os.cpu_count() or 1, 8),
+    group.add_argument("--cpu_threads", type=positive_int, default=min(os.cpu_count() or 1, 8),
                        help="CPU math threads of the predictor")
     group.add_argument("--enable_mkldnn", type=str2bool, default=True,
                        help="use oneDNN on the CPU (default True)")
@@ -92,29 +119,128 @@ def script_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    """--eval_PRO, --non_partial_AUC."""
+    """--eval_PRO, --non_partial_AUC, --test_batch_size, --save_pic, --plots."""
     parser.add_argument("--eval_PRO", action="store_true", help="also compute the PRO score")
     parser.add_argument("--non_partial_AUC", action="store_true",
                         help="AUROC by the midpoint-rectangle rule of the reference reproduction")
+    parser.add_argument("--test_batch_size", type=positive_int, default=None,
+                        help="images per batch when scoring the test split (default: --batch_size)")
+    parser.add_argument("--save_pic", type=str2bool, default=False,
+                        help="True: write the picture of every test image (image, ground truth, heat "
+                             "map, mask, boundary) under the results folder, in <category>/ "
+                             "(default False)")
+    parser.add_argument("--plots", action="store_true",
+                        help="also write <category>_roc.png, _pro.png and _hist.png beside results.csv")
 
 
-def model_dir(save_path: str, method: str, arch: str, k: int | None) -> Path:
-    """Folder of a configuration's checkpoints: SAVE_PATH/<method>_<arch>_<k>.
+def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ...] = ("--crop_size",)
+                      ) -> None:
+    """--method, --arch, --k, --resize and ``size_flags`` (the input side) as optional checks.
 
-    ``k`` None means the method's default; patchcore, which has no k, uses SAVE_PATH/patchcore_<arch>.
+    They are read from the checkpoint; the ones given must match it (see :func:`expected_identity`).
+    Without ``--model_path``, --method/--arch/--k also name the checkpoint folder (defaults ortho,
+    resnet18, the method's k), as in train.py.
     """
-    k = resolve_k(method, k)
-    return Path(save_path) / (f"{method}_{arch}_{k}" if k else f"{method}_{arch}")
+    group = parser.add_argument_group("checks against the checkpoint (read from it when not given)")
+    group.add_argument("--method", default=None, type=method_name,
+                       help="ortho, padim, spade or patchcore (sample = padim, coreset = patchcore)")
+    group.add_argument("--arch", default=None, help="resnet18, resnet50 or wide_resnet50_2")
+    group.add_argument("--k", type=positive_int, default=None, help="k of the checkpoint")
+    group.add_argument("--resize", type=image_side, default=None, help="resize side of the checkpoint")
+    group.add_argument(*size_flags, type=image_side, default=None,
+                       help="network input side of the checkpoint")
 
 
-def run_main(main: Callable[[list[str] | None], int]) -> None:
-    """Run a script's main; a ToolkitError becomes one ``error:`` line and exit status 2."""
-    try:
-        code = main(None)
-    except ToolkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)
+def add_checkpoint_args(parser: argparse.ArgumentParser, save_path_help: str, category_help: str) -> None:
+    """--model_path, --save_path (train.py's root, default ./output) and --category: which checkpoints."""
+    parser.add_argument("--model_path", default=None,
+                        help="a checkpoint .npz, or a folder of <category>.npz checkpoints "
+                             "(default: SAVE_PATH/<method>_<arch>_<k>, train.py's layout)")
+    parser.add_argument("--save_path", default=DEFAULT_SAVE_PATH,
+                        help=f"{save_path_help} (default {DEFAULT_SAVE_PATH})")
+    parser.add_argument("--category", default=None, help=category_help)
+
+
+def expected_identity(args: argparse.Namespace, side: str = "crop_size") -> dict[str, Any]:
+    """The checkpoint fields the user asked for: method, arch, k, resize, image_size (given ones only).
+
+    ``side`` names the attribute holding the input side (export_model.py's is img_size); it
+    defaults to --resize when only --resize is given (train.py's rule); k is checked only when
+    given (patchcore's is always 0).
+    """
+    wanted: dict[str, Any] = {}
+    for key in ("method", "arch"):
+        if getattr(args, key) is not None:
+            wanted[key] = getattr(args, key)
+    if args.k is not None and (not args.method or "k" in method_class(args.method).Options.name_fields):
+        wanted["k"] = args.k  # a method without k (patchcore) ignores --k, as train.py does
+    if args.resize is not None:
+        wanted["resize"] = args.resize
+    if (getattr(args, side) or args.resize) is not None:
+        wanted["image_size"] = getattr(args, side) or args.resize
+    return wanted
+
+
+def checkpoint_folder(model_path: str | None, save_path: str | None,
+                      args: argparse.Namespace) -> Path:
+    """``model_path`` (a folder or a .npz) or train.py's SAVE_PATH/<method>_<arch>_<k>."""
+    if model_path:
+        return Path(model_path)
+    config = model_config(args.method or "ortho", strict=False, arch=args.arch or "resnet18", k=args.k)
+    return Path(save_path or DEFAULT_SAVE_PATH) / config.run_name
+
+
+def config_from(args: argparse.Namespace, method: str | None = None) -> ModelConfig:
+    """The model configuration the model and data arguments describe (options the method does
+    not have, and options not given, are left to the method)."""
+    method = method or args.method
+    given = {name: getattr(args, name, None) for name in method_option_fields()}
+    preprocess = preprocess_from(args)
+    return model_config(method, strict=False, arch=args.arch, seed=args.seed,
+                        pretrained=args.pretrained, image_size=preprocess.size,
+                        resize=preprocess.resize, **given)
+
+
+def data_root(args: argparse.Namespace) -> Path:
+    """The dataset root: --data_path, or the demo data (generated on first use)."""
+    if args.data_path:
+        return Path(args.data_path)
+    if not (DEMO_ROOT / ".synthetic.json").is_file():
+        print(f"no --data_path: generating the demo dataset in {DEMO_ROOT}", file=sys.stderr)
+    return generate(DEMO_ROOT)
+
+
+def preprocess_from(args: argparse.Namespace) -> Preprocess:
+    """Preprocessing from --resize / --crop_size."""
+    return Preprocess(resize=args.resize, crop_size=args.crop_size)
+
+
+def data_plan_from(args: argparse.Namespace) -> DataPlan:
+    """The data arguments as a plan (the demo data is generated if no --data_path is given)."""
+    preprocess = None if args.resize is None else preprocess_from(args)  # eval.py: the checkpoint's
+    return DataPlan(data_root(args), preprocess, args.batch_size, args.num_workers)
+
+
+def fit_plan_from(args: argparse.Namespace, data: DataPlan) -> FitPlan:
+    """train.py's arguments as a fit plan."""
+    return FitPlan(data, config_from(args), Path(args.save_path), args.calib_images,
+                   args.save_every, args.resume)
+
+
+def eval_plan_from(args: argparse.Namespace, data: DataPlan) -> EvalPlan:
+    """--eval_PRO / --non_partial_AUC as an evaluation plan."""
+    return EvalPlan(data, args.eval_PRO, "midpoint" if args.non_partial_AUC else "trapezoid",
+                    args.test_batch_size, args.save_pic, args.plots)
+
+
+def runtime_from(args: argparse.Namespace, world: World | None = None) -> Runtime:
+    """Runtime from --device / --engine / --cpu_threads / --enable_mkldnn (device is checked).
+
+    Launched on GPUs, each process takes the GPU the launcher selected for it.
+    """
+    device = args.device
+    if world is not None and world.size > 1 and parse_device(device)[0] == "gpu":
+        device = f"gpu:{os.environ.get('FLAGS_selected_gpus', world.local_rank)}"
+    device = select_device(device)
+    return Runtime(engine=args.engine, device=device, cpu_threads=args.cpu_threads,
+                   enable_mkldnn=args.enable_mkldnn)

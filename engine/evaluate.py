@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.errors import InputError
-from engine.io import atomic_write_text
+from core.errors import InputError
+from core.io import atomic_write_text
 from engine.metrics import pro_auc, roc_auc
 
 COLUMNS = ("category", "image_auroc", "pixel_auroc", "pro")

@@ -14,8 +14,8 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from core.io import temp_path
 from engine.evaluate import ScoredSet
-from engine.io import temp_path
 from engine.metrics import auc_trapezoid, pro_curve, roc_curve
 
 PRO_LIMIT = 0.3

@@ -1,76 +1,106 @@
-"""What train.py and eval.py do per category: fit, calibrate, save, evaluate."""
+"""What train.py and eval.py do per category, driven by plans instead of parsed arguments.
+
+    data = DataPlan(Path("data/mtd"), Preprocess(resize=256), batch_size=32, num_workers=2)
+    plan = FitPlan(data, model_config("ortho", k=100, pretrained="none"), Path("output"),
+                   save_every=5000, resume=True)
+    model = train_category(plan, "magnetic_tile")          # fit, calibrate, save
+    row = evaluate_category(EvalPlan(data, pro=True), "magnetic_tile", model)
+
+A plan is built once per script (engine.cli builds them from the arguments) or by hand.
+"""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import hashlib
-import os
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from datasets import (
-    AnomalyDataset,
-    BatchLoader,
-    Preprocess,
-    Sample,
-    list_samples,
-    resolve_categories,
-    shard_indices,
-)
-from datasets.synthetic import generate
-from engine.cli import DEMO_ROOT, model_dir
-from engine.device import parse_device, select_device
-from engine.distributed import Collective, World
-from engine.errors import CheckpointError, ConfigError
+from core.distributed import Collective, World
+from core.errors import CheckpointError, ConfigError
+from core.runtime import Runtime
+from datasets import AnomalyDataset, BatchLoader, Preprocess, Sample, denormalize, list_samples, shard_indices
+from deploy.visualize import four_panel, save_png
 from engine.evaluate import ScoredSet, metrics, score_batches
-from engine.runtime import Runtime
-from models import AnomalyModel, ModelConfig, build_model, load_model, method_class, resolve_k
+from engine.plots import write_plots
+from models import AnomalyModel, ModelConfig, build_model, load_model, method_class
 
 
-def data_root(args: argparse.Namespace) -> Path:
-    """The dataset root: --data_path, or the demo data (generated on first use)."""
-    if args.data_path:
-        return Path(args.data_path)
-    if not (DEMO_ROOT / ".synthetic.json").is_file():
-        print(f"no --data_path: generating the demo dataset in {DEMO_ROOT}", file=sys.stderr)
-    return generate(DEMO_ROOT)
+@dataclass(frozen=True)
+class DataPlan:
+    """Where the images are and how they are read: dataset root (MVTec layout), preprocessing,
+    images per batch, loading threads (0 = the main thread)."""
+
+    root: Path
+    preprocess: Preprocess | None = None
+    """None: each checkpoint's own (an evaluation); a fit needs it."""
+    batch_size: int = 32
+    num_workers: int = 2
+
+    def loader(self, samples: Sequence[Sample], indices: Sequence[int] | None = None) -> BatchLoader:
+        """Batches of ``samples`` (those at ``indices``, in that order; default all)."""
+        dataset = AnomalyDataset(samples, self.preprocess)
+        return BatchLoader(dataset, self.batch_size, self.num_workers, indices=indices)
 
 
-def categories(args: argparse.Namespace, root: Path) -> list[str]:
-    """Categories named by --category under ``root``."""
-    return resolve_categories(root, args.category)
+@dataclass(frozen=True)
+class FitPlan:
+    """A fit: the data, the model configuration, where checkpoints go, the threshold's image count
+    (0 = all training images), and saving every ``save_every`` images for ``resume``.
 
-
-def preprocess_from(args: argparse.Namespace) -> Preprocess:
-    """Preprocessing from --resize / --crop_size."""
-    return Preprocess(resize=args.resize, crop_size=args.crop_size)
-
-
-def runtime_from(args: argparse.Namespace, world: World | None = None) -> Runtime:
-    """Runtime from --device / --engine / --cpu_threads / --enable_mkldnn (device is checked).
-
-    Launched on GPUs, each process takes the GPU the launcher selected for it.
+    Checkpoints are ``save_path/<run_name>/<category>.npz``; the fit state of an interrupted fit
+    ``<category>.fitstate.npz`` beside them.
     """
-    device = args.device
-    if world is not None and world.size > 1 and parse_device(device)[0] == "gpu":
-        device = f"gpu:{os.environ.get('FLAGS_selected_gpus', world.local_rank)}"
-    device = select_device(device)
-    return Runtime(engine=args.engine, device=device, cpu_threads=args.cpu_threads,
-                   enable_mkldnn=args.enable_mkldnn)
+
+    data: DataPlan
+    config: ModelConfig
+    save_path: Path = Path("output")
+    calib_images: int = 200
+    save_every: int = 0
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if self.data.preprocess is None:
+            raise ConfigError("a FitPlan needs DataPlan.preprocess (the training images' resize and crop)")
+        size, resize = self.data.preprocess.size, self.data.preprocess.resize
+        if (self.config.image_size, self.config.resize) != (size, resize):
+            raise ConfigError(f"the model config has image_size {self.config.image_size}, resize "
+                              f"{self.config.resize} but the preprocessing gives {size} from {resize}; "
+                              "build both from the same sizes")
+
+    @property
+    def folder(self) -> Path:
+        """The folder of this configuration's checkpoints."""
+        return Path(self.save_path) / self.config.run_name
+
+    def checkpoint(self, category: str) -> Path:
+        """Where the finished model of ``category`` is written."""
+        return self.folder / f"{category}.npz"
+
+    def fit_state(self, category: str) -> Path:
+        """Where an unfinished fit of ``category`` is saved for ``resume``."""
+        return self.folder / f"{category}.fitstate.npz"
 
 
-def config_from(args: argparse.Namespace) -> ModelConfig:
-    """Model configuration from the model and data arguments."""
-    return ModelConfig(method=args.method, arch=args.arch, k=resolve_k(args.method, args.k),
-                       image_size=preprocess_from(args).size, resize=args.resize, eps=args.eps,
-                       seed=args.seed, pretrained=args.pretrained,
-                       coreset_ratio=args.coreset_ratio, projection_dim=args.projection_dim,
-                       num_neighbors=args.num_neighbors, half=args.half)
+@dataclass(frozen=True)
+class EvalPlan:
+    """An evaluation: the data (its root, workers and batch size; the preprocessing is each
+    checkpoint's own), whether to compute PRO, the AUROC rule (trapezoid or midpoint, the
+    reference reproduction's), the test batch size (None: the data's), whether to write a
+    picture of every test image and whether to write the ROC/PRO/histogram plots."""
+
+    data: DataPlan
+    pro: bool = False
+    rule: str = "trapezoid"
+    test_batch_size: int | None = None
+    save_pic: bool = False
+    plots: bool = False
 
 
 def with_progress(loader: BatchLoader, total: int, desc: str,
@@ -90,27 +120,30 @@ def calibration_indices(count: int, limit: int) -> list[int]:
     return sorted(set(np.linspace(0, count - 1, limit).round().astype(int).tolist()))
 
 
-def fit_state_path(args: argparse.Namespace, category: str) -> Path:
-    """Where an unfinished fit of ``category`` is saved for --resume."""
-    return model_dir(args.save_path, args.method, args.arch, args.k) / f"{category}.fitstate.npz"
-
-
 def samples_digest(samples: Sequence[Sample]) -> str:
     """SHA-256 of the ordered training file list (a resumed fit must see the same list)."""
     return hashlib.sha256("\n".join(str(s.path) for s in samples).encode()).hexdigest()
 
 
-def _start(args: argparse.Namespace, category: str, runtime: Runtime,
-           digest: str) -> AnomalyModel:
-    """A new model, or with --resume the saved fit state of an interrupted run."""
-    path = fit_state_path(args, category)
-    if not args.resume or not path.is_file():
-        if args.resume:
+def _start(plan: FitPlan, category: str, runtime: Runtime, digest: str) -> AnomalyModel:
+    """A new model, or with ``plan.resume`` the saved fit state of an interrupted run."""
+    path = plan.fit_state(category)
+    if not plan.resume or not path.is_file():
+        if plan.resume:
             print(f"{category}: no fit state at {path}; starting from the beginning", file=sys.stderr)
-        model = build_model(config_from(args), runtime)
+        model = build_model(plan.config, runtime)
         model.category = category
         return model
-    model = load_model(str(path), expect=config_from(args).identity(), runtime=runtime)
+    model = load_model(str(path), expect=plan.config.identity(), runtime=runtime)
+    # the method's options first (k, eps, ...), then the shared fields
+    was = {**dataclasses.asdict(model.config.options), **model.config.to_meta()}
+    now = {**dataclasses.asdict(plan.config.options), **plan.config.to_meta()}
+    changed = [name for name, value in now.items() if was.get(name) != value]
+    if changed:
+        raise CheckpointError(
+            f"{path}: this fit state was made with {', '.join(f'{n}={was.get(n)}' for n in changed)}, "
+            f"this run asks for {', '.join(f'{n}={now[n]}' for n in changed)}; "
+            "pass the same arguments to resume, or delete it to start over")
     if model.fitted or model.meta.get("train_images_sha256") != digest:
         raise CheckpointError(
             f"{path}: this fit state belongs to another list of training images (or is finished); "
@@ -120,59 +153,106 @@ def _start(args: argparse.Namespace, category: str, runtime: Runtime,
     return model
 
 
-def fit_category(args: argparse.Namespace, root: Path, category: str, runtime: Runtime,
-                 world: World) -> AnomalyModel | None:
+def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
+                 world: World | None = None) -> AnomalyModel | None:
     """Fit one category on (this process's shard of) its train/good images.
 
-    Saves the fit state every --save_every images, resumes from it with --resume; with several
-    processes, combines their statistics. Returns the finalised and calibrated model on the main
-    process, None on the others.
+    Runs the model's epochs (one for the statistics methods) in its :meth:`epoch_order`, saves
+    the fit state every ``plan.save_every`` images and resumes from it; with several processes,
+    combines their statistics. Returns the finalised and calibrated model on the main process,
+    None on the others.
     """
-    method_class(args.method).check_world(world.size)
-    samples = list_samples(root, category, "train")
-    dataset = AnomalyDataset(samples, preprocess_from(args))
-    if world.size > 1 and (args.resume or args.save_every):
+    runtime, world = runtime or Runtime(), world or World()
+    method_class(plan.config.method).check_world(world.size)
+    if world.size > 1 and (plan.resume or plan.save_every):
         raise ConfigError("--resume and --save_every work in a single process; drop them or "
                           "run without paddle.distributed.launch")
+    samples = list_samples(plan.data.root, category, "train")
     digest = samples_digest(samples)
-    model = _start(args, category, runtime, digest)
-    collective = Collective(world) if world.size > 1 else None
-    shard = shard_indices(len(dataset), world.rank, world.size)[model.n_train:]
-    loader = BatchLoader(dataset, args.batch_size, args.num_workers, indices=shard)
+    model = _start(plan, category, runtime, digest)
+    shard = np.asarray(shard_indices(len(samples), world.rank, world.size), dtype=np.int64)
+    first_epoch, done = model.fit_position()
     saved = model.n_train
-    for batch in with_progress(loader, len(shard), f"fit {category}", world.is_main):
-        model.partial_fit(batch["images"], batch["paths"])
-        if args.save_every and model.n_train - saved >= args.save_every:
-            model.save(str(fit_state_path(args, category)),
-                       extra={"train_images_sha256": digest})
-            saved = model.n_train
-    if collective is not None:
-        model.reduce_across(collective)
+    for epoch in range(first_epoch, model.epochs):
+        order = shard[model.epoch_order(len(shard), epoch)][done:].tolist()
+        desc = f"fit {category}" if model.epochs == 1 else f"fit {category} epoch {epoch + 1}"
+        for batch in with_progress(plan.data.loader(samples, order), len(order), desc, world.is_main):
+            model.partial_fit(batch["images"], batch["paths"])
+            if plan.save_every and model.n_train - saved >= plan.save_every:
+                model.save(str(plan.fit_state(category)), extra={"train_images_sha256": digest})
+                saved = model.n_train
+        model.end_epoch()
+        done = 0
+    if world.size > 1:
+        model.reduce_across(Collective(world))
     if not world.is_main:
         return None
     model.finalize()
-    picked = calibration_indices(len(dataset), args.calib_images)
-    calib = BatchLoader(dataset, args.batch_size, args.num_workers, indices=picked)
+    picked = calibration_indices(len(samples), plan.calib_images)
+    calib = plan.data.loader(samples, picked)
     model.calibrate(with_progress(calib, len(picked), f"threshold {category}"))
     return model
 
 
-def score_category(args: argparse.Namespace, root: Path, category: str,
-                   model: AnomalyModel) -> ScoredSet:
-    """Score the test split of ``category``: scores, labels, maps and masks."""
-    samples = list_samples(root, category, "test")
-    dataset = AnomalyDataset(samples, preprocess_from(args))
-    loader = BatchLoader(dataset, args.batch_size, args.num_workers)
-    return score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+def train_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
+                   world: World | None = None) -> AnomalyModel | None:
+    """:func:`fit_category`, then (main process) write the checkpoint and drop the fit state."""
+    model = fit_category(plan, category, runtime, world)
+    if model is None:  # not the main process: its statistics went to rank 0
+        return None
+    path = plan.checkpoint(category)
+    model.save(str(path))
+    plan.fit_state(category).unlink(missing_ok=True)
+    print(f"{category}: fitted on {model.n_train} images, threshold {model.threshold:.4f}, saved {path}")
+    return model
 
 
-def category_metrics(args: argparse.Namespace, category: str, scored: ScoredSet) -> dict[str, Any]:
-    """The metrics row of a scored test split (--eval_PRO, --non_partial_AUC)."""
-    rule = "midpoint" if args.non_partial_AUC else "trapezoid"
-    return metrics(scored, category, args.eval_PRO, rule)
+def model_preprocess(model: AnomalyModel) -> Preprocess:
+    """The preprocessing a checkpoint was fitted with (its resize and input side)."""
+    return Preprocess(resize=model.config.resize, crop_size=model.config.image_size)
 
 
-def evaluate_category(args: argparse.Namespace, root: Path, category: str,
-                      model: AnomalyModel) -> dict[str, Any]:
-    """Score the test split of ``category`` and compute the metrics row."""
-    return category_metrics(args, category, score_category(args, root, category, model))
+def save_test_pictures(folder: Path, dataset: AnomalyDataset, scored: ScoredSet,
+                       threshold: float) -> None:
+    """Write ``folder/<defect>_<name>.png`` for every test image: image, ground truth (when the
+    image has a mask), heat map (0 to 1.5 x threshold, as predict.py), mask ``map > threshold``
+    and its boundary. ``scored`` holds the maps (N, S, S) and scores (N,) of ``dataset``, in order."""
+    for index, sample in enumerate(dataset.samples):
+        item = dataset[index]
+        score = float(scored.scores[index])
+        flag = "yes" if score > threshold else "no"
+        title = f"{sample.defect} score={score:.4f} threshold={threshold:.4f} anomalous={flag}"
+        panel = four_panel(denormalize(item["image"]), scored.maps[index], threshold, 0.0,
+                           1.5 * threshold, title=title, ground_truth=item["mask"])
+        save_png(folder / f"{sample.defect}_{sample.path.stem}.png", panel)
+
+
+def score_category(plan: EvalPlan, category: str, model: AnomalyModel) -> tuple[AnomalyDataset, ScoredSet]:
+    """Score the test split of ``category``, preprocessed as the checkpoint was fitted: the dataset
+    and its scores (N,), labels, maps (N, S, S) and masks, in the dataset's order."""
+    samples = list_samples(plan.data.root, category, "test")
+    dataset = AnomalyDataset(samples, model_preprocess(model))
+    loader = BatchLoader(dataset, plan.test_batch_size or plan.data.batch_size, plan.data.num_workers)
+    return dataset, score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+
+
+def evaluate_category(plan: EvalPlan, category: str, model: AnomalyModel,
+                      out: Path | None = None) -> dict[str, Any]:
+    """Score the test split of ``category`` and compute the metrics row.
+
+    With ``plan.save_pic`` the pictures go to ``out/<category>/``; with ``plan.plots`` the ROC, PRO
+    and histogram plots to ``out/<category>_{roc,pro,hist}.png``.
+    """
+    if (plan.save_pic or plan.plots) and out is None:
+        raise ConfigError("EvalPlan.save_pic/plots: pass evaluate_category the folder for the pictures")
+    dataset, scored = score_category(plan, category, model)
+    if plan.save_pic:
+        if model.threshold is None:
+            raise CheckpointError(f"{category}: the checkpoint holds no threshold (never calibrated), "
+                                  "so --save_pic has no mask to draw; train it again")
+        save_test_pictures(out / category, dataset, scored, model.threshold)
+        print(f"{category}: wrote {len(dataset.samples)} pictures to {out / category}", file=sys.stderr)
+    if plan.plots:
+        written = write_plots(out, category, scored, model.threshold)
+        print(f"wrote {', '.join(str(p) for p in written)}")
+    return metrics(scored, category, plan.pro, plan.rule)

@@ -2,7 +2,7 @@
 
 A model is used like a scikit-learn estimator::
 
-    model = build_model(ModelConfig(method="ortho", arch="resnet18", k=100, pretrained="none"))
+    model = build_model(model_config("ortho", arch="resnet18", k=100, pretrained="none"))
     model.fit(batches)                    # iterable of images (B, 3, S, S) float32, or loader dicts
     model.calibrate(batches)              # default threshold from normal images
     maps, scores = model.score(images)    # (B, S, S) float32, (B,) float32
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,42 +22,145 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from engine.distributed import Collective
-from engine.errors import CheckpointError, ConfigError, InputError
-from engine.runtime import RunFn, Runtime, compile_layer, run_chunked
-from models.backbone import ResNetTrunk, build_trunk, layer_grid, weights_digest
-from models.checkpoint import check_identity, read_npz, write_npz
+from core.distributed import Collective
+from core.errors import CheckpointError, ConfigError, InputError
+from core.runtime import RunFn, Runtime, compile_layer, run_chunked
+from models.checkpoint import ArraySpec, check_arrays, check_identity, read_npz, write_npz
+from models.components.backbone import ResNetTrunk, build_trunk, check_arch, layer_grid, weights_digest
 
 Batch = np.ndarray | dict[str, Any]
 _TRUNK_PREFIX = "backbone."
+MAX_SIDE = 8192
+"""Largest image side a checkpoint may declare (engine.cli.MAX_SIDE for the arguments)."""
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "str": (str,),
+                                             "bool": (bool,)}
 
 
-@dataclass
+def option(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    """A method option: a dataclass field with the help of its command-line flag ``--<name>`` and
+    the argparse ``type=`` that parses and range-checks it (default: the field's type)."""
+    return dataclasses.field(default=default, metadata={"help": help, "parse": parse})
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    """A method's own options; each method subclasses this with its fields (see :func:`option`).
+
+    ``name_fields`` name the fields that tell fits apart in folder names and identity checks
+    (``k`` of ortho, padim and spade; none for patchcore). The fields are stored flat in the
+    checkpoint's metadata next to the shared ones of :class:`ModelConfig`.
+    """
+
+    name_fields: ClassVar[tuple[str, ...]] = ()
+
+    def check(self) -> None:
+        """Raise a ConfigError naming the argument if a value is out of range."""
+
+
+def positive(name: str, value: float) -> None:
+    """A ConfigError ``--name value: must be a positive number`` unless ``value`` > 0."""
+    if not value > 0:
+        raise ConfigError(f"--{name} {value}: must be a positive number")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """Everything that defines a fitted model. ``image_size`` is the (square) network input.
+    """Everything that defines a fitted model: the shared fields and the method's ``options``.
 
-    ``coreset_ratio``, ``projection_dim`` and ``num_neighbors`` are PatchCore's, ``half`` (bank
-    stored in float16) SPADE's and PatchCore's; the other methods ignore them.
+    ``image_size`` is the (square) network input. Build one with :func:`models.model_config`,
+    which fills the options with the method's defaults.
     """
 
     method: str
+    options: MethodOptions
     arch: str = "resnet18"
-    k: int = 100
     image_size: int = 256
     resize: int = 256
-    eps: float = 0.01
     sigma: float = 4.0
     seed: int = 0
     pretrained: str = "imagenet"
-    coreset_ratio: float = 0.1
-    projection_dim: int = 128
-    num_neighbors: int = 9
-    half: bool = False
+
+    @property
+    def run_name(self) -> str:
+        """Folder name of this configuration's checkpoints: ``<method>_<arch>[_<name field>...]``."""
+        values = [str(getattr(self.options, name)) for name in self.options.name_fields]
+        return "_".join([self.method, self.arch, *values])
 
     def identity(self) -> dict[str, Any]:
-        """The fields a loaded checkpoint must match: method, arch, k and input sizes."""
-        return {"method": self.method, "arch": self.arch, "k": self.k,
-                "image_size": self.image_size, "resize": self.resize}
+        """The fields a loaded checkpoint must match: method, arch, input sizes, name fields."""
+        return {"method": self.method, "arch": self.arch, "image_size": self.image_size,
+                "resize": self.resize,
+                **{name: getattr(self.options, name) for name in self.options.name_fields}}
+
+    def to_meta(self) -> dict[str, Any]:
+        """The flat record stored in checkpoints: shared fields and the method's option fields."""
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        return {**shared, **dataclasses.asdict(self.options)}
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any], options: type[MethodOptions]) -> ModelConfig:
+        """Inverse of :meth:`to_meta`; option fields a checkpoint lacks take their defaults
+        (checkpoints of earlier versions held every method's fields: the others are ignored)."""
+        shared = {f.name for f in dataclasses.fields(cls)} - {"options"}
+        own = {f.name for f in dataclasses.fields(options)}
+        return cls(options=options(**{key: meta[key] for key in own if key in meta}),
+                   **{key: meta[key] for key in shared if key in meta})
+
+
+@dataclass
+class UnfusedParts:
+    """An unfused export: ``layer`` maps images (N, 3, S, S) to the embedding x (N, F, h, w);
+    ``arrays`` (projection W (F, k) float32 or channels (k,) int64, mean (P, k) and inv_cov
+    (P, k, k) float32) and ``meta`` (sigma, grid [h, w], features F) finish it in numpy."""
+
+    layer: nn.Layer
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+def config_from_meta(path: str, meta: dict[str, Any], options: type[MethodOptions]) -> ModelConfig:
+    """The ModelConfig recorded in a checkpoint's metadata (shared fields and the fields of
+    ``options``, the method's), every field type and size checked.
+
+    Raises a CheckpointError naming ``path`` for a missing field, a value of the wrong JSON type,
+    an unknown backbone or image sizes outside 1 <= image_size <= resize <= MAX_SIDE.
+    """
+    fields = [f for f in dataclasses.fields(ModelConfig) if f.name != "options"]
+    for field in [*fields, *dataclasses.fields(options)]:
+        if field.name not in meta and field.name != "method":
+            continue  # written before the field existed: its default
+        value = meta[field.name] if field.name in meta else None
+        wanted = _FIELD_TYPES[str(field.type)]
+        if not isinstance(value, wanted) or (bool not in wanted and isinstance(value, bool)):
+            raise CheckpointError(f"{path}: metadata field {field.name} is {value!r}, expected "
+                                  f"{'a number' if field.type == 'float' else f'a {field.type}'}; "
+                                  "the file was changed or is damaged: train it again")
+    config = ModelConfig.from_meta(meta, options)
+    if not 1 <= config.image_size <= config.resize <= MAX_SIDE:
+        raise CheckpointError(f"{path}: metadata image_size={config.image_size}, "
+                              f"resize={config.resize}: need 1 <= image_size <= resize <= {MAX_SIDE}; "
+                              "the file was changed or is damaged: train it again")
+    for name in ("threshold", "category", "stage"):
+        value, wanted = meta.get(name), {"threshold": (int, float, type(None)), "category": (str,),
+                                         "stage": (str,)}[name]
+        if not isinstance(value, wanted) or isinstance(value, bool) or (
+            name == "threshold" and value is not None and not np.isfinite(value)
+        ) or (name == "stage" and value not in ("fit", "final")):
+            raise CheckpointError(f"{path}: metadata field {name} is {value!r}; "
+                                  "the file was changed or is damaged: train it again")
+    try:
+        check_arch(config.arch)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    return config
+
+
+def recorded_count(arrays: dict[str, np.ndarray], name: str) -> int:
+    """The non-negative integer a checkpoint stores as the 0-d array ``name`` (ValueError if not)."""
+    value = arrays.get(name)
+    if value is None or value.shape != () or value.dtype.kind not in "iu" or int(value) < 0:
+        raise ValueError(f"{name} must be a non-negative integer scalar")
+    return int(value)
 
 
 def unpack_batch(batch: Batch) -> tuple[np.ndarray, list[str] | None]:
@@ -72,8 +175,8 @@ class AnomalyModel(ABC):
 
     method: ClassVar[str]
     layers: ClassVar[tuple[str, ...]] = ("layer1", "layer2", "layer3")
-    default_k: ClassVar[int | None] = 100
-    """``k`` when none is given; None for a method without k (its config then holds k = 0)."""
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    """The method's options class (fields, defaults, checks)."""
 
     def __init__(self, config: ModelConfig, trunk: ResNetTrunk, runtime: Runtime | None) -> None:
         self.config = config
@@ -81,20 +184,15 @@ class AnomalyModel(ABC):
         self.runtime = runtime or Runtime()
         self.threshold: float | None = None
         self.score_min: float | None = None
-        """Lowest calibration score: 0 of the normalised score (engine.scores); None if unknown."""
+        """Lowest calibration score: 0 of the normalised score (core.scores); None if unknown."""
         self.fitted = False
         self.category = ""
         self.meta: dict[str, Any] = {}
+        self.n_train = 0
+        """Training images fitted so far (a trained method: steps times images, over all epochs)."""
         self._scorer: RunFn | None = None
 
     # -- construction ------------------------------------------------------------------------
-    @classmethod
-    def resolve_k(cls, k: int | None) -> int:
-        """``k`` as given, else :attr:`default_k`; always 0 for a method without k."""
-        if cls.default_k is None:
-            return 0
-        return cls.default_k if k is None else k
-
     @classmethod
     def check_world(cls, size: int) -> None:
         """Raise a ConfigError if a fit cannot be spread over ``size`` processes.
@@ -111,13 +209,19 @@ class AnomalyModel(ABC):
     @classmethod
     def create(cls, config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
         """A new, unfitted model: trunk weights from ``config.pretrained``, random parts from seed."""
-        config = dataclasses.replace(config, k=cls.resolve_k(config.k))
-        if cls.default_k is not None and config.k < 1:
-            raise ConfigError(f"--k {config.k}: must be a positive number")
+        if not isinstance(config.options, cls.Options):
+            raise ConfigError(f"--method {cls.method} takes {cls.Options.__name__}, not "
+                              f"{type(config.options).__name__}; build the config with model_config()")
+        config.options.check()
         trunk = build_trunk(config.arch, cls.layers, config.pretrained, config.seed)
         model = cls(config, trunk, runtime)
         model._init_random(np.random.default_rng(config.seed))
         return model
+
+    @property
+    def options(self) -> MethodOptions:
+        """The method's options (``config.options``)."""
+        return self.config.options
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -150,12 +254,48 @@ class AnomalyModel(ABC):
     def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
         """Inverse of :meth:`_arrays`."""
 
+    @classmethod
+    @abstractmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """The arrays :meth:`_arrays` writes for ``config`` (final statistics if ``fitted``, else
+        the fit state), with their shapes. ``arrays`` gives counts a fit state records itself."""
+
+    def check_statistics(self, source: str, fix: str) -> None:
+        """Raise a CheckpointError naming ``source`` if an array of the model is not what
+        :meth:`array_specs` declares (shape, dtype) or holds NaN/inf; ``fix`` ends the message."""
+        arrays = self._arrays()
+        check_arrays(source, arrays, self.array_specs(self.config, self.fitted, arrays), fix)
+
     # -- shared behaviour --------------------------------------------------------------------
+    # -- the fit's course: epochs over the training images (one for the statistics methods) -------
+    @property
+    def epochs(self) -> int:
+        """Passes over the training images; a statistics method needs one."""
+        return 1
+
+    def fit_position(self) -> tuple[int, int]:
+        """(epoch, images of that epoch already fitted): where a resumed fit continues."""
+        return 0, self.n_train
+
+    def epoch_order(self, count: int, epoch: int) -> np.ndarray:
+        """Order (count,) in which the ``count`` training images are visited in ``epoch``."""
+        return np.arange(count)
+
+    def end_epoch(self) -> None:  # noqa: B027  (a hook: nothing to do for a statistics method)
+        """Called after each pass over the training images (a trained method steps its schedule)."""
+
     def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
-        """Fit on an iterable of image batches (arrays or loader dicts), then finalise."""
-        for batch in batches:
-            images, paths = unpack_batch(batch)
-            self.partial_fit(images, paths)
+        """Fit on image batches (arrays or loader dicts), then finalise.
+
+        ``batches`` is iterated once per epoch, so a trained method needs a re-iterable (a list or
+        a BatchLoader); a resumed model continues at its :meth:`fit_position`'s epoch.
+        """
+        for _ in range(self.fit_position()[0], self.epochs):
+            for batch in batches:
+                images, paths = unpack_batch(batch)
+                self.partial_fit(images, paths)
+            self.end_epoch()
         self.finalize()
         return self
 
@@ -173,10 +313,20 @@ class AnomalyModel(ABC):
             self._scorer = self.compile(self.fused_layer())
         outputs = [out for _, out in run_chunked(self._scorer, images, self.runtime.chunk)]
         amaps = np.concatenate([amap for amap, _ in outputs])
-        return amaps[:, 0], np.concatenate([scores for _, scores in outputs])
+        scores = np.concatenate([scores for _, scores in outputs])
+        if not (np.isfinite(scores).all() and np.isfinite(amaps.sum(dtype=np.float64))):
+            raise CheckpointError(
+                f"{self.category or self.config.method}: the model gave NaN or inf anomaly scores; "
+                "its statistics are not finite: fit it again"
+            )
+        return amaps[:, 0], scores
+
+    def unfused_parts(self) -> UnfusedParts | None:
+        """The reference deploy layout of this model, or None if it only exports fused."""
+        return None
 
     def reduce_across(self, collective: Collective) -> None:
-        """Combine the fit states of all processes of a launched job (see engine.distributed).
+        """Combine the fit states of all processes of a launched job (see core.distributed).
 
         This default refuses a job of several processes (see :meth:`check_world`).
         """
@@ -240,7 +390,7 @@ class AnomalyModel(ABC):
         """
         trunk_arrays = self.trunk.weight_arrays()
         meta = {
-            **dataclasses.asdict(self.config),
+            **self.config.to_meta(),
             "stage": "final" if self.fitted else "fit",
             "threshold": self.threshold,
             "score_min": self.score_min,
@@ -258,8 +408,13 @@ class AnomalyModel(ABC):
         cls, path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray], runtime: Runtime | None
     ) -> AnomalyModel:
         """Rebuild a model of this class from checkpoint contents (see :func:`load_model`)."""
-        fields = {f.name for f in dataclasses.fields(ModelConfig)}
-        config = ModelConfig(**{key: value for key, value in meta.items() if key in fields})
+        config = config_from_meta(path, meta, cls.Options)
+        fitted = meta.get("stage") == "final"
+        try:
+            specs = cls.array_specs(config, fitted, arrays)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
+        check_arrays(path, arrays, specs)
         trunk = ResNetTrunk(config.arch, cls.layers)
         trunk_arrays = {
             name[len(_TRUNK_PREFIX):]: value
@@ -273,7 +428,7 @@ class AnomalyModel(ABC):
         model.category = meta.get("category", "")
         model.meta = meta
         try:
-            model._restore(arrays, fitted=meta.get("stage") == "final")
+            model._restore(arrays, fitted=fitted)
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
         return model
@@ -284,8 +439,12 @@ def load_checkpoint(
     registry: dict[str, type[AnomalyModel]],
     expect: ModelConfig | dict[str, Any] | None = None,
     runtime: Runtime | None = None,
+    final: bool = False,
 ) -> AnomalyModel:
-    """Load any method's checkpoint, checking it against ``expect`` (method/arch/k/size)."""
+    """Load any method's checkpoint, checking it against ``expect`` (method/arch/k/size).
+
+    ``final``: refuse a fit state (the unfinished fit train.py --save_every writes).
+    """
     meta, arrays = read_npz(path)
     if expect is not None:
         wanted = expect.identity() if isinstance(expect, ModelConfig) else dict(expect)
@@ -293,4 +452,7 @@ def load_checkpoint(
     method = meta.get("method")
     if method not in registry:
         raise CheckpointError(f"{path}: unknown method {method!r} in checkpoint")
+    if final and meta.get("stage") != "final":
+        raise CheckpointError(f"{path}: holds an unfinished fit (a --save_every fit state), not a "
+                              "fitted model; finish it with train.py --resume or pass a final checkpoint")
     return registry[method].from_file(path, meta, arrays, runtime)

@@ -29,8 +29,8 @@ import numpy as np
 from paddle import nn
 from paddle.vision.models import resnet
 
-from engine.errors import CheckpointError
-from models.backbone import ARCHS, TORCH_LEGACY_MAGIC, check_numeric, check_size
+from core.errors import CheckpointError
+from models.components.backbone import ARCHS, TORCH_LEGACY_MAGIC, check_numeric, check_size
 
 _STORAGE_DTYPES = {
     "FloatStorage": "f4", "DoubleStorage": "f8", "HalfStorage": "f2", "LongStorage": "i8",
@@ -263,6 +263,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from engine.cli import run_main
+    from core.script import run_main
 
     run_main(main)

@@ -82,13 +82,14 @@ func_is_null() {
     [[ -z ${value} || ${value} == null ]]
 }
 
-# func_set_params KEY VALUE -> "KEY VALUE", or nothing when KEY or VALUE is null or empty.
+# func_set_params KEY VALUE -> "KEY=VALUE" (the form Paddle's TIPC drivers pass), or nothing when
+# KEY or VALUE is null or empty.
 func_set_params() {
     local key=$1 value=$2
     if func_is_null "${key}" || func_is_null "${value}"; then
         printf '\n'
     else
-        printf '%s %s\n' "${key}" "${value}"
+        printf '%s=%s\n' "${key}" "${value}"
     fi
 }
 
@@ -113,12 +114,80 @@ func_read_config() {
     done < "${file}"
 }
 
-# key N / val N: the key / the value for MODE of line N+1 of the config that func_read_config
-# loaded into the array `lines` (N is the array index); both read the globals lines and MODE.
+# TIPC_LINES: the lines of the standard layout (Paddle's generic driver reads the first 51).
+TIPC_LINES=51
+
+# func_check_layout ARRAY_NAME FILE: print why the loaded config is not in the standard layout
+# (fewer than 51 lines, an empty line among them, a section header elsewhere than on lines 1, 23
+# and 27) and return 1; return 0 when it is. Empty lines matter: the standard driver drops them,
+# which moves every later line up.
+func_check_layout() {
+    local -n _tipc_cfg=$1
+    local file=$2 i
+    if [[ ${#_tipc_cfg[@]} -lt ${TIPC_LINES} ]]; then
+        printf '%s: %s lines, the standard layout has %s\n' "${file}" "${#_tipc_cfg[@]}" "${TIPC_LINES}"
+        return 1
+    fi
+    for ((i = 0; i < TIPC_LINES; i++)); do
+        if [[ -z ${_tipc_cfg[i]//[[:space:]]/} ]]; then
+            printf '%s: line %s is empty; every line of the layout holds key:value or ##\n' \
+                "${file}" "$((i + 1))"
+            return 1
+        fi
+    done
+    if [[ ${_tipc_cfg[0]} != *train_params* || ${_tipc_cfg[22]} != *eval_params* \
+        || ${_tipc_cfg[26]} != *infer_params* ]]; then
+        printf '%s: section headers must be on lines 1, 23 and 27\n' "${file}"
+        return 1
+    fi
+}
+
+# key N / value N / mode_value N: the key, the value, the value for MODE of line N+1 of the config
+# that func_read_config loaded into the array `lines` (N is the array index, as in the standard
+# driver); they read the globals lines and MODE.
 # shellcheck disable=SC2154  # lines is the caller's array
 key() { func_parser_key "${lines[$1]}"; }
+# shellcheck disable=SC2154  # lines is the caller's array
+value() { func_parser_value "${lines[$1]}"; }
 # shellcheck disable=SC2154,SC2153  # lines and MODE are the caller's
-val() { func_parser_params "${lines[$1]}" "${MODE}"; }
+mode_value() { func_parser_params "${lines[$1]}" "${MODE}"; }
+
+# TIPC_LINE_MAP: the standard layout as the standard driver reads it, one "INDEX KEY_VAR VALUE_VAR"
+# entry per line it reads (INDEX = line number - 1): KEY_VAR gets the line's key, VALUE_VAR its
+# value, or its value for MODE when VALUE_VAR ends in '*' (the epoch and batch lines); - = not read.
+TIPC_LINE_MAP=(
+    "1 - model_name" "2 - python" "3 - gpu_list" "4 train_device_key train_device_list"
+    "5 autocast_key autocast_list" "6 epoch_key epoch_value*" "7 save_model_key -"
+    "8 train_batch_key train_batch_value*" "9 pretrain_key pretrain_value"
+    "10 - train_model_name" "11 - train_infer_img_dir" "12 train_key1 train_value1"
+    "14 - trainer_list" "15 - norm_train" "16 pact_key pact_train" "17 fpgm_key fpgm_train"
+    "18 distill_key distill_train" "19 trainer_key1 trainer_value1"
+    "20 trainer_key2 trainer_value2"
+    "23 - eval_py" "24 eval_key1 eval_value1"
+    "27 save_infer_key -" "28 export_weight_key -" "29 - norm_export" "30 - pact_export"
+    "31 - fpgm_export" "32 - distill_export" "33 - export_value1" "34 - export_value2"
+    "35 - inference_dir" "36 - infer_model_list" "37 - infer_export_list" "38 - infer_quant_list"
+    "39 - inference_py" "40 use_gpu_key use_gpu_list" "41 use_mkldnn_key use_mkldnn_list"
+    "42 cpu_threads_key cpu_threads_list" "43 batch_size_key batch_size_list"
+    "44 use_trt_key use_trt_list" "45 precision_key precision_list" "46 infer_model_key -"
+    "47 image_dir_key infer_img_dir" "48 save_log_key save_log_value"
+    "49 benchmark_key benchmark_value" "50 infer_key1 infer_value1"
+)
+
+# func_parse_layout: set the global variables of TIPC_LINE_MAP from the config that
+# func_read_config loaded into `lines` (check it with func_check_layout first; MODE must be set).
+func_parse_layout() {
+    local entry index key_var value_var
+    for entry in "${TIPC_LINE_MAP[@]}"; do
+        read -r index key_var value_var <<< "${entry}"
+        [[ ${key_var} == - ]] || printf -v "${key_var}" '%s' "$(key "${index}")"
+        if [[ ${value_var} == *'*' ]]; then
+            printf -v "${value_var%'*'}" '%s' "$(mode_value "${index}")"
+        elif [[ ${value_var} != - ]]; then
+            printf -v "${value_var}" '%s' "$(value "${index}")"
+        fi
+    done
+}
 
 # func_has_cuda PYTHON -> True or False: whether this Paddle build has CUDA.
 # TIPC_HAS_CUDA=True|False overrides the check (used by the tests).

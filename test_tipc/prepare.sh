@@ -4,23 +4,27 @@
 #
 #   bash test_tipc/prepare.sh CONFIG MODE
 #
-# Layout under test_tipc/data/ (git-ignored; the configs point at these paths):
+# The configs name fixed paths, the same in every mode (the standard layout has no per-mode data
+# line); this script points them at the mode's data:
+#   <--data_path>/<--category> of the config's train line (./test_tipc/data/train_data/tile):
+#                         a symbolic link to the mode's training dataset, lite or whole below
+#   train_infer_img_dir (line 12) and the inference --input_file (line 48)
+#                         (./test_tipc/data/infer_data): the mode's inference images, flat
+#   infer_model (line 37, whole_infer only; ./test_tipc/data/whole_model/<model_name>):
+#                         a model fitted by the config's train line on the whole data and
+#                         exported there by its export line. Delete the folder to refit.
+# and keeps the datasets themselves, built once, under test_tipc/data/ (git-ignored):
 #   lite/tiles/           generated dataset (datasets.synthetic): 64 px, 8 train/good,
 #                         3 test/good, 3 per defect type (scratch, spot) with masks
-#   lite_infer/           the 9 lite test images, in one flat folder (inference input)
 #   whole/magnetic_tile/  the magnetic-tile dataset in MVTec layout (datasets.magnetic_tile),
 #                         converted from ../shared/data/magnetic_tile (relative to the repo
 #                         root; TIPC_MAGNETIC_TILE_SRC=DIR overrides)
-#   whole_infer/          10 images of each magnetic-tile test folder (60), flat
-#   whole_model/<train_model_name>/magnetic_tile.npz
-#                         whole_infer only: the config's infer_model, fitted here by the
-#                         config's norm_train line on the whole data (with the config's
-#                         --pretrained value; none offline). Delete the folder to refit.
 #
-# Modes: lite_train_lite_infer    lite + lite_infer
-#        lite_train_whole_infer   lite + whole + whole_infer
-#        whole_infer              whole + whole_infer + whole_model
-#        whole_train_whole_infer  whole + whole_infer
+# Modes: lite_train_lite_infer    train on lite, infer on its 9 test images
+#        lite_train_whole_infer   train on lite, infer on 10 images of each whole test folder (60)
+#        whole_infer              whole data, the 60 images, the fitted and exported model
+#        whole_train_whole_infer  train on whole, infer on the 60 images
+# The paths are shared by every config: prepare and run one mode at a time.
 # Exit status: 0 when everything is ready, 1 when something is missing or a step fails,
 # 2 on a wrong invocation.
 
@@ -54,21 +58,31 @@ cd "${REPO_ROOT}"
 
 declare -a lines
 func_read_config "${FILENAME}" lines
-[[ ${#lines[@]} -ge 53 ]] || usage "${FILENAME}: ${#lines[@]} lines, the format needs 53"
+layout_error=$(func_check_layout lines "${FILENAME}") || usage "${layout_error}"
 
+# The standard layout, read as Paddle's generic driver reads it (TIPC_LINE_MAP in common_func.sh).
+# shellcheck disable=SC2154  # the variables are set by func_parse_layout
+func_parse_layout
+infer_model=${infer_model_list%%|*}  # the first model of line 37: the one prepare.sh fits
 
-model_name=$(val 1)
-python=$(val 2)
-train_device_key=$(key 4)
-size_key=$(key 6);         size_value=$(val 6)
-save_model_key=$(key 7)
-train_batch_key=$(key 8);  train_batch_value=$(val 8)
-pretrain_key=$(key 9);     pretrain_value=$(val 9)
-train_model_name=$(val 10)
-data_key=$(key 12);        data_value=$(val 12)
-category_key=$(key 13);    category_value=$(val 13)
-norm_train=$(val 16)
-infer_model=$(val 37)
+# word_after FLAG WORDS...: the word that follows FLAG (as "FLAG VALUE" or "FLAG=VALUE").
+word_after() {
+    local flag=$1 word take=""
+    shift
+    for word in "$@"; do
+        if [[ -n ${take} ]]; then printf '%s\n' "${word}"; return 0; fi
+        if [[ ${word} == "${flag}="* ]]; then printf '%s\n' "${word#*=}"; return 0; fi
+        [[ ${word} == "${flag}" ]] && take=1
+    done
+    return 1
+}
+read -r -a train_words <<< "${norm_train}"
+data_path=$(word_after --data_path "${train_words[@]}") \
+    || usage "${FILENAME} line 16: the train line needs --data_path"
+category=$(word_after --category "${train_words[@]}") \
+    || usage "${FILENAME} line 16: the train line needs --category"
+[[ ${category} =~ ^[A-Za-z0-9_.-]+$ ]] \
+    || usage "${FILENAME} line 16: --category ${category} must name one category"
 
 DATA=./test_tipc/data
 LITE_SIZE=64
@@ -78,16 +92,15 @@ MT_SRC=${TIPC_MAGNETIC_TILE_SRC:-../shared/data/magnetic_tile}
 log() { printf 'prepare.sh [%s %s]: %s\n' "${model_name}" "${MODE}" "$1"; }
 
 # Generated data: one category, tiny images, a few per folder.
-prepare_lite() {
+build_lite() {
     log "lite data in ${DATA}/lite (generated, ${LITE_SIZE} px)"
     "${python}" -m datasets.synthetic --dst "${DATA}/lite" --categories tiles \
         --size "${LITE_SIZE}" --n_train 8 --n_test_good 3 --n_test_defect 3 --seed 0 \
         || die "could not generate the lite data in ${DATA}/lite"
-    flat_copy "${DATA}/lite/tiles/test" "${DATA}/lite_infer" 0
 }
 
 # The magnetic-tile dataset, converted once to MVTec layout.
-prepare_whole() {
+build_whole() {
     if [[ ! -d ${MT_SRC} ]]; then
         die "the whole modes need the magnetic-tile dataset at ${MT_SRC} (relative to the repo
 root ${REPO_ROOT}; it holds MT_Free, MT_Blowhole, ...). Put it there or set
@@ -96,7 +109,18 @@ TIPC_MAGNETIC_TILE_SRC=DIR; nothing is downloaded."
     log "whole data in ${DATA}/whole (from ${MT_SRC})"
     "${python}" -m datasets.magnetic_tile --src "${MT_SRC}" --dst "${DATA}/whole" \
         || die "could not convert ${MT_SRC} into ${DATA}/whole"
-    flat_copy "${DATA}/whole/magnetic_tile/test" "${DATA}/whole_infer" "${WHOLE_INFER_PER_FOLDER}"
+}
+
+# link_train_data DATASET_DIR: make <data_path>/<category> a link to DATASET_DIR.
+link_train_data() {
+    local target link=${data_path}/${category}
+    target=$(cd "$1" && pwd)
+    mkdir -p "${data_path}"
+    if [[ -e ${link} && ! -L ${link} ]]; then
+        rm -rf "${link}"
+    fi
+    ln -sfn "${target}" "${link}"
+    log "training data ${link} -> ${target}"
 }
 
 # flat_copy TEST_DIR DST LIMIT: copy the images of every TEST_DIR/<folder> into DST as
@@ -122,57 +146,72 @@ flat_copy() {
     log "${count} inference images in ${dst}"
 }
 
-# The checkpoint whole_infer exports: fitted with the config's own training line.
-prepare_whole_model() {
-    if func_is_null "${infer_model}" || [[ ${infer_model} != *.npz ]]; then
-        die "${FILENAME} line 38: infer_model must be the .npz checkpoint whole_infer exports"
+# infer_images TEST_DIR LIMIT: the mode's inference images into line 12's and line 48's folders.
+infer_images() {
+    func_is_null "${train_infer_img_dir}" || flat_copy "$1" "${train_infer_img_dir}" "$2"
+    if ! func_is_null "${infer_img_dir}" && [[ ${infer_img_dir} != "${train_infer_img_dir}" ]]; then
+        flat_copy "$1" "${infer_img_dir}" "$2"
     fi
-    if [[ -f ${infer_model} ]]; then
-        log "model ${infer_model} already fitted (delete it to refit)"
+}
+
+# run_step WHAT LOG WORD...: run a command into LOG; on failure show LOG's end and stop.
+run_step() {
+    local what=$1 step_log=$2 cmd
+    shift 2
+    cmd=$(func_join "$@")
+    log "${what}: ${cmd} > ${step_log} 2>&1"
+    if ! func_run_cmd "${cmd}" "${step_log}"; then
+        tail -n 20 "${step_log}" >&2
+        die "${what} failed; see ${step_log}"
+    fi
+}
+
+# The model whole_infer runs: fitted by the config's train line (on the CPU, or the GPU when
+# Paddle has CUDA) into infer_model, then exported there, as the training modes do it.
+prepare_whole_model() {
+    if func_is_null "${infer_model}"; then
+        die "${FILENAME} line 37: infer_model is null; whole_infer needs the model folder"
+    fi
+    if [[ -f ${infer_model}/deploy.json ]]; then
+        log "model ${infer_model} already fitted and exported (delete it to refit)"
         return 0
     fi
-    local save_path device cmd
-    save_path=$(dirname "$(dirname "${infer_model}")")
-    if [[ $(basename "$(dirname "${infer_model}")") != "${train_model_name}" ]]; then
-        die "${FILENAME}: infer_model ${infer_model} is not in a folder named ${train_model_name}"
-    fi
-    if [[ $(basename "${infer_model}" .npz) != "${category_value}" ]]; then
-        die "${FILENAME}: infer_model ${infer_model} is not named <${category_value}>.npz"
-    fi
-    device=cpu
+    local device=cpu
     [[ $(func_has_cuda "${python}") == True ]] && device=gpu
-    cmd=$(func_join "${python}" "${norm_train}" \
+    mkdir -p "${infer_model}"
+    run_step "fitting the whole_infer model" "${infer_model}/fit.log" "${python}" "${norm_train}" \
         "$(func_set_params "${train_device_key}" "${device}")" \
-        "$(func_set_params "${data_key}" "${data_value}")" \
-        "$(func_set_params "${category_key}" "${category_value}")" \
-        "$(func_set_params "${size_key}" "${size_value}")" \
-        "$(func_set_params "${train_batch_key}" "${train_batch_value}")" \
+        "$(func_set_params "${save_model_key}" "${infer_model}")" \
+        "$(func_set_params "${epoch_key}" "${epoch_value}")" \
         "$(func_set_params "${pretrain_key}" "${pretrain_value}")" \
-        "$(func_set_params "${save_model_key}" "${save_path}")")
-    mkdir -p "${save_path}"
-    local fit_log="${save_path}/${train_model_name}_fit.log"
-    log "fitting the whole_infer model: ${cmd} > ${fit_log} 2>&1"
-    if ! func_run_cmd "${cmd}" "${fit_log}"; then
-        tail -n 20 "${fit_log}" >&2
-        die "fitting the whole_infer model failed; see ${fit_log}"
-    fi
-    [[ -f ${infer_model} ]] || die "training wrote no ${infer_model}; see ${fit_log}"
-    log "fitted ${infer_model}"
+        "$(func_set_params "${train_batch_key}" "${train_batch_value}")" \
+        "$(func_set_params "${train_key1}" "${train_value1}")"
+    run_step "exporting the whole_infer model" "${infer_model}/export.log" "${python}" \
+        "${norm_export}" \
+        "$(func_set_params "${export_weight_key}" "${infer_model}/${train_model_name}")" \
+        "$(func_set_params "${save_infer_key}" "${infer_model}")"
+    [[ -f ${infer_model}/deploy.json ]] || die "the export wrote no ${infer_model}/deploy.json"
+    log "fitted and exported ${infer_model}"
 }
 
 case ${MODE} in
     lite_train_lite_infer)
-        prepare_lite ;;
+        build_lite
+        link_train_data "${DATA}/lite/tiles"
+        infer_images "${DATA}/lite/tiles/test" 0 ;;
     lite_train_whole_infer)
-        prepare_lite
-        prepare_whole ;;
+        build_lite
+        build_whole
+        link_train_data "${DATA}/lite/tiles"
+        infer_images "${DATA}/whole/magnetic_tile/test" "${WHOLE_INFER_PER_FOLDER}" ;;
     whole_infer)
-        prepare_whole
+        build_whole
+        link_train_data "${DATA}/whole/magnetic_tile"
+        infer_images "${DATA}/whole/magnetic_tile/test" "${WHOLE_INFER_PER_FOLDER}"
         prepare_whole_model ;;
     whole_train_whole_infer)
-        prepare_whole ;;
+        build_whole
+        link_train_data "${DATA}/whole/magnetic_tile"
+        infer_images "${DATA}/whole/magnetic_tile/test" "${WHOLE_INFER_PER_FOLDER}" ;;
 esac
-
-[[ -d ${data_value}/${category_value} ]] \
-    || die "the config's data (${data_value}/${category_value}) is not what prepare.sh builds"
 log "ready"

@@ -3,15 +3,17 @@
 #
 #   bash test_tipc/test_train_inference_python.sh CONFIG MODE [GPUID]
 #
-# CONFIG  test_tipc/configs/<Model>/train_infer_python.txt (read by line number, see
-#         test_tipc/docs/test_train_inference_python.md)
+# CONFIG  test_tipc/configs/<Model>/train_infer_python.txt, in the standard 51-line layout of
+#         Paddle's generic TIPC driver, read by line number as that driver reads it and turned
+#         into the same commands (see test_tipc/docs/test_train_inference_python.md)
 # MODE    lite_train_lite_infer | lite_train_whole_infer | whole_infer | whole_train_whole_infer
 # GPUID   whole_infer only: CUDA_VISIBLE_DEVICES for the export and inference commands
 #
 # Run `bash test_tipc/prepare.sh CONFIG MODE` first. Every command's stdout and stderr go to a
 # log file in test_tipc/output/<model_name>/<MODE>/, and one line per command is appended to
 # results_python.log there: "Run successfully with command - CMD!" or "Run failed with command -
-# CMD!" ("Skipped (...) with command - CMD!" for GPU commands on a build without CUDA). Failed
+# CMD!" ("Skipped (...) with command - CMD!" for GPU commands on a build without CUDA, where the
+# standard driver would run them and fail). Failed
 # steps do not stop the run and do not change the exit status (TIPC convention: CI greps the
 # log). Only a wrong invocation (unknown mode, unreadable or malformed config) exits with 2.
 
@@ -41,62 +43,11 @@ cd "${TIPC_DIR}/.." || usage "cannot enter the repository root"
 
 declare -a lines
 func_read_config "${FILENAME}" lines
-[[ ${#lines[@]} -ge 53 ]] || usage "${FILENAME}: ${#lines[@]} lines, the format needs 53"
-[[ ${lines[0]} == *train_params* && ${lines[23]} == *eval_params* \
-    && ${lines[27]} == *infer_params* ]] \
-    || usage "${FILENAME}: section headers must be on lines 1, 24 and 28"
+layout_error=$(func_check_layout lines "${FILENAME}") || usage "${layout_error}"
 
-
-# ---- train_params (lines 1-23; array index = line number - 1) ----
-model_name=$(val 1)
-python=$(val 2)
-gpu_list=$(val 3)
-train_device_key=$(key 4);    train_device_list=$(val 4)
-autocast_key=$(key 5);        autocast_list=$(val 5)
-size_key=$(key 6);            size_value=$(val 6)
-save_model_key=$(key 7)
-train_batch_key=$(key 8);     train_batch_value=$(val 8)
-pretrain_key=$(key 9);        pretrain_value=$(val 9)
-train_model_name=$(val 10)
-train_infer_img_dir=$(val 11)
-data_key=$(key 12);           data_value=$(val 12)
-category_key=$(key 13);       category_value=$(val 13)
-trainer_list=$(val 15)
-norm_train=$(val 16)
-pact_train=$(val 17)
-fpgm_train=$(val 18)
-distill_train=$(val 19)
-trainer_key1=$(key 20);       trainer_value1=$(val 20)
-trainer_key2=$(key 21);       trainer_value2=$(val 21)
-# ---- eval_params (lines 24-27) ----
-eval_py=$(val 24)
-eval_key1=$(key 25);          eval_value1=$(val 25)
-# ---- infer_params (lines 28-53) ----
-save_infer_key=$(key 28)
-export_weight_key=$(key 29)
-norm_export=$(val 30)
-pact_export=$(val 31)
-fpgm_export=$(val 32)
-distill_export=$(val 33)
-export_key1=$(key 34);        export_value1=$(val 34)
-export_key2=$(key 35);        export_value2=$(val 35)
-inference_dir=$(val 36)
-infer_model_list=$(val 37)
-infer_export_list=$(val 38)
-infer_quant_list=$(val 39)
-inference_py=$(val 40)
-use_gpu_key=$(key 41);        use_gpu_list=$(val 41)
-use_mkldnn_key=$(key 42);     use_mkldnn_list=$(val 42)
-cpu_threads_key=$(key 43);    cpu_threads_list=$(val 43)
-batch_size_key=$(key 44);     batch_size_list=$(val 44)
-use_trt_key=$(key 45);        use_trt_list=$(val 45)
-precision_key=$(key 46);      precision_list=$(val 46)
-model_file_key=$(key 47);     model_file_value=$(val 47)
-params_file_key=$(key 48);    params_file_value=$(val 48)
-image_dir_key=$(key 49);      infer_img_dir=$(val 49)
-save_log_key=$(key 50);       save_log_value=$(val 50)
-benchmark_key=$(key 51);      benchmark_value=$(val 51)
-infer_key1=$(key 52);         infer_value1=$(val 52)
+# The standard layout, read as Paddle's generic driver reads it (TIPC_LINE_MAP in common_func.sh).
+# shellcheck disable=SC2154  # the variables are set by func_parse_layout
+func_parse_layout
 
 [[ ${model_name} =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] \
     || usage "${FILENAME}: model_name '${model_name}' must be a plain name (line 2)"
@@ -117,10 +68,10 @@ is_true() { [[ $1 == True || $1 == true || $1 == gpu ]]; }
 
 # func_inference SCRIPT MODEL_DIR IMG_DIR IS_QUANT TAG: one inference command per combination
 # of the configured values (use_gpu x mkldnn x threads x batch x precision on the CPU,
-# use_gpu x tensorrt x precision x batch on the GPU).
+# use_gpu x tensorrt x precision x batch on the GPU), the model passed as its export folder.
 func_inference() {
     local script=$1 model_dir=$2 img_dir=$3 is_quant=$4 tag=$5
-    local use_gpu use_mkldnn threads batch_size precision use_trt run_tag cmd log
+    local use_gpu use_mkldnn threads batch_size precision use_trt run_tag cmd
     local -a use_gpus mkldnns threads_list batch_sizes precisions trts
     func_split_list "${use_gpu_list}" use_gpus
     func_split_list "${use_mkldnn_list}" mkldnns
@@ -128,11 +79,8 @@ func_inference() {
     func_split_list "${batch_size_list}" batch_sizes
     func_split_list "${precision_list}" precisions
     func_split_list "${use_trt_list}" trts
-    local set_model set_params set_input set_benchmark set_key1
-    set_model=$(func_set_params "${model_file_key}" "${model_dir}/${model_file_value}")
-    func_is_null "${model_file_value}" && set_model=$(func_set_params "${model_file_key}" "${model_dir}")
-    set_params=$(func_set_params "${params_file_key}" "${model_dir}/${params_file_value}")
-    func_is_null "${params_file_value}" && set_params=""
+    local set_model set_input set_benchmark set_key1
+    set_model=$(func_set_params "${infer_model_key}" "${model_dir}")
     set_input=$(func_set_params "${image_dir_key}" "${img_dir}")
     set_benchmark=$(func_set_params "${benchmark_key}" "${benchmark_value}")
     set_key1=$(func_set_params "${infer_key1}" "${infer_value1}")
@@ -140,21 +88,20 @@ func_inference() {
         if is_true "${use_gpu}"; then
             for use_trt in "${trts[@]}"; do
                 for precision in "${precisions[@]}"; do
-                    # fp16 and int8 need TensorRT; a quantised model runs in int8 only
+                    # fp16 and int8 need TensorRT; int8 is for a quantised model only
                     if [[ ${precision} != fp32 ]] && ! is_true "${use_trt}"; then continue; fi
-                    if is_true "${is_quant}" && [[ ${precision} != int8 ]]; then continue; fi
                     if ! is_true "${is_quant}" && [[ ${precision} == int8 ]]; then continue; fi
                     for batch_size in "${batch_sizes[@]}"; do
                         run_tag="python_infer_gpu_${tag}_usetrt_${use_trt}_precision_${precision}_batchsize_${batch_size}"
-                        log="${LOG_PATH}/${run_tag}.log"
                         cmd=$(func_join "${python}" "${script}" \
                             "$(func_set_params "${use_gpu_key}" "${use_gpu}")" \
                             "$(func_set_params "${use_trt_key}" "${use_trt}")" \
                             "$(func_set_params "${precision_key}" "${precision}")" \
+                            "${set_model}" \
                             "$(func_set_params "${batch_size_key}" "${batch_size}")" \
-                            "${set_model}" "${set_params}" "${set_input}" \
-                            "$(func_infer_save "${run_tag}")" "${set_benchmark}" "${set_key1}")
-                        func_run_logged "${cmd}" "${log}" gpu
+                            "${set_input}" "${set_benchmark}" "${set_key1}" \
+                            "$(func_infer_save "${run_tag}")")
+                        func_run_logged "${cmd}" "${LOG_PATH}/${run_tag}.log" gpu
                     done
                 done
             done
@@ -166,18 +113,17 @@ func_inference() {
                             # on the CPU, fp16 needs oneDNN; a quantised model runs in int8 only
                             if [[ ${precision} == fp16 ]] && ! is_true "${use_mkldnn}"; then continue; fi
                             if is_true "${is_quant}" && [[ ${precision} != int8 ]]; then continue; fi
-                            if ! is_true "${is_quant}" && [[ ${precision} == int8 ]]; then continue; fi
                             run_tag="python_infer_cpu_${tag}_usemkldnn_${use_mkldnn}_threads_${threads}_precision_${precision}_batchsize_${batch_size}"
-                            log="${LOG_PATH}/${run_tag}.log"
                             cmd=$(func_join "${python}" "${script}" \
                                 "$(func_set_params "${use_gpu_key}" "${use_gpu}")" \
                                 "$(func_set_params "${use_mkldnn_key}" "${use_mkldnn}")" \
                                 "$(func_set_params "${cpu_threads_key}" "${threads}")" \
-                                "$(func_set_params "${precision_key}" "${precision}")" \
+                                "${set_model}" \
                                 "$(func_set_params "${batch_size_key}" "${batch_size}")" \
-                                "${set_model}" "${set_params}" "${set_input}" \
-                                "$(func_infer_save "${run_tag}")" "${set_benchmark}" "${set_key1}")
-                            func_run_logged "${cmd}" "${log}" cpu
+                                "$(func_infer_save "${run_tag}")" \
+                                "${set_input}" "${set_benchmark}" \
+                                "$(func_set_params "${precision_key}" "${precision}")" "${set_key1}")
+                            func_run_logged "${cmd}" "${LOG_PATH}/${run_tag}.log" cpu
                         done
                     done
                 done
@@ -186,9 +132,11 @@ func_inference() {
     done
 }
 
-# func_infer_save RUN_TAG -> the inference output argument: LOG_PATH/<save_path value>/RUN_TAG.
+# func_infer_save RUN_TAG -> the inference output argument, LOG_PATH/<line 49 value>/RUN_TAG, so that
+# every run's pictures stay under the log folder (the standard driver passes no value here; the
+# script then writes to its default folder).
 func_infer_save() {
-    if func_is_null "${save_log_key}" || func_is_null "${save_log_value}"; then
+    if func_is_null "${save_log_value}"; then
         printf '\n'
     else
         func_set_params "${save_log_key}" "${LOG_PATH}/${save_log_value}/$1"
@@ -209,26 +157,23 @@ func_run_logged() {
     return "${status}"
 }
 
-# func_export SCRIPT WEIGHTS SAVE_DIR LOG ENV_PREFIX DEVICE -> status of the export command.
+# func_export ENV_PREFIX SCRIPT WEIGHTS SAVE_DIR LOG DEVICE -> status of the export command.
 func_export() {
     local cmd
-    cmd=$(func_join "$5" "${python}" "$1" \
-        "$(func_set_params "${export_weight_key}" "$2")" \
-        "$(func_set_params "${save_infer_key}" "$3")" \
-        "$(func_set_params "${export_key1}" "${export_value1}")" \
-        "$(func_set_params "${export_key2}" "${export_value2}")")
-    func_run_logged "${cmd}" "$4" "$6"
+    cmd=$(func_join "$1" "${python}" "$2" \
+        "$(func_set_params "${export_weight_key}" "$3")" \
+        "$(func_set_params "${save_infer_key}" "$4")")
+    func_run_logged "${cmd}" "$5" "$6"
 }
 
 # func_skip_inference REASON TAG: record the inference commands that cannot run.
 func_skip_inference() {
-    local reason=$1 tag=$2
-    status_skip "${reason}" "${python} ${inference_py} (every ${tag} combination)" "${status_log}"
+    status_skip "$1" "${python} ${inference_py} (every $2 combination)" "${status_log}"
 }
 
 if [[ ${MODE} == whole_infer ]]; then
-    # No training: export each infer_model checkpoint (unless infer_export is null: then
-    # infer_model is already an exported folder) and run inference on the whole infer data.
+    # No training: for each infer_model, export it in place with its infer_export command (null:
+    # infer_model is already an exported folder), then run inference on line 48's images.
     if [[ -n ${GPUID} ]]; then
         export CUDA_VISIBLE_DEVICES=${GPUID}
     fi
@@ -241,19 +186,12 @@ if [[ ${MODE} == whole_infer ]]; then
         export_py=${infer_exports[idx]:-${infer_exports[0]}}
         is_quant=${infer_quants[idx]:-${infer_quants[0]}}
         func_is_null "${infer_model}" && continue
-        if ! func_is_null "${export_py}"; then
-            save_infer_dir="${LOG_PATH}/inference_${idx}"
-            if ! func_export "${export_py}" "${infer_model}" "${save_infer_dir}" \
-                "${LOG_PATH}/export_${idx}.log" "" cpu; then
-                func_skip_inference "export failed" "model ${idx}"
-                continue
-            fi
-        else
-            save_infer_dir=${infer_model}
+        if ! func_is_null "${export_py}" && ! func_export "" "${export_py}" "${infer_model}" \
+            "${infer_model}" "${LOG_PATH}/export_${idx}.log" cpu; then
+            func_skip_inference "export failed" "model ${idx}"
+            continue
         fi
-        model_dir=${save_infer_dir}
-        func_is_null "${inference_dir}" || model_dir="${save_infer_dir}/${inference_dir}"
-        func_inference "${inference_py}" "${model_dir}" "${infer_img_dir}" "${is_quant}" \
+        func_inference "${inference_py}" "${infer_model}" "${infer_img_dir}" "${is_quant}" \
             "gpus_${GPUID:-default}_model_${idx}"
     done
 else
@@ -282,33 +220,33 @@ else
             device=${device:-gpu}
             device_kind=gpu
         fi
+        set_device=$(func_set_params "${train_device_key}" "${device}")
         for autocast in "${autocasts[@]}"; do
             for trainer in "${trainers[@]}"; do
+                is_quant=False
                 case ${trainer} in
-                    norm_train) train_py=${norm_train}; export_py=${norm_export}; is_quant=False ;;
-                    pact_train) train_py=${pact_train}; export_py=${pact_export}; is_quant=True ;;
-                    fpgm_train) train_py=${fpgm_train}; export_py=${fpgm_export}; is_quant=False ;;
-                    distill_train) train_py=${distill_train}; export_py=${distill_export}; is_quant=False ;;
-                    *) train_py=null; export_py=null; is_quant=False ;;
+                    "${pact_key}") train_py=${pact_train}; export_py=${pact_export}; is_quant=True ;;
+                    "${fpgm_key}") train_py=${fpgm_train}; export_py=${fpgm_export} ;;
+                    "${distill_key}") train_py=${distill_train}; export_py=${distill_export} ;;
+                    "${trainer_key1}") train_py=${trainer_value1}; export_py=${export_value1} ;;
+                    "${trainer_key2}") train_py=${trainer_value2}; export_py=${export_value2} ;;
+                    *) train_py=${norm_train}; export_py=${norm_export} ;;
                 esac
                 if func_is_null "${train_py}"; then
                     printf 'trainer %s: null in the config, skipped\n' "${trainer}"
                     continue
                 fi
                 tag="${trainer}_gpus_${gpu}_autocast_${autocast}"
-                save_dir="${LOG_PATH}/${tag}"
-                train_log="${LOG_PATH}/${tag}.log"
+                save_log="${LOG_PATH}/${tag}"
+                train_log="${save_log}.log"
                 cmd=$(func_join "${env_prefix}" "${python}" "${launcher}" "${train_py}" \
-                    "$(func_set_params "${train_device_key}" "${device}")" \
-                    "$(func_set_params "${autocast_key}" "${autocast}")" \
-                    "$(func_set_params "${data_key}" "${data_value}")" \
-                    "$(func_set_params "${category_key}" "${category_value}")" \
-                    "$(func_set_params "${size_key}" "${size_value}")" \
-                    "$(func_set_params "${train_batch_key}" "${train_batch_value}")" \
+                    "${set_device}" \
+                    "$(func_set_params "${save_model_key}" "${save_log}")" \
+                    "$(func_set_params "${epoch_key}" "${epoch_value}")" \
                     "$(func_set_params "${pretrain_key}" "${pretrain_value}")" \
-                    "$(func_set_params "${save_model_key}" "${save_dir}")" \
-                    "$(func_set_params "${trainer_key1}" "${trainer_value1}")" \
-                    "$(func_set_params "${trainer_key2}" "${trainer_value2}")")
+                    "$(func_set_params "${autocast_key}" "${autocast}")" \
+                    "$(func_set_params "${train_batch_key}" "${train_batch_value}")" \
+                    "$(func_set_params "${train_key1}" "${train_value1}")")
                 if [[ ${device_kind} == gpu && ${has_cuda} != True ]]; then
                     status_skip "${no_cuda_reason}; its eval, export and inference too" \
                         "${cmd} > ${train_log} 2>&1" "${status_log}"
@@ -318,31 +256,25 @@ else
                     func_skip_inference "training failed" "${tag}"
                     continue
                 fi
-                model_folder="${save_dir}/${train_model_name}"
+                # the trained model, as the standard driver names it: <save_log>/<train_model_name>
+                trained="${save_log}/${train_model_name}"
                 if ! func_is_null "${eval_py}"; then
                     cmd=$(func_join "${env_prefix}" "${python}" "${eval_py}" \
-                        "$(func_set_params "${train_device_key}" "${device}")" \
-                        "$(func_set_params "${data_key}" "${data_value}")" \
-                        "$(func_set_params "${category_key}" "${category_value}")" \
-                        "$(func_set_params "${size_key}" "${size_value}")" \
-                        "$(func_set_params "${train_batch_key}" "${train_batch_value}")" \
-                        "$(func_set_params "${export_weight_key}" "${model_folder}")" \
+                        "$(func_set_params "${pretrain_key}" "${trained}")" "${set_device}" \
                         "$(func_set_params "${eval_key1}" "${eval_value1}")")
-                    func_run_logged "${cmd}" "${LOG_PATH}/${tag}_eval.log" "${device_kind}"
+                    func_run_logged "${cmd}" "${save_log}_eval.log" "${device_kind}"
                 fi
                 if func_is_null "${export_py}"; then
                     printf '%s: export is null in the config; inference skipped\n' "${trainer}"
                     continue
                 fi
-                save_infer_dir="${save_dir}/inference"
-                if ! func_export "${export_py}" "${model_folder}/${category_value}.npz" \
-                    "${save_infer_dir}" "${LOG_PATH}/${tag}_export.log" "${env_prefix}" \
-                    "${device_kind}"; then
+                if ! func_export "${env_prefix}" "${export_py}" "${trained}" "${save_log}" \
+                    "${save_log}_export.log" "${device_kind}"; then
                     func_skip_inference "export failed" "${tag}"
                     continue
                 fi
-                model_dir=${save_infer_dir}
-                func_is_null "${inference_dir}" || model_dir="${save_infer_dir}/${inference_dir}"
+                model_dir=${save_log}
+                func_is_null "${inference_dir}" || model_dir="${save_log}/${inference_dir}"
                 func_inference "${inference_py}" "${model_dir}" "${train_infer_img_dir}" \
                     "${is_quant}" "gpus_${gpu}"
             done

@@ -24,12 +24,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import InputError
+from core.scores import normalized_score
 from datasets import AnomalyDataset, BatchLoader, Preprocess, denormalize, list_samples, read_image
 from datasets.synthetic import generate
-from engine.errors import InputError
-from engine.scores import normalized_score
-from engine.visualize import heat_overlay
-from models import ModelConfig, build_model
+from deploy.visualize import heat_overlay
+from models import build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOT = ROOT / "docs" / "screenshots" / "app.png"
@@ -74,8 +74,7 @@ def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
 
 def _reference(demo_root: Path, category: str, image: Path) -> tuple[float, float, float, np.ndarray]:
     """Threshold, score, normalised score and heat overlay of ``image`` by the model API alone."""
-    config = ModelConfig(method="ortho", arch="resnet18", k=K, image_size=64, resize=64,
-                         pretrained="none", seed=0)
+    config = model_config("ortho", arch="resnet18", k=K, image_size=64, resize=64, pretrained="none", seed=0)
     model = build_model(config)
     train = AnomalyDataset(list_samples(demo_root, category, "train"), Preprocess(64))
     model.fit(BatchLoader(train, batch_size=8))

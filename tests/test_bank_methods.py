@@ -23,19 +23,19 @@ from scipy import ndimage
 from scipy.spatial.distance import cdist
 
 import train
+from core.distributed import World
+from core.errors import CheckpointError, ConfigError, InputError
+from core.inference import Predictor, PredictorOptions
+from core.runtime import compile_layer, save_static
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image
 from datasets.synthetic import generate
-from engine.cli import model_dir
-from engine.distributed import World
-from engine.errors import CheckpointError, ConfigError, InputError
+from engine.cli import config_from
 from engine.evaluate import metrics, score_batches
-from engine.inference import Predictor, PredictorOptions
-from engine.runtime import compile_layer, save_static
-from engine.workflow import config_from, fit_category
-from models import METHODS, ModelConfig, Runtime, build_model, load_model, resolve_k
-from models.knn import BankSearch, knn
-from models.layers import SmoothUpsample
-from models.sampling import kcenter_greedy, project, take_rows
+from engine.workflow import DataPlan, FitPlan, fit_category
+from models import METHODS, Runtime, build_model, load_model, model_config
+from models.components.knn import BankSearch, PreparedBank, knn
+from models.components.layers import SmoothUpsample
+from models.components.sampling import kcenter_greedy, project, take_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -49,7 +49,7 @@ def dynamic():
 def new_model(method, runtime=None, **overrides):
     fields = {"method": method, "arch": "resnet18", "image_size": SIZE, "resize": SIZE,
               "pretrained": "none", "seed": 0, **SETTINGS[method], **overrides}
-    return build_model(ModelConfig(**fields), runtime or dynamic())
+    return build_model(model_config(**fields), runtime or dynamic())
 
 
 def images(count, seed):
@@ -128,6 +128,56 @@ def test_knn_float32_is_accurate_on_features_with_a_large_mean():
     np.testing.assert_allclose(dist[:, 0], ref.min(axis=1), rtol=1e-3)
 
 
+def brute_force(queries, bank, k, exclude=None):
+    """The search written out as before the prepared bank: the bank's mean, centred rows and norms
+    taken for this call, one (Q, M) block, float32 like the held-out scores."""
+    center = bank.mean(axis=0, dtype=np.float64)
+    centred_q = (queries - center).astype(np.float32)
+    centred_b = bank.astype(np.float32) - center.astype(np.float32)
+    squared = (np.einsum("ij,ij->i", centred_q, centred_q)[:, None] - 2.0 * (centred_q @ centred_b.T)
+               + np.einsum("ij,ij->i", centred_b, centred_b)[None])
+    if exclude is not None:
+        squared[:, exclude] = np.inf
+    index = np.argsort(squared, axis=1, kind="stable")[:, :k]
+    return np.sqrt(np.maximum(np.take_along_axis(squared, index, axis=1), 0.0)), index
+
+
+@pytest.mark.parametrize("k", [1, 6])
+def test_prepared_bank_reused_equals_the_per_call_search(k):
+    """One PreparedBank searched many times (blocks of bank rows and of queries, rows left out or
+    not) gives the per-call formula's indices and distances to float32 rounding."""
+    rng = np.random.default_rng(10 + k)
+    bank = (3.0 + rng.standard_normal((700, 24))).astype(np.float32)
+    prepared = PreparedBank(bank)
+    assert prepared.rows.dtype == np.float32 and prepared.squared.shape == (700,)
+    np.testing.assert_allclose(prepared.rows.mean(axis=0), 0.0, atol=1e-5)
+    for seed in range(3):
+        queries = (3.0 + rng.standard_normal((40, 24))).astype(np.float32)
+        exclude = (np.arange(700) // 100 == seed) if seed else None
+        dist, index = prepared.search(queries, k, exclude, block=24 * 64)
+        ref_dist, ref_index = brute_force(queries, bank, k, exclude)
+        np.testing.assert_array_equal(index, ref_index)
+        np.testing.assert_allclose(dist, ref_dist, rtol=2e-6)
+        if exclude is not None:
+            assert not exclude[index].any()
+    half = PreparedBank(bank.astype(np.float16))  # --half banks search in float32
+    assert half.dtype == np.float32
+    np.testing.assert_array_equal(half.search(bank[:5], 1)[1][:, 0], np.arange(5))
+
+
+def test_bank_models_prepare_their_bank_once_per_fit(fitted, train_images, train_names):
+    model = new_model(fitted.method).fit(batches(train_images, train_names))
+    list(model.calibration_scores(batches(train_images[:4], train_names[:4])))
+    prepared = model.prepared
+    searched = model.bank if model.method == "patchcore" else model.vectors
+    assert prepared.rows.shape == searched.shape
+    list(model.calibration_scores(batches(train_images[4:8], train_names[4:8])))
+    assert model.prepared is prepared
+    model.fit(batches(train_images[:6], train_names[:6]))  # a new fit makes a new bank
+    assert model.prepared is not prepared
+    assert len(model.prepared) == len(model.bank if model.method == "patchcore" else model.vectors)
+
+
 @pytest.mark.parametrize("slice_rows", [7, 50])
 def test_bank_search_layer_equals_knn(slice_rows):
     rng = np.random.default_rng(slice_rows)
@@ -139,6 +189,9 @@ def test_bank_search_layer_equals_knn(slice_rows):
         centred = layer.center(paddle.to_tensor(queries))
         dist, index = (t.numpy() for t in layer.nearest(centred))
         dist_k, index_k = (t.numpy() for t in layer.smallest(centred, 4))
+        rows = layer.rows(paddle.to_tensor(np.arange(50))).numpy()
+    mean = bank.astype(np.float64).mean(axis=0)
+    np.testing.assert_array_equal(rows, (bank.astype(np.float64) - mean).astype(np.float32))  # bit for bit
     ref_dist, ref_index = knn(queries.astype(np.float64), bank.astype(np.float64), 4)
     np.testing.assert_array_equal(index, ref_index[:, 0])
     np.testing.assert_array_equal(index_k, ref_index)
@@ -289,7 +342,7 @@ def smooth(dist_map, model):
 
 def reference_spade(model, train, test):
     """SPADE by its definition: image kNN over layer4 averages, then per-layer pixel kNN."""
-    k = model.config.k
+    k = model.options.k
     *train_maps, train_last = trunk_features(model, train)
     *test_maps, test_last = trunk_features(model, test)
     dist = cdist(test_last.mean(axis=(2, 3)), train_last.mean(axis=(2, 3)))
@@ -319,7 +372,7 @@ def reference_patchcore(model, train, test):
     """PatchCore by its definition: naive greedy coreset on the projected patches, nearest-bank
     distances, and the paper's reweighting exp(d / sqrt(D)) over the b neighbours of m*."""
     rows = patch_rows(model, train).reshape(-1, model.dims)
-    count = int(model.config.coreset_ratio * len(rows))
+    count = int(model.options.coreset_ratio * len(rows))
     chosen = naive_kcenter(rows @ model.projection.astype(np.float64), count, int(model.start * len(rows)))
     bank = rows[chosen]
     side = model.grid[0]
@@ -329,7 +382,7 @@ def reference_patchcore(model, train, test):
         nearest = dist.min(axis=1)
         worst = int(np.argmax(nearest))
         anchor = int(np.argmin(dist[worst]))
-        support = np.argsort(cdist(bank[[anchor]], bank)[0])[: model.config.num_neighbors]
+        support = np.argsort(cdist(bank[[anchor]], bank)[0])[: model.options.num_neighbors]
         scale = 1.0 / math.sqrt(model.dims)
         weight = 1.0 - np.exp(scale * nearest[worst]) / np.exp(scale * dist[worst, support]).sum()
         scores.append(weight * nearest[worst])
@@ -371,7 +424,7 @@ def test_inference_runtime_matches_dynamic(fitted, test_images, tmp_path):
 
 
 def test_fused_layer_exports_under_the_legacy_ir(fitted, test_images, tmp_path):
-    # export_model.py --format pdmodel traces under the legacy IR (models.static_ops)
+    # export_model.py --format pdmodel traces under the legacy IR (models.components.static_ops)
     with paddle.pir_utils.DygraphOldIrGuard():
         model_file = save_static(fitted.fused_layer(), [None, 3, SIZE, SIZE], str(tmp_path / "model"))
     assert model_file.endswith(".pdmodel")
@@ -494,19 +547,22 @@ def test_new_images_are_scored_against_the_whole_bank(fitted, test_images, tmp_p
 
 # -- configuration -----------------------------------------------------------------------------
 def test_k_defaults_folders_and_configs():
-    assert [resolve_k(m, None) for m in METHODS] == [100, 100, 50, 0]
-    assert resolve_k("spade", 7) == 7 and resolve_k("patchcore", 7) == 0
-    assert model_dir("out", "spade", "resnet18", None) == Path("out/spade_resnet18_50")
-    assert model_dir("out", "ortho", "resnet18", None) == Path("out/ortho_resnet18_100")
-    assert model_dir("out", "patchcore", "resnet50", 30) == Path("out/patchcore_resnet50")
-    args = train.parse_args(["--method", "patchcore", "--coreset_ratio", "0.5", "--half"])
-    config = config_from(args)
-    assert (config.k, config.coreset_ratio, config.projection_dim, config.num_neighbors,
-            config.half) == (0, 0.5, 128, 9, True)
-    assert config_from(train.parse_args(["--method", "spade"])).k == 50
-    assert new_model("patchcore", k=100).config.k == 0  # the API's default k is not kept either
+    assert [getattr(model_config(m).options, "k", None) for m in METHODS] == [100, 100, 50, None]
+    assert model_config("spade", k=7).options.k == 7
+    assert model_config("spade").run_name == "spade_resnet18_50"
+    assert model_config("ortho").run_name == "ortho_resnet18_100"
+    assert model_config("patchcore", arch="resnet50").run_name == "patchcore_resnet50"
+    assert "k" not in model_config("patchcore").identity()
+    args = train.parse_args(["--method", "patchcore", "--coreset_ratio", "0.5", "--half", "--k", "30"])
+    config = config_from(args)  # --k is not patchcore's: ignored, as in its folder name
+    assert config.options == METHODS["patchcore"].Options(coreset_ratio=0.5, projection_dim=128,
+                                                           num_neighbors=9, half=True)
+    assert config.run_name == "patchcore_resnet18"
+    assert config_from(train.parse_args(["--method", "spade"])).options.k == 50
+    with pytest.raises(ConfigError, match="--method patchcore has no option k"):
+        model_config("patchcore", k=100)  # the Python API is strict
     with pytest.raises(ConfigError, match="--method knn"):
-        resolve_k("knn", None)
+        model_config("knn")
 
 
 @pytest.mark.parametrize(("field", "value"), [("coreset_ratio", 0.0), ("coreset_ratio", 1.5),
@@ -534,8 +590,9 @@ def test_launched_fit_is_refused_before_fitting(method, demo_root, monkeypatch):
 
     monkeypatch.setattr("engine.workflow.list_samples", no_loading)
     args = train.parse_args(["--method", method, "--pretrained", "none", "--resize", "64"])
+    plan = FitPlan(DataPlan(demo_root, Preprocess(64)), config_from(args))
     with pytest.raises(ConfigError, match=f"--method {method} cannot be fitted across processes"):
-        fit_category(args, demo_root, "tiles", dynamic(), World(rank=0, size=2))
+        fit_category(plan, "tiles", dynamic(), World(rank=0, size=2))
     # the same refusal if the fit state is ever combined across processes
     with pytest.raises(ConfigError, match="cannot be fitted across processes"):
         new_model(method).reduce_across(SimpleNamespace(world=World(rank=1, size=2)))

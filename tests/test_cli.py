@@ -85,7 +85,8 @@ def test_eval_reproduces_train_results(trained: tuple[str, Path], data: Path,
                method, *FAST, "--model_path", str(folder), "--save_path", str(tmp_path),
                "--eval_PRO")
     assert proc.returncode == 0, proc.stderr
-    assert read_csv(tmp_path / "results.csv") == read_csv(folder / "results.csv")
+    # --save_path is a root as in train.py: the results go to SAVE_PATH/<method>_<arch>_<k>/.
+    assert read_csv(tmp_path / folder.name / "results.csv") == read_csv(folder / "results.csv")
 
 
 def test_predict_lines_pictures_and_scores(trained: tuple[str, Path], data: Path,
@@ -97,7 +98,8 @@ def test_predict_lines_pictures_and_scores(trained: tuple[str, Path], data: Path
     assert proc.returncode == 0, proc.stderr
     lines = [line for line in proc.stdout.splitlines() if " score=" in line]
     assert len(lines) == 5
-    records = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    # --save_path is a root as in train.py: the output goes to SAVE_PATH/predict/.
+    records = [json.loads(x) for x in (tmp_path / "predict" / "results.jsonl").read_text().splitlines()]
     model = load_model(str(folder / "tiles.npz"))
     paths = [Path(r["path"]) for r in records]
     images = np.stack([Preprocess(64)(read_image(p)) for p in paths])

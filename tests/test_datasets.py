@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import ConfigError, InputError
 from datasets import (
     MVTEC_CATEGORIES,
     OBJECTS,
@@ -29,7 +30,6 @@ from datasets import (
     shard_indices,
     synthetic,
 )
-from engine.errors import ConfigError, InputError
 
 
 def save(array: np.ndarray, path: Path) -> Path:

@@ -22,11 +22,11 @@ import numpy as np
 import paddle
 import pytest
 
+from core.inference import PredictorOptions
+from core.runtime import Runtime
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image
 from deploy import DeployedModel, export_model, read_manifest
-from engine.inference import PredictorOptions
-from engine.runtime import Runtime
-from models import ModelConfig, build_model, load_model
+from models import ModelConfig, build_model, load_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ortho", "padim")
@@ -76,7 +76,7 @@ def fit_checkpoint(config: ModelConfig, demo_root: Path, path: Path) -> Path:
 def checkpoints(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """method -> checkpoint fitted and calibrated on the demo category "tiles"."""
     folder = tmp_path_factory.mktemp("checkpoints")
-    return {method: fit_checkpoint(ModelConfig(method, arch="resnet18", k=K, image_size=SIZE,
+    return {method: fit_checkpoint(model_config(method, arch="resnet18", k=K, image_size=SIZE,
                                                resize=SIZE, pretrained="none"),
                                    demo_root, folder / f"{method}.npz")
             for method in METHODS}
@@ -174,6 +174,34 @@ def test_infer_equals_dynamic_graph(method, fuse, fmt, exports, references, imag
     assert (manifest.method, manifest.k, manifest.category, manifest.fused, manifest.format) == (
         method, K, "tiles", fuse, fmt)
     check_export(folder, images_dir, references[method], tmp_path)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batch_of_eight_equals_one_image_per_call(method, exports, images_dir):
+    """The fused export runs 8 images in one oneDNN call (the export checked that it may) and gives
+    what it gives one image at a time, to 1e-5 of the maps' scale."""
+    folder = exports(method, True, "json")
+    assert read_manifest(folder).batched
+    five = np.stack([Preprocess(SIZE)(read_image(p)) for p in sorted(images_dir.iterdir())])
+    images = np.concatenate([five, five[:3, :, ::-1]])  # 8 images, 3 of them flipped upside down
+    deployed = DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=True))
+    assert deployed.chunk == 0
+    maps, scores = deployed.score(images)
+    singles = [deployed.score(image[None]) for image in images]
+    one_maps, one_scores = np.concatenate([m for m, _ in singles]), np.concatenate([s for _, s in singles])
+    assert np.abs(maps - one_maps).max() <= 1e-5 * np.abs(one_maps).max()
+    np.testing.assert_allclose(scores, one_scores, rtol=1e-5)
+
+
+def test_export_without_batch_check_runs_one_image_per_call(exports, tmp_path):
+    """deploy.json of an export made before the batch check (no "batched"): oneDNN gets one image
+    per call, as then."""
+    folder = shutil.copytree(exports("ortho", True, "json"), tmp_path / "old")
+    record = json.loads((folder / "deploy.json").read_text())
+    del record["batched"]
+    (folder / "deploy.json").write_text(json.dumps(record))
+    assert DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=True)).chunk == 1
+    assert DeployedModel.load(folder, options=PredictorOptions(enable_mkldnn=False)).chunk == 0
 
 
 def test_unfused_stats_file_is_plain_arrays(exports):

@@ -27,8 +27,7 @@ from test_deploy import (
 )
 
 from deploy import read_manifest
-from engine.cli import model_dir
-from models import ModelConfig, resolve_k
+from models import model_config
 
 SETTINGS = {"spade": {}, "patchcore": {"coreset_ratio": 0.5}}
 FORMATS = ("json", "pdmodel")
@@ -39,11 +38,11 @@ CASES = [(method, fmt) for method in SETTINGS for fmt in FORMATS]
 def checkpoints(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """method -> output/<method>_resnet18[_k]/tiles.npz, fitted and calibrated with the default k."""
     root = tmp_path_factory.mktemp("bank-checkpoints")
-    return {method: fit_checkpoint(ModelConfig(method, arch="resnet18", k=resolve_k(method, None),
-                                               image_size=SIZE, resize=SIZE, pretrained="none",
-                                               **settings),
-                                   demo_root, model_dir(str(root), method, "resnet18", None) / "tiles.npz")
-            for method, settings in SETTINGS.items()}
+    configs = {method: model_config(method, arch="resnet18", image_size=SIZE, resize=SIZE,
+                                    pretrained="none", **settings)
+               for method, settings in SETTINGS.items()}
+    return {method: fit_checkpoint(config, demo_root, root / config.run_name / "tiles.npz")
+            for method, config in configs.items()}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +79,7 @@ def test_infer_equals_dynamic_graph(method, fmt, exports, references, images_dir
     folder = exports(method, fmt)
     manifest = read_manifest(folder)
     assert (manifest.method, manifest.k, manifest.category, manifest.fused, manifest.format) == (
-        method, resolve_k(method, None), "tiles", True, fmt)
+        method, getattr(model_config(method).options, "k", 0), "tiles", True, fmt)
     assert [output["meaning"] for output in manifest.outputs] == ["anomaly_map", "image_score"]
     check_export(folder, images_dir, references[method], tmp_path)
 

@@ -1,4 +1,4 @@
-"""Tests of models.layers against Paddle's own ops, scipy.ndimage and explicit numpy loops."""
+"""Tests of the layers and core.resample against Paddle's ops, scipy.ndimage and numpy loops."""
 
 from __future__ import annotations
 
@@ -8,15 +8,14 @@ import paddle.nn.functional as F
 import pytest
 from scipy import ndimage
 
-from models.layers import (
+from core.resample import bilinear_matrix, gaussian_blur_matrix, nearest_indices
+from models.components.layers import (
     AnomalyMapHead,
     MahalanobisMap,
     NearestResize,
     SmoothUpsample,
     ToRows,
-    bilinear_matrix,
-    gaussian_blur_matrix,
-    nearest_indices,
+    block_edges,
 )
 
 # (size_in, size_out) pairs: integer factors, non-integer up-sizing and down-sizing
@@ -160,12 +159,15 @@ def random_gaussians(positions, k, seed):
     return mean, inv_cov
 
 
-@pytest.mark.parametrize(("grid", "k"), [((4, 4), 5), ((3, 5), 8), ((1, 1), 1)])
-def test_mahalanobis_map_equals_numpy_loop(grid, k):
+@pytest.mark.parametrize(("grid", "k", "blocks"),
+                         [((4, 4), 5, 2), ((3, 5), 8, 1), ((3, 5), 8, 3), ((2, 2), 7, 7), ((1, 1), 1, 2),
+                          ((3, 5), 8, 0)])
+def test_mahalanobis_map_equals_numpy_loop(grid, k, blocks):
     h, w = grid
     mean, inv_cov = random_gaussians(h * w, k, seed=k)
     z = random_maps((3, k, h, w), seed=k + 1)
-    layer = MahalanobisMap(mean, inv_cov, grid)
+    layer = MahalanobisMap(mean, inv_cov, grid, blocks=blocks)
+    assert len(layer.starts) == min(k, blocks)  # factor blocks; 0 = the full matrices
     with paddle.no_grad():
         out = layer(paddle.to_tensor(z)).numpy()
     assert out.shape == (3, 1, h, w)
@@ -190,6 +192,29 @@ def test_mahalanobis_map_zero_at_mean_and_identity_is_euclidean():
         out = layer(paddle.to_tensor(np.concatenate([at_mean, offset]))).numpy()
     np.testing.assert_allclose(out[0], 0.0, atol=1e-6)
     np.testing.assert_allclose(out[1], 0.5 * np.sqrt(k), rtol=1e-6)
+
+
+def test_mahalanobis_map_stores_only_the_factor_blocks():
+    """k=100 in 2 blocks: columns 0-49 keep all 100 rows, columns 50-99 the last 50: 3/4 of k^2."""
+    mean, inv_cov = random_gaussians(3, 100, seed=4)
+    layer = MahalanobisMap(mean, inv_cov, (1, 3), blocks=2)
+    shapes = [tuple(buf.shape) for name, buf in layer.named_buffers() if name.startswith("factor")]
+    assert shapes == [(3, 100, 50), (3, 50, 50)]
+    assert "inv_cov" not in dict(layer.named_buffers())
+    assert block_edges(100, 4) == [0, 25, 50, 75, 100]
+    assert block_edges(3, 5) == [0, 1, 2, 3]
+
+
+def test_mahalanobis_map_without_a_cholesky_factor_uses_the_matrices():
+    """A matrix that is not positive definite (a 0 eigenvalue) keeps the full-matrix formula."""
+    mean = np.zeros((2, 2))
+    inv_cov = np.array([np.eye(2), [[1.0, 1.0], [1.0, 1.0]]])
+    layer = MahalanobisMap(mean, inv_cov, (1, 2))
+    assert layer.starts == []
+    z = np.array([[[[3.0, 1.0]], [[4.0, -1.0]]]], dtype=np.float32)  # (1, 2, 1, 2)
+    with paddle.no_grad():
+        out = layer(paddle.to_tensor(z)).numpy()
+    np.testing.assert_allclose(out[0, 0, 0], [5.0, 0.0], atol=1e-6)  # |(3, 4)|; (1, -1) in the null space
 
 
 # -- ToRows ------------------------------------------------------------------------------------

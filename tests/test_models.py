@@ -18,14 +18,14 @@ from helpers import assert_served_matches_dynamic, rel_close
 from scipy import ndimage
 
 import models.ortho.model as ortho_module
-from engine.errors import CheckpointError, ConfigError, InputError
-from models import ModelConfig, Runtime, build_model, load_model
-from models.backbone import ResNetTrunk, build_trunk, layer_grid, read_pdparams
-from models.gaussian import GaussianAccumulator
-from models.layers import nearest_indices
+from core.errors import CheckpointError, ConfigError, InputError
+from core.resample import nearest_indices
+from models import Runtime, build_model, load_model, model_config
+from models.components.backbone import ResNetTrunk, build_trunk, layer_grid, read_pdparams
+from models.components.gaussian import GaussianAccumulator, gaussian_of, squared_distances
+from models.components.projection import ChannelSubset, ProjectedEmbedding
 from models.ortho import semi_orthogonal
 from models.ortho.model import identity_first_basis
-from models.projection import ChannelSubset, ProjectedEmbedding
 
 METHODS = ("ortho", "padim")
 SIZE = 64
@@ -42,7 +42,7 @@ def config(method, **overrides):
     fields = {"method": method, "arch": "resnet18", "k": K, "image_size": SIZE, "resize": SIZE,
               "pretrained": "none", "seed": 0}
     fields.update(overrides)
-    return ModelConfig(**fields)
+    return model_config(**fields)
 
 
 def new_model(method, runtime=None, **overrides):
@@ -251,6 +251,53 @@ def test_accumulator_finalize_inverts_regularised_covariance():
     np.testing.assert_allclose(inv_cov, inv_cov.transpose(0, 2, 1), rtol=1e-5, atol=1e-6)
 
 
+def test_partners_share_one_store_and_keep_their_own_statistics():
+    first_data, second_data = gaussian_data(13, seed=40), gaussian_data(9, seed=41, offset=-7.0)
+    first = GaussianAccumulator(ACC_P, ACC_K, block=4)
+    second = GaussianAccumulator(ACC_P, ACC_K, block=3, partner=first)
+    assert second._store is first._store and first._store.shape == (ACC_P, ACC_K + 1, ACC_K)
+    for row_a, row_b in zip(first_data, second_data, strict=False):  # interleaved folds
+        first.update(row_a[None])
+        second.update(row_b[None])
+    feed(first, first_data[len(second_data):], 2)
+    assert_stats(first, first_data)
+    assert_stats(second, second_data)
+    second.merge(first)  # writes only its own triangle
+    assert_stats(second, np.concatenate([second_data, first_data]))
+    assert_stats(first, first_data)
+    with pytest.raises(ValueError, match="partner"):
+        GaussianAccumulator(ACC_P, ACC_K, partner=first)
+
+
+@pytest.mark.parametrize("with_basis", [False, True])
+def test_gaussian_and_distances_equal_float64_reference(with_basis):
+    """gaussian_of / squared_distances (fit basis z' = B z, two folds) against plain float64 numpy."""
+    data = gaussian_data(30, seed=50, offset=20.0).astype(np.float64)
+    rng = np.random.default_rng(51)
+    basis = rng.standard_normal((ACC_K, ACC_K)) + 3 * np.eye(ACC_K) if with_basis else None
+    fed = data if basis is None else data @ basis.T
+    folds = [GaussianAccumulator(ACC_P, ACC_K, block=8)]
+    folds.append(GaussianAccumulator(ACC_P, ACC_K, block=8, partner=folds[0]))
+    feed(folds[0], fed[:17].astype(np.float32), 5)
+    feed(folds[1], fed[17:].astype(np.float32), 5)
+    eps = 0.05
+    mean, inv_cov = gaussian_of(folds, eps, basis)
+    ref_mean, ref_cov = reference_stats(data)
+    ref_inv = np.linalg.inv(ref_cov + eps * np.eye(ACC_K))
+    rel_close(mean, ref_mean, 1e-5)
+    rel_close(inv_cov, ref_inv, 1e-5)
+    queries = data[:3] + rng.standard_normal(data[:3].shape)
+    fed_queries = queries if basis is None else queries @ basis.T
+    squared = squared_distances(folds, eps, basis, fed_queries.astype(np.float32))
+    diff = queries - ref_mean
+    rel_close(squared, np.einsum("npi,pij,npj->np", diff, ref_inv, diff), 1e-5)
+    one_fold = squared_distances(folds[1:], eps, basis, fed_queries.astype(np.float32))
+    mean_1, cov_1 = reference_stats(data[17:])
+    diff = queries - mean_1
+    rel_close(one_fold, np.einsum("npi,pij,npj->np", diff, np.linalg.inv(cov_1 + eps * np.eye(ACC_K)),
+                                  diff), 1e-5)
+
+
 @pytest.mark.parametrize("count", [0, 1])
 def test_accumulator_needs_two_images(count):
     acc = GaussianAccumulator(ACC_P, ACC_K, block=4)
@@ -326,6 +373,23 @@ def assert_same_fit(a, b, rtol=1e-5):
     rel_close(inv_a, inv_b, rtol)
 
 
+@pytest.mark.parametrize(("method", "k"), [("padim", 40), ("ortho", 72)])
+def test_fitted_statistics_equal_float64_reference(method, k):
+    """mean / inv_cov of a fit equal plain float64 numpy on the same embedding z (ortho with
+    k >= 64 fits in another basis: the statistics are turned back into z's)."""
+    data = images(40, seed=12)
+    model = new_model(method, k=k).fit([data[:13], data[13:]])
+    assert (model.fit_basis() is not None) == (method == "ortho")
+    with paddle.no_grad():
+        z = model.embedding()(model.trunk(paddle.to_tensor(data))).numpy().astype(np.float64)
+    z = z.reshape(len(data), k, -1).transpose(0, 2, 1)  # (N, P, k)
+    mean = z.mean(axis=0)
+    diff = z - mean
+    cov = np.einsum("npi,npj->pij", diff, diff) / (len(data) - 1) + model.options.eps * np.eye(k)
+    rel_close(model.mean, mean, 1e-5)
+    rel_close(model.inv_cov, np.linalg.inv(cov), 1e-5)
+
+
 def test_fit_does_not_depend_on_batch_size(train_images, fitted):
     method = fitted.config.method
     sizes = [1, 5, 7, 11]
@@ -379,7 +443,7 @@ def test_statistics_equal_mean_and_covariance_of_the_paper_embedding(method, k, 
     np.testing.assert_allclose(model.mean, rows.mean(axis=0), rtol=1e-4, atol=1e-4)
     eye = np.eye(k)
     for p in (0, 7, rows.shape[1] - 1):
-        cov = np.cov(rows[:, p].T, ddof=1) + model.config.eps * eye
+        cov = np.cov(rows[:, p].T, ddof=1) + model.options.eps * eye
         rel_close(model.inv_cov[p], np.linalg.inv(cov), 1e-3)
 
 
@@ -683,7 +747,7 @@ def test_k_larger_than_feature_channels_is_a_config_error(method):
         new_model(method, k=449)
     with pytest.raises(ConfigError):
         new_model(method, k=0)
-    assert new_model(method, k=448).config.k == 448
+    assert new_model(method, k=448).options.k == 448
 
 
 @pytest.mark.bad_input

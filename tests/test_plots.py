@@ -90,11 +90,12 @@ def test_eval_plots_writes_pngs_beside_results(demo_root, tmp_path):
     fit = subprocess.run([sys.executable, "train.py", *common, "--save_path", str(models)],
                          cwd=ROOT, capture_output=True, text=True)
     assert fit.returncode == 0, fit.stderr
-    out = tmp_path / "report"
+    report = tmp_path / "report"
     run = subprocess.run([sys.executable, "eval.py", *common, "--model_path",
-                          str(models / "ortho_resnet18_100"), "--save_path", str(out), "--plots"],
+                          str(models / "ortho_resnet18_100"), "--save_path", str(report), "--plots"],
                          cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
+    out = report / "ortho_resnet18_100"  # eval.py --save_path: SAVE_PATH/<run_name>/
     assert (out / "results.csv").is_file()
     for kind in ("roc", "pro", "hist"):
         assert _is_png(out / f"tiles_{kind}.png"), kind

@@ -24,14 +24,14 @@ import pytest
 from PIL import Image
 from test_deploy import SIZE, K, assert_one_line_error, fit_checkpoint, run
 
+from core.io import STALE_NAME, atomic_write_text, remove_stale_temporaries
+from core.runtime import Runtime
 from datasets import Preprocess, denormalize, read_image
 from datasets.synthetic import generate
 from deploy import export_model
-from engine.io import STALE_NAME, atomic_write_text, remove_stale_temporaries
-from engine.predict import SKIPPED_STATUS, output_names
-from engine.runtime import Runtime
-from engine.visualize import CAPTION_HEIGHT
-from models import ModelConfig, load_model
+from deploy.report import SKIPPED_STATUS, output_names
+from deploy.visualize import CAPTION_HEIGHT
+from models import load_model, model_config
 from models.checkpoint import write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An ortho checkpoint (random resnet18, k=16, 64 px) fitted on the demo category tiles."""
-    config = ModelConfig("ortho", arch="resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
+    config = model_config("ortho", arch="resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
     return fit_checkpoint(config, demo_root, tmp_path_factory.mktemp("reliab") / "tiles.npz")
 
 
@@ -109,8 +109,8 @@ def test_predict_writes_one_picture_per_input(checkpoint, demo_root, tmp_path):
     Image.open(spot / "001.png").save(inputs / "x.jpg", quality=95)
     args = [inputs / "dirA" / "good", inputs / "dirB" / "good", inputs / "x.png", inputs / "x.jpg",
             inputs / "x.png"]  # a file named twice is scored once
-    out = tmp_path / "out"
-    proc = run("predict.py", *args, "--model_path", checkpoint, "--save_path", out,
+    out = tmp_path / "run" / "predict"  # predict.py writes into SAVE_PATH/predict
+    proc = run("predict.py", *args, "--model_path", checkpoint, "--save_path", out.parent,
                "--engine", "dynamic")
     assert proc.returncode == 0, proc.stderr
     assert_pictures_match_rows(out, 3 + 3 + 2)
@@ -138,9 +138,13 @@ def stale_results(out: Path) -> None:
 
 
 def run_script(script: str, images: Path, out: Path, model: Path, *extra: str):
-    """predict.py (``model`` a checkpoint) or infer.py (an export folder) on ``images``, batches of 2."""
+    """predict.py (``model`` a checkpoint) or infer.py (an export folder) on ``images``, batches of 2.
+
+    Both write into ``out``: infer.py's --save_path, the predict sub-folder of predict.py's.
+    """
     if script == "predict":
-        return run("predict.py", images, "--model_path", model, "--save_path", out,
+        assert out.name == "predict"
+        return run("predict.py", images, "--model_path", model, "--save_path", out.parent,
                    "--engine", "dynamic", "--batch_size", 2, *extra)
     return run("infer.py", "--model_file", model, "--input_file", images, "--save_path", out,
                "--batch_size", 2, *extra)
@@ -154,7 +158,7 @@ def model_for(script: str, request: pytest.FixtureRequest) -> Path:
 @pytest.mark.parametrize("script", ["predict", "infer"])
 def test_unreadable_image_stops_with_consistent_results(script, request, demo_root, tmp_path):
     bad = images_with_a_bad_one(demo_root, tmp_path / "in")
-    out = tmp_path / "out"
+    out = tmp_path / "run" / "predict"
     stale_results(out)
     proc = run_script(script, bad.parent, out, model_for(script, request))
     assert_one_line_error(proc, f"error: {bad}: cannot read image", "or pass --skip_bad",
@@ -169,7 +173,7 @@ def test_unreadable_image_stops_with_consistent_results(script, request, demo_ro
 @pytest.mark.parametrize("script", ["predict", "infer"])
 def test_skip_bad_scores_the_others_and_says_so(script, request, demo_root, tmp_path):
     bad = images_with_a_bad_one(demo_root, tmp_path / "in")
-    out = tmp_path / "out"
+    out = tmp_path / "run" / "predict"
     proc = run_script(script, bad.parent, out, model_for(script, request), "--skip_bad")
     assert proc.returncode == SKIPPED_STATUS == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -266,7 +270,7 @@ elif kind == "dataset":
     synthetic.generate(target)
 elif kind == "results":
     import os
-    from engine.io import atomic_write_text
+    from core.io import atomic_write_text
     os.replace = block
     atomic_write_text(target, "partial")
 """

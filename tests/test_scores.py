@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.scores import normalized_score
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples
-from engine.scores import normalized_score
-from models import ModelConfig, build_model
+from models import build_model, model_config
 from models.checkpoint import read_npz, write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,7 +44,7 @@ def test_normalized_score_without_scale():
 @pytest.fixture(scope="module")
 def checkpoint(demo_root, tmp_path_factory) -> tuple[Path, float, float]:
     """An ortho checkpoint of "tiles" (64 px, random backbone) and its calibration min / max."""
-    model = build_model(ModelConfig(method="ortho", image_size=64, resize=64, pretrained="none"))
+    model = build_model(model_config("ortho", image_size=64, resize=64, pretrained="none"))
     train = AnomalyDataset(list_samples(demo_root, "tiles", "train"), Preprocess(64))
     model.fit(BatchLoader(train, batch_size=4))
     scores = np.concatenate(list(model.calibration_scores(BatchLoader(train, batch_size=4))))
@@ -73,7 +73,7 @@ def test_predict_reports_normalized_score(checkpoint, images_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "stores no minimum" not in proc.stderr
     lines = _lines(proc.stdout)
-    records = [json.loads(x) for x in (tmp_path / "p" / "results.jsonl").read_text().splitlines()]
+    records = [json.loads(x) for x in (tmp_path / "p" / "predict" / "results.jsonl").read_text().splitlines()]
     assert len(lines) == len(records) == 5
     for (score, normalized), record in zip(lines, records, strict=True):
         assert score == pytest.approx(record["score"], abs=1e-5)

@@ -1,4 +1,4 @@
-"""Tests of engine.visualize: colours, boundaries, the four-panel layout and PNG output."""
+"""Tests of deploy.visualize: colours, boundaries, the four-panel layout and PNG output."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine.visualize import (
+from deploy.visualize import (
     BOUNDARY_RGB,
     CAPTION_HEIGHT,
     PANEL_GAP,

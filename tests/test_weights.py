@@ -26,10 +26,10 @@ import pytest
 from paddle.utils import download
 from paddle.vision.models import resnet
 
-from engine.errors import CheckpointError
-from models import ModelConfig, build_model, load_model
-from models.backbone import ARCHS, build_trunk, read_pdparams, weights_digest
+from core.errors import CheckpointError
+from models import build_model, load_model, model_config
 from models.checkpoint import read_npz, write_npz
+from models.components.backbone import ARCHS, build_trunk, read_pdparams, weights_digest
 from models.convert_weights import read_pth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,8 +140,8 @@ def test_train_script_with_pdparams_from_paddle_save(r18: Saved, demo_root: Path
 def checkpoint(r18: Saved, tmp_path_factory: pytest.TempPathFactory) -> str:
     """An unfitted ortho model with r18's weights, saved (the backbone is stored by trunk names)."""
     _, path = r18
-    model = build_model(ModelConfig(method="ortho", arch="resnet18", k=8, image_size=64, resize=64,
-                                    pretrained=path))
+    model = build_model(model_config("ortho", arch="resnet18", k=8, image_size=64, resize=64,
+                                     pretrained=path))
     target = str(tmp_path_factory.mktemp("ckpt") / "model.npz")
     model.save(target)
     return target

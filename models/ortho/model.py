@@ -5,9 +5,11 @@ from __future__ import annotations
 import numpy as np
 from paddle import nn
 
-from models.backbone import layer_grid
-from models.gaussian_model import GaussianModel
-from models.projection import ProjectedEmbedding
+from models.base import ModelConfig
+from models.checkpoint import ArraySpec
+from models.components.backbone import layer_grid
+from models.components.gaussian_model import GaussianModel
+from models.components.projection import ProjectedEmbedding
 
 
 def semi_orthogonal(rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
@@ -43,7 +45,7 @@ class OrthoModel(GaussianModel):
 
     def _init_random(self, rng: np.random.Generator) -> None:
         features = self.feature_channels()
-        self.weight = semi_orthogonal(features, self.config.k, rng)
+        self.weight = semi_orthogonal(features, self.options.k, rng)
         self.basis = identity_first_basis(self.weight, self.trunk.channels[0])
 
     def _grids(self) -> list[int]:
@@ -69,6 +71,14 @@ class OrthoModel(GaussianModel):
         if self.basis is not None:
             arrays["fit_basis"] = self.basis
         return arrays
+
+    @classmethod
+    def random_specs(cls, config: ModelConfig, channels: tuple[int, ...]) -> dict[str, ArraySpec]:
+        """W (F, k), and the fit basis (k, k) when k >= layer1's channels."""
+        specs = {"projection": ArraySpec((sum(channels), config.options.k))}
+        if config.options.k >= channels[0]:
+            specs["fit_basis"] = ArraySpec((config.options.k, config.options.k))
+        return specs
 
     def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
         self.weight = np.asarray(arrays["projection"], dtype=np.float64)

@@ -3,23 +3,43 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from engine.errors import ConfigError
-from models.backbone import layer_grid
-from models.bank_model import MemoryBankModel
-from models.knn import BankSearch, knn
-from models.layers import SmoothUpsample, ToRows
-from models.projection import FeatureConcat
-from models.sampling import kcenter_greedy, project, random_projection, take_rows
-from models.static_ops import arg_max, exp, reduce_sum, sqrt
+from core.errors import ConfigError
+from core.script import fraction, positive_int
+from models.base import ModelConfig, option, positive
+from models.checkpoint import ArraySpec
+from models.components.backbone import layer_channels, layer_grid
+from models.components.bank_model import BankOptions, MemoryBankModel
+from models.components.knn import BankSearch
+from models.components.layers import SmoothUpsample, ToRows
+from models.components.projection import FeatureConcat
+from models.components.sampling import kcenter_greedy, project, random_projection, take_rows
+from models.components.static_ops import arg_max, exp, reduce_sum, sqrt
 
 SLICE_ENTRIES = 1 << 24
 """Entries of one (bank slice x patches) distance block in the scoring graph (64 MB float32)."""
+
+
+@dataclass(frozen=True)
+class PatchCoreOptions(BankOptions):
+    """PatchCore's options; it has no k, so its folder is ``patchcore_<arch>``."""
+
+    coreset_ratio: float = option(0.1, "fraction of training patches kept in the bank, 1 = all", fraction)
+    projection_dim: int = option(128, "random-projection size for the coreset selection", positive_int)
+    num_neighbors: int = option(9, "bank patches in the image-score reweighting", positive_int)
+
+    def check(self) -> None:
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ConfigError(f"--coreset_ratio {self.coreset_ratio}: must be in (0, 1] "
+                              "(1 keeps every patch)")
+        positive("projection_dim", self.projection_dim)
+        positive("num_neighbors", self.num_neighbors)
 
 
 class LocalAverage(nn.Layer):
@@ -86,7 +106,7 @@ class PatchCoreModel(MemoryBankModel):
 
     method = "patchcore"
     layers = ("layer2", "layer3")
-    default_k = None
+    Options = PatchCoreOptions
     fit_outputs = ("patches",)
 
     @property
@@ -95,14 +115,7 @@ class PatchCoreModel(MemoryBankModel):
         return sum(self.trunk.channels)
 
     def _init_random(self, rng: np.random.Generator) -> None:
-        config = self.config
-        if not 0.0 < config.coreset_ratio <= 1.0:
-            raise ConfigError(f"--coreset_ratio {config.coreset_ratio}: must be in (0, 1] "
-                              "(1 keeps every patch)")
-        for name in ("projection_dim", "num_neighbors"):
-            if getattr(config, name) < 1:
-                raise ConfigError(f"--{name} {getattr(config, name)}: must be a positive number")
-        self.projection = random_projection(self.dims, config.projection_dim, rng)
+        self.projection = random_projection(self.dims, self.options.projection_dim, rng)
         self.start = float(rng.random())
 
     def fit_layer(self) -> nn.Layer:
@@ -113,7 +126,7 @@ class PatchCoreModel(MemoryBankModel):
         blocks = [batch.reshape(-1, self.dims) for batch in parts["patches"]]  # (b_j P, D) each
         total = sum(len(b) for b in blocks)
         per_image = total // self.n_train
-        count = max(1, int(self.config.coreset_ratio * total))
+        count = max(1, int(self.options.coreset_ratio * total))
         if count == total:
             chosen = np.arange(total)
         else:
@@ -122,12 +135,12 @@ class PatchCoreModel(MemoryBankModel):
                                     desc=f"coreset {self.category}".rstrip())
         self.bank = self.stored(take_rows(blocks, chosen))
         self.bank_owner = chosen // per_image
-        if self.config.num_neighbors > count:
-            self.warn(f"--num_neighbors {self.config.num_neighbors} is more than the {count} "
+        if self.options.num_neighbors > count:
+            self.warn(f"--num_neighbors {self.options.num_neighbors} is more than the {count} "
                       f"bank patches: the score uses {count}")
 
     def fused_layer(self) -> nn.Layer:
-        return PatchCoreScorer(self.fit_layer(), self.bank, min(self.config.num_neighbors, len(self.bank)),
+        return PatchCoreScorer(self.fit_layer(), self.bank, min(self.options.num_neighbors, len(self.bank)),
                                self.grid, self.config.image_size, self.config.sigma)
 
     def _held_out_scores(self, images: np.ndarray, owners: list[int | None]) -> np.ndarray:
@@ -144,15 +157,36 @@ class PatchCoreModel(MemoryBankModel):
 
     def _image_score(self, rows: np.ndarray, exclude: np.ndarray | None) -> float:
         """Image score of one image's patch features (P, D) against the bank minus ``exclude``."""
-        dist, nearest = knn(rows, self.bank, 1, exclude)
+        dist, nearest = self.prepared.search(rows, 1, exclude)
         worst = int(np.argmax(dist[:, 0]))
         left = len(self.bank) - (0 if exclude is None else int(exclude.sum()))
-        neighbours = min(self.config.num_neighbors, left)
-        _, support = knn(self.bank[nearest[worst]], self.bank, neighbours, exclude)
+        neighbours = min(self.options.num_neighbors, left)
+        _, support = self.prepared.search(self.bank[nearest[worst]], neighbours, exclude)
         gaps = np.linalg.norm(self.bank[support[0]].astype(np.float64) - rows[worst], axis=1)
         score = reweighted(paddle.to_tensor(dist[worst].astype(np.float64)), paddle.to_tensor(gaps[None]),
                            1.0 / math.sqrt(self.dims))
         return float(score.numpy()[0])
+
+    def _searched(self) -> np.ndarray:
+        return self.bank
+
+    @classmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Patch features (P, D) on layer2's grid."""
+        side = layer_grid(config.image_size, cls.layers[0])
+        return {"patches": (side * side, sum(layer_channels(config.arch, cls.layers)))}
+
+    @classmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """The coreset (M, D)."""
+        return {"bank": ArraySpec((None, cls.fit_shapes(config)["patches"][1]))}
+
+    @classmethod
+    def random_specs(cls, config: ModelConfig) -> dict[str, ArraySpec]:
+        """The coreset selection's projection (D, projection_dim) and start ()."""
+        dims = cls.fit_shapes(config)["patches"][1]
+        return {"projection": ArraySpec((dims, config.options.projection_dim)),
+                "coreset_start": ArraySpec(())}
 
     def _random_arrays(self) -> dict[str, np.ndarray]:
         return {"projection": self.projection, "coreset_start": np.array(self.start)}

@@ -3,18 +3,35 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from models.bank_model import MemoryBankModel, concatenate_released
-from models.knn import BankSearch, knn
-from models.layers import SmoothUpsample
-from models.static_ops import reduce_sum, sqrt
+from core.script import positive_int
+from models.base import ModelConfig, option, positive
+from models.checkpoint import ArraySpec
+from models.components.backbone import layer_channels, layer_grid
+from models.components.bank_model import BankOptions, MemoryBankModel, concatenate_released
+from models.components.knn import BankSearch
+from models.components.layers import SmoothUpsample
+from models.components.static_ops import reduce_sum, sqrt
 
 MAP_LAYERS = ("layer1", "layer2", "layer3")
+
+
+@dataclass(frozen=True)
+class SpadeOptions(BankOptions):
+    """SPADE's options: k nearest training images."""
+
+    name_fields: ClassVar[tuple[str, ...]] = ("k",)
+    k: int = option(50, "nearest training images", positive_int)
+
+    def check(self) -> None:
+        positive("k", self.k)
 
 
 class SpadeFeatures(nn.Layer):
@@ -72,7 +89,7 @@ class SpadeModel(MemoryBankModel):
 
     method = "spade"
     layers = ("layer1", "layer2", "layer3", "layer4")
-    default_k = 50
+    Options = SpadeOptions
     fit_outputs = (*MAP_LAYERS, "vector")
 
     def _init_random(self, rng: np.random.Generator) -> None:
@@ -84,13 +101,13 @@ class SpadeModel(MemoryBankModel):
     @property
     def neighbours(self) -> int:
         """k, at most the number of training images."""
-        return min(self.config.k, len(self.vectors))
+        return min(self.options.k, len(self.vectors))
 
     def _build(self, parts: dict[str, list[np.ndarray]]) -> None:
         self.vectors = self.stored(concatenate_released(parts["vector"]))
         self.maps = [self.stored(concatenate_released(parts[name])) for name in MAP_LAYERS]
-        if self.config.k > self.n_train:
-            self.warn(f"--k {self.config.k} is more than the {self.n_train} training images: "
+        if self.options.k > self.n_train:
+            self.warn(f"--k {self.options.k} is more than the {self.n_train} training images: "
                       f"scores use all {self.n_train} (held-out threshold scores {self.n_train - 1})")
 
     def fused_layer(self) -> nn.Layer:
@@ -104,12 +121,31 @@ class SpadeModel(MemoryBankModel):
         new = [i for i, owner in enumerate(owners) if owner is None]
         if new:
             scores[new] = self.score(images[new])[1]
-        k = min(self.config.k, len(self.vectors) - 1)
+        k = min(self.options.k, len(self.vectors) - 1)
         for i, owner in enumerate(owners):
             if owner is not None:
                 exclude = np.arange(len(self.vectors)) == owner
-                scores[i] = knn(self.vectors[owner][None], self.vectors, k, exclude)[0].mean()
+                scores[i] = self.prepared.search(self.vectors[owner][None], k, exclude)[0].mean()
         return scores
+
+    def _searched(self) -> np.ndarray:
+        return self.vectors
+
+    @classmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """layer1..3 maps (C_i, g_i, g_i) and the image vector (C_4,)."""
+        channels = dict(zip(cls.layers, layer_channels(config.arch, cls.layers), strict=True))
+        shapes = {}
+        for name in MAP_LAYERS:
+            side = layer_grid(config.image_size, name)
+            shapes[name] = (channels[name], side, side)
+        return {**shapes, "vector": (channels["layer4"],)}
+
+    @classmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """The gallery: every training image's vector and maps."""
+        return {f"gallery_{name}": ArraySpec((n_train, *shape))
+                for name, shape in cls.fit_shapes(config).items()}
 
     def _bank_arrays(self) -> dict[str, np.ndarray]:
         arrays = {"gallery_vector": self.vectors}

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 from paddle import inference
 
-from engine.device import check_gpu
-from engine.errors import ConfigError, InputError
+from core.device import check_gpu
+from core.errors import ConfigError, InputError
 
 
 @dataclass

@@ -24,7 +24,7 @@ import paddle
 from paddle import nn
 from paddle.vision.models import resnet
 
-from engine.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError
 
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
 _LAYER_CHANNELS = {
@@ -118,10 +118,10 @@ class ResNetTrunk(nn.Layer):
             )
         for name, tensor in own.items():
             value = np.asarray(found[name])
-            if tuple(value.shape) != tuple(tensor.shape):
+            if tuple(value.shape) != tuple(tensor.shape) or value.dtype.kind != "f":
                 raise CheckpointError(
-                    f"{source}: {keys[name]} has shape {value.shape}, {self.arch} needs "
-                    f"{tuple(tensor.shape)}; is it a {self.arch} file?"
+                    f"{source}: {keys[name]} has shape {value.shape} and dtype {value.dtype}, "
+                    f"{self.arch} needs {tuple(tensor.shape)} floats; is it a {self.arch} file?"
                 )
             if not np.isfinite(value).all():
                 raise CheckpointError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import paddle
 
-from engine.errors import ConfigError
+from core.errors import ConfigError
 
 
 def parse_device(spec: str) -> tuple[str, int]:
@@ -19,8 +19,9 @@ def check_gpu(index: int = 0) -> None:
     """Raise a ConfigError unless this Paddle build can use GPU ``index``."""
     if not paddle.is_compiled_with_cuda():
         raise ConfigError(
-            "a GPU was requested but this Paddle build is CPU-only; install paddlepaddle-gpu "
-            "or run on the CPU (--device cpu / --use_gpu False)"
+            "a GPU was requested but this Paddle build is CPU-only; install the GPU build "
+            "(pip install -r requirements-gpu.txt, see README 'GPU') or run on the CPU "
+            "(--device cpu / --use_gpu False)"
         )
     count = paddle.device.cuda.device_count()
     if index >= count:

@@ -8,13 +8,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from engine.io import temp_path
+from core.io import temp_path
 
 PANEL_GAP = 4
 """White columns between two panels, in pixels."""
 CAPTION_HEIGHT = 16
 """Height of a caption row (and of the title line), in pixels."""
 CAPTIONS = ("image", "heat map", "mask", "boundary")
+GROUND_TRUTH_CAPTION = "ground truth"
 BOUNDARY_RGB = (255, 0, 0)
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -73,6 +74,11 @@ def outline_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return drawn
 
 
+def _white_on_black(mask: np.ndarray) -> np.ndarray:
+    """bool (H, W) -> uint8 (H, W, 3): 255 where ``mask``, 0 elsewhere."""
+    return np.repeat(np.where(mask, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+
+
 def _panel(rgb: np.ndarray, caption: str) -> Image.Image:
     """One panel: ``rgb`` (H, W, 3) under a caption row, the caption clipped to the panel width."""
     height, width = rgb.shape[:2]
@@ -89,6 +95,7 @@ def four_panel(
     vmin: float,
     vmax: float,
     title: str = "",
+    ground_truth: np.ndarray | None = None,
 ) -> np.ndarray:
     """Side-by-side image, heat map, predicted mask and mask boundary; uint8 (h, w, 3).
 
@@ -97,7 +104,8 @@ def four_panel(
     ``amap > threshold`` in white on black; the last panel draws the mask boundary, dilated by one
     pixel, in red over the image. Each panel has a caption row above it and ``title``, if given,
     gets a line of its own on top, so h = H + CAPTION_HEIGHT (+ CAPTION_HEIGHT with a title) and
-    w = 4 W + 3 PANEL_GAP with white gaps.
+    w = 4 W + 3 PANEL_GAP with white gaps. ``ground_truth`` (bool or 0/1 (H, W)), if given, adds a
+    "ground truth" panel (white on black) after the image: w = 5 W + 4 PANEL_GAP.
     """
     image = np.asarray(image)
     amap = np.asarray(amap, dtype=np.float64)
@@ -107,14 +115,23 @@ def four_panel(
         raise ValueError(f"amap has shape {amap.shape} but the image is {image.shape[:2]}")
     heat = heat_overlay(image, amap, vmin, vmax)
     predicted = amap > threshold
-    mask_rgb = np.repeat(np.where(predicted, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
+    mask_rgb = _white_on_black(predicted)
     boundary = outline_overlay(image, predicted)
+
+    panels = [image, heat, mask_rgb, boundary]
+    captions = list(CAPTIONS)
+    if ground_truth is not None:
+        if np.shape(ground_truth) != amap.shape:
+            raise ValueError(f"ground_truth has shape {np.shape(ground_truth)} but amap is {amap.shape}")
+        panels.insert(1, _white_on_black(np.asarray(ground_truth) > 0))
+        captions.insert(1, GROUND_TRUTH_CAPTION)
 
     height, width = amap.shape
     top = CAPTION_HEIGHT if title else 0
-    sheet = Image.new("RGB", (4 * width + 3 * PANEL_GAP, top + CAPTION_HEIGHT + height), "white")
-    panels = (image, heat, mask_rgb, boundary)
-    for index, (rgb, caption) in enumerate(zip(panels, CAPTIONS, strict=True)):
+    count = len(panels)
+    sheet = Image.new("RGB", (count * width + (count - 1) * PANEL_GAP, top + CAPTION_HEIGHT + height),
+                      "white")
+    for index, (rgb, caption) in enumerate(zip(panels, captions, strict=True)):
         sheet.paste(_panel(rgb, caption), (index * (width + PANEL_GAP), top))
     if title:
         ImageDraw.Draw(sheet).text((2, 2), title, fill="black", font=ImageFont.load_default())
@@ -124,7 +141,7 @@ def four_panel(
 def save_png(path: str | os.PathLike[str], rgb: np.ndarray) -> None:
     """Write ``rgb`` (uint8 (H, W, 3) or (H, W)) to ``path`` as PNG, atomically.
 
-    The picture goes to a temporary name in the same folder first (``engine.io.temp_path``) and
+    The picture goes to a temporary name in the same folder first (``core.io.temp_path``) and
     then replaces ``path``, so readers never see a half-written file; missing parent folders are
     created.
     """

@@ -15,7 +15,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle import nn
 
-from models.layers import NearestResize
+from models.components.layers import NearestResize
 
 
 def _resizers(grids: Sequence[int]) -> nn.LayerList:

@@ -5,7 +5,7 @@ Resizing and blurring are linear maps along each image axis, so they are precomp
 ``F.interpolate`` + ``scipy.ndimage.gaussian_filter`` and runs under oneDNN in Paddle Inference,
 where a PIR graph holding ``F.interpolate`` fails on Paddle 3.3.
 
-Every op also traces under the legacy static IR (``@``, ``paddle.max`` and models.static_ops instead
+Every op also traces under the legacy static IR (``@``, ``paddle.max`` and static_ops instead
 of ``paddle.matmul``/``amax``/``sum``/``sqrt``), so the layers export to ``model.pdmodel`` as well
 as to ``model.json``; ``paddle.max`` rather than ``amax`` also lets paddle2onnx convert the graph.
 """
@@ -16,55 +16,8 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from models.static_ops import reduce_sum, sqrt
-
-
-def nearest_indices(size_in: int, size_out: int) -> np.ndarray:
-    """Source index of every output row for nearest resizing (Paddle's rule, align_corners=False).
-
-    Returns int64 (size_out,): ``floor(i * size_in / size_out)``.
-    """
-    return np.floor(np.arange(size_out) * (size_in / size_out)).astype(np.int64)
-
-
-def bilinear_matrix(size_in: int, size_out: int) -> np.ndarray:
-    """Matrix (size_out, size_in) of 1-D bilinear resizing with half-pixel centres.
-
-    Matches ``F.interpolate(mode="bilinear", align_corners=False, align_mode=0)`` along one axis.
-    """
-    scale = size_in / size_out
-    src = np.maximum((np.arange(size_out) + 0.5) * scale - 0.5, 0.0)
-    lo = np.minimum(np.floor(src).astype(np.int64), size_in - 1)
-    hi = np.minimum(lo + 1, size_in - 1)
-    frac = src - lo
-    mat = np.zeros((size_out, size_in))
-    rows = np.arange(size_out)
-    np.add.at(mat, (rows, lo), 1.0 - frac)
-    np.add.at(mat, (rows, hi), frac)
-    return mat
-
-
-def _reflect(index: np.ndarray, size: int) -> np.ndarray:
-    """Fold indices into [0, size) with half-sample symmetry (scipy's "reflect": d c b a | a b c d)."""
-    period = 2 * size
-    index = np.mod(index, period)
-    return np.where(index >= size, period - 1 - index, index)
-
-
-def gaussian_blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """Matrix (size, size) of a 1-D Gaussian filter as ``scipy.ndimage.gaussian_filter1d`` applies it.
-
-    Kernel radius ``int(truncate * sigma + 0.5)``, normalised weights, "reflect" borders.
-    """
-    radius = int(truncate * sigma + 0.5)
-    offsets = np.arange(-radius, radius + 1)
-    weights = np.exp(-0.5 * (offsets / sigma) ** 2)
-    weights /= weights.sum()
-    mat = np.zeros((size, size))
-    rows = np.arange(size)
-    for offset, weight in zip(offsets, weights, strict=True):
-        np.add.at(mat, (rows, _reflect(rows + offset, size)), weight)
-    return mat
+from core.resample import nearest_indices, smoothing_matrix
+from models.components.static_ops import non_negative, reduce_sum, sqrt
 
 
 class NearestResize(nn.Layer):
@@ -93,11 +46,6 @@ class NearestResize(nn.Layer):
         x = paddle.reshape(x, [-1, channels, h, 1, w, 1])
         x = paddle.expand(x, [-1, channels, h, fh, w, fw])
         return paddle.reshape(x, [-1, channels, h * fh, w * fw])
-
-
-def smoothing_matrix(size_in: int, size_out: int, sigma: float) -> np.ndarray:
-    """Blur after bilinear upsampling along one axis as one float32 matrix (size_out, size_in)."""
-    return (gaussian_blur_matrix(size_out, sigma) @ bilinear_matrix(size_in, size_out)).astype(np.float32)
 
 
 class ToRows(nn.Layer):
@@ -132,27 +80,80 @@ class SmoothUpsample(nn.Layer):
         return paddle.transpose(tall, [1, 0, 2]).unsqueeze(1)
 
 
+def factor_blocks(inv_cov: np.ndarray, blocks: int) -> list[np.ndarray] | None:
+    """Column blocks of the Cholesky factor L of each inverse covariance (inv = L L^T), lower part only.
+
+    ``inv_cov`` (P, k, k). Block c covers columns [a, b) of L and holds rows a..k-1 only (above the
+    diagonal L is zero): float32 (P, k - a, b - a). The squared distance is
+    ``sum_c ||(z - mean)[a:] @ L_c||^2``; the blocks hold ``sum_c (k - a_c)(b_c - a_c)`` values per
+    position instead of k^2 (3/4 of them for 2 blocks, see :func:`block_edges`), so a graph reads
+    that much less memory.
+    None if ``blocks`` is 0 or a matrix is not positive definite in float64 (its float32 rounding
+    can be): the caller keeps the full matrices then.
+    """
+    if blocks < 1:
+        return None
+    positions, k = inv_cov.shape[:2]
+    edges = block_edges(k, blocks)
+    factors = [np.empty((positions, k - a, b - a), dtype=np.float32)
+               for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    for start in range(0, positions, _SLICE):  # float64 temporaries of a slice of positions only
+        try:
+            part = np.linalg.cholesky(inv_cov[start:start + _SLICE].astype(np.float64))
+        except np.linalg.LinAlgError:
+            return None
+        for factor, a, b in zip(factors, edges[:-1], edges[1:], strict=True):
+            factor[start:start + _SLICE] = part[:, a:, a:b]
+    return factors
+
+
+def block_edges(k: int, blocks: int) -> list[int]:
+    """Column edges [0, ..., k] of ``blocks`` equal-width column blocks of a k x k factor.
+
+    Equal widths store the fewest values: k^2 (blocks + 1) / (2 blocks) per position.
+    """
+    return sorted({int(e) for e in np.linspace(0, k, min(blocks, k) + 1).round()})
+
+
+_SLICE = 256  # positions per float64 Cholesky slice
+FACTOR_BLOCKS = 2
+"""Column blocks of the packed Cholesky factor: 2 reads 3/4 of the full matrices' bytes with one
+extra matmul; more blocks read less but each small matmul costs a oneDNN call (measured in
+docs/benchmarks.md)."""
+
+
 class MahalanobisMap(nn.Layer):
     """Distance of every position's feature to that position's Gaussian.
 
     ``mean`` (P, k) and ``inv_cov`` (P, k, k) with P = h * w; ``forward(z)`` takes (N, k, h, w) and
-    returns sqrt((z - mean)^T inv_cov (z - mean)) as (N, 1, h, w).
+    returns sqrt((z - mean)^T inv_cov (z - mean)) as (N, 1, h, w), computed as ||(z - mean) @ L||
+    from the lower-triangular column blocks of :func:`factor_blocks` (or from ``inv_cov`` itself if
+    ``blocks`` is 0 or a matrix has no Cholesky factor).
     """
 
-    def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, grid: tuple[int, int]) -> None:
+    def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, grid: tuple[int, int],
+                 blocks: int = FACTOR_BLOCKS) -> None:
         super().__init__()
         self.grid = tuple(grid)
         self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
-        self.register_buffer(
-            "inv_cov", paddle.to_tensor(inv_cov.astype(np.float32)), persistable=True
-        )
+        factors = factor_blocks(inv_cov, blocks)
+        self.starts = [] if factors is None else [inv_cov.shape[-1] - f.shape[1] for f in factors]
+        if factors is None:
+            self.register_buffer("inv_cov", paddle.to_tensor(inv_cov.astype(np.float32)), persistable=True)
+        for index, factor in enumerate(factors or []):
+            self.register_buffer(f"factor{index}", paddle.to_tensor(factor), persistable=True)
 
     def forward(self, z: paddle.Tensor) -> paddle.Tensor:
         k = self.mean.shape[1]
         h, w = self.grid
         diff = paddle.transpose(paddle.reshape(z, [-1, k, h * w]), [2, 0, 1]) - self.mean.unsqueeze(1)
-        squared = reduce_sum((diff @ self.inv_cov) * diff, axis=2)  # (P, N)
-        dist = sqrt(paddle.clip(squared, min=0.0))
+        if not self.starts:
+            squared = reduce_sum((diff @ self.inv_cov) * diff, axis=2)  # (P, N)
+        for index, start in enumerate(self.starts):
+            y = diff[:, :, start:] @ getattr(self, f"factor{index}")  # (P, N, block)
+            part = reduce_sum(y * y, axis=2)
+            squared = part if index == 0 else squared + part
+        dist = sqrt(non_negative(squared))  # rounding can make squared < 0; NaN stays NaN
         return paddle.reshape(paddle.transpose(dist, [1, 0]), [-1, 1, h, w])
 
 

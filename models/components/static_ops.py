@@ -41,6 +41,18 @@ def sqrt(x: paddle.Tensor) -> paddle.Tensor:
     return _legacy_op("sqrt", x, {})
 
 
+def non_negative(x: paddle.Tensor) -> paddle.Tensor:
+    """``max(x, 0)`` elementwise, same shape; NaN stays NaN (``paddle.clip`` would make it 0)."""
+    zero = paddle.zeros_like(x)
+    if in_dynamic_or_pir_mode():
+        return paddle.maximum(x, zero)
+    helper = LayerHelper("elementwise_max")
+    out = helper.create_variable_for_type_inference(x.dtype)
+    helper.append_op(type="elementwise_max", inputs={"X": x, "Y": zero}, outputs={"Out": out},
+                     attrs={"axis": -1})
+    return out
+
+
 def exp(x: paddle.Tensor) -> paddle.Tensor:
     """``paddle.exp(x)``, elementwise, same shape."""
     if in_dynamic_or_pir_mode():

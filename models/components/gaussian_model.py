@@ -7,23 +7,38 @@ distance, upsampling, blur and image score are shared here.
 
 from __future__ import annotations
 
+import math
 import zlib
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 import paddle
 from paddle import nn
 
-from engine.distributed import Collective
-from engine.errors import CheckpointError, ConfigError
-from engine.runtime import RunFn, run_chunked
-from models.backbone import layer_grid
-from models.base import AnomalyModel, Batch, unpack_batch
-from models.gaussian import GaussianAccumulator
-from models.layers import AnomalyMapHead, MahalanobisMap, ToRows
-from models.projection import FeatureConcat
+from core.distributed import Collective
+from core.errors import CheckpointError, ConfigError
+from core.runtime import RunFn, Runtime, run_chunked
+from core.script import positive_float, positive_int
+from models.base import (
+    AnomalyModel,
+    Batch,
+    MethodOptions,
+    ModelConfig,
+    UnfusedParts,
+    option,
+    positive,
+    unpack_batch,
+)
+from models.checkpoint import ArraySpec, check_arrays
+from models.components.backbone import layer_channels, layer_grid
+from models.components.gaussian import GaussianAccumulator, gaussian_of, mean_of, squared_distances
+from models.components.layers import AnomalyMapHead, MahalanobisMap, ToRows
+from models.components.projection import FeatureConcat
+
+_CALIBRATION_BYTES = 512 << 20  # features held at once while scoring out of fold
 
 
 class _Pipeline(nn.Layer):
@@ -42,6 +57,18 @@ class _Pipeline(nn.Layer):
         return out
 
 
+@dataclass(frozen=True)
+class GaussianOptions(MethodOptions):
+    """Options of the per-position Gaussian methods (ortho, padim)."""
+
+    name_fields: ClassVar[tuple[str, ...]] = ("k",)
+    k: int = option(100, "embedding dimension (<= the backbone's F)", positive_int)
+    eps: float = option(0.01, "covariance regulariser eps*I", positive_float)
+
+    def check(self) -> None:
+        positive("k", self.k)
+
+
 class GaussianModel(AnomalyModel):
     """Base of methods that fit one Gaussian per position of a k-dim embedding.
 
@@ -51,24 +78,36 @@ class GaussianModel(AnomalyModel):
     *other* fold, so the default threshold comes from out-of-sample scores.
     """
 
+    Options = GaussianOptions
     folds_count: ClassVar[int] = 2
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         positions = self.grid[0] * self.grid[1]
-        self.folds = [GaussianAccumulator(positions, self.config.k, threads=self.runtime.cpu_threads)
-                      for _ in range(self.folds_count)]
+        self.folds: list[GaussianAccumulator] = []
+        for index in range(self.folds_count):  # in pairs sharing one triangle store
+            partner = self.folds[-1] if index % 2 else None
+            self.folds.append(GaussianAccumulator(positions, self.options.k,
+                                                  threads=self.runtime.cpu_threads, partner=partner))
         self.mean: np.ndarray | None = None
-        self.inv_cov: np.ndarray | None = None
+        self._inv_cov: np.ndarray | None = None
         self.n_train = 0
         self._embedder: RunFn | None = None
+
+    @classmethod
+    def create(cls, config: ModelConfig, runtime: Runtime | None = None) -> AnomalyModel:
+        """As AnomalyModel.create; a ConfigError unless eps is a finite number > 0."""
+        if not (math.isfinite(config.options.eps) and config.options.eps > 0):
+            raise ConfigError(f"--eps {config.options.eps}: must be a finite number > 0 "
+                              "(the covariance regulariser eps*I)")
+        return super().create(config, runtime)
 
     def feature_channels(self) -> int:
         """F, the channels of the concatenated features x; a ConfigError if k exceeds it."""
         features = sum(self.trunk.channels)
-        if self.config.k > features:
+        if self.options.k > features:
             raise ConfigError(
-                f"--k {self.config.k}: {self.config.arch} has {features} feature channels; "
+                f"--k {self.options.k}: {self.config.arch} has {features} feature channels; "
                 f"use k <= {features}"
             )
         return features
@@ -111,41 +150,68 @@ class GaussianModel(AnomalyModel):
                 self.folds[self.fold_of(name, self.n_train)].update(row[None])
                 self.n_train += 1
 
-    def fit_state(self) -> GaussianAccumulator:
-        """The accumulated statistics of all folds together (a new accumulator)."""
-        total = GaussianAccumulator(*self.folds[0].s1.shape)
-        for fold in self.folds:
-            total.merge(fold)
-        return total
-
     def finalize(self) -> None:
         for fold in self.folds:
             fold.release()
-        self.mean, self.inv_cov = self.fit_state().finalize(self.config.eps, self.fit_basis())
+        self.mean = mean_of(self.folds, self.fit_basis())
+        self._inv_cov = None  # formed when first used: after the threshold, see inv_cov
         self.fitted = True
         self._scorer = None
+        self._check_fitted({"mean": self.mean})
+
+    def _check_fitted(self, arrays: dict[str, np.ndarray]) -> None:
+        """Refuse fitted statistics (see :meth:`array_specs`) that are not finite, naming the fit."""
+        specs = self.array_specs(self.config, True, arrays)
+        check_arrays(f"fit of {self.category or self.method}", arrays,
+                     {name: specs[name] for name in arrays},
+                     f"check --eps ({self.options.eps}) and the training images")
+
+    @property
+    def inv_cov(self) -> np.ndarray | None:
+        """Inverse covariances (P, k, k) float32 of the fitted model, None before finalize.
+
+        Formed from the fold statistics when first read (scoring, saving), not in
+        :meth:`finalize`: the out-of-fold threshold needs no inverse, so the two never share memory.
+        """
+        if self._inv_cov is None and self.fitted:
+            self._inv_cov = gaussian_of(self.folds, self.options.eps, self.fit_basis())[1]
+            self._check_fitted({"inv_cov": self._inv_cov})
+        return self._inv_cov
+
+    @inv_cov.setter
+    def inv_cov(self, value: np.ndarray | None) -> None:
+        self._inv_cov = value
 
     def calibration_scores(self, batches: Iterable[Batch]) -> Iterator[np.ndarray]:
         """Out-of-fold image scores: each image is scored by the Gaussian of the other fold.
 
-        Without fold statistics (a loaded checkpoint, or a fold with fewer than 2 images) the
-        full model scores them.
+        The images are kept (not their features: an image is the smaller), then scored fold by
+        fold: the fit-basis features of the images a fold scores, in groups of at most
+        ``_CALIBRATION_BYTES``, are whitened by that fold's Cholesky factors (no inverse
+        covariance is formed). Yields the scores of one group at a time. Without fold statistics
+        (a loaded checkpoint, or a fold with fewer than 2 images) the full model scores them.
         """
         if any(fold.count < 2 for fold in self.folds):
             yield from super().calibration_scores(batches)
             return
-        eps, basis = self.config.eps, self.fit_basis()
-        scorers = [self.compile(self._scoring_layer(*fold.finalize(eps, basis)))
-                   for fold in self.folds]
+        scored_by: list[list[np.ndarray]] = [[] for _ in self.folds]
         position = 0
         for batch in batches:
             images, paths = unpack_batch(batch)
-            scores = np.empty(len(images), dtype=np.float32)
             for i, image in enumerate(images):
                 fold = self.fold_of(paths[i] if paths else None, position)
-                scores[i] = scorers[(fold + 1) % self.folds_count](image[None])[1][0]
+                scored_by[(fold + 1) % self.folds_count].append(image)
                 position += 1
-            yield scores
+        head = AnomalyMapHead(self.grid, (self.config.image_size,) * 2, self.config.sigma)
+        positions, k = self.folds[0].positions, self.options.k
+        group = max(1, _CALIBRATION_BYTES // (positions * k * 4))
+        for fold, images in zip(self.folds, scored_by, strict=True):
+            for start in range(0, len(images), group):
+                z = np.concatenate([z for _, z in self.embed(np.stack(images[start : start + group]))])
+                squared = squared_distances([fold], self.options.eps, self.fit_basis(), z)
+                dist = np.sqrt(np.maximum(squared, 0.0)).reshape(len(z), 1, *self.grid)
+                with paddle.no_grad():
+                    yield head(paddle.to_tensor(dist))[1].numpy()
 
     def merge(self, other: GaussianModel) -> None:
         """Add the fit state of ``other`` (same configuration, disjoint images) to this one."""
@@ -173,6 +239,15 @@ class GaussianModel(AnomalyModel):
 
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
+
+    def unfused_parts(self) -> UnfusedParts:
+        """The graph up to x and the statistics that finish it (deploy.postprocess)."""
+        (name, array), = self.embedding_arrays().items()
+        features = array.shape[0] if name == "projection" else sum(self.trunk.channels)
+        arrays = {name: array.astype(np.float32 if name == "projection" else np.int64),
+                  "mean": self.mean.astype(np.float32), "inv_cov": self.inv_cov.astype(np.float32)}
+        meta = {"sigma": self.config.sigma, "grid": list(self.grid), "features": int(features)}
+        return UnfusedParts(self.feature_layer(), arrays, meta)
 
     def feature_layer(self) -> nn.Layer:
         """Layer mapping images (N, 3, S, S) to the unprojected embedding x (N, F, h, w).
@@ -217,3 +292,25 @@ class GaussianModel(AnomalyModel):
     @abstractmethod
     def _restore_random(self, arrays: dict[str, np.ndarray]) -> None:
         """Inverse of :meth:`_random_arrays`."""
+
+    @classmethod
+    @abstractmethod
+    def random_specs(cls, config: ModelConfig, channels: tuple[int, ...]) -> dict[str, ArraySpec]:
+        """Shapes of :meth:`_random_arrays` for ``config``; ``channels`` per layer of the trunk."""
+
+    @classmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """Random parts, n_train and mean (P, k) / inv_cov (P, k, k), or per fold its count, mean
+        and scatter; P the positions of layer1's grid."""
+        side, k = layer_grid(config.image_size, cls.layers[0]), config.options.k
+        specs = {**cls.random_specs(config, layer_channels(config.arch, cls.layers)),
+                 "n_train": ArraySpec((), "i")}
+        if fitted:
+            specs.update(mean=ArraySpec((side * side, k)), inv_cov=ArraySpec((side * side, k, k)))
+            return specs
+        for index in range(cls.folds_count):
+            specs.update({f"fold{index}_count": ArraySpec((), "i"),
+                          f"fold{index}_mean": ArraySpec((side * side, k)),
+                          f"fold{index}_scatter": ArraySpec((side * side, k, k))})
+        return specs

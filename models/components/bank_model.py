@@ -14,14 +14,17 @@ from __future__ import annotations
 import sys
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 from paddle import nn
 
-from engine.errors import InputError
-from engine.runtime import Chunks, RunFn, run_chunked
-from models.base import AnomalyModel, Batch, unpack_batch
+from core.errors import InputError
+from core.runtime import Chunks, RunFn, run_chunked
+from models.base import AnomalyModel, Batch, MethodOptions, ModelConfig, option, recorded_count, unpack_batch
+from models.checkpoint import ArraySpec
+from models.components.knn import PreparedBank
 
 
 def concatenate_released(parts: list[np.ndarray]) -> np.ndarray:
@@ -33,6 +36,13 @@ def concatenate_released(parts: list[np.ndarray]) -> np.ndarray:
         out[start : start + len(part)] = part
         start += len(part)
     return out
+
+
+@dataclass(frozen=True)
+class BankOptions(MethodOptions):
+    """Options every memory-bank method has."""
+
+    half: bool = option(False, "store the gallery/bank in float16 (half its size)")
 
 
 class MemoryBankModel(AnomalyModel):
@@ -47,6 +57,7 @@ class MemoryBankModel(AnomalyModel):
         self.train_paths: list[str | None] = []
         self.fit_parts: dict[str, list[np.ndarray]] = {name: [] for name in self.fit_outputs}
         self._extractor: RunFn | None = None
+        self._prepared: PreparedBank | None = None
 
     # -- method hooks ------------------------------------------------------------------------
     @abstractmethod
@@ -65,12 +76,47 @@ class MemoryBankModel(AnomalyModel):
         the entries of training image ``owners[i]`` (None: against the whole bank)."""
 
     @abstractmethod
+    def _searched(self) -> np.ndarray:
+        """The rows (M, D) that the numpy held-out scores search (:attr:`prepared`)."""
+
+    @abstractmethod
     def _bank_arrays(self) -> dict[str, np.ndarray]:
         """The fitted bank as named arrays (for the checkpoint)."""
 
     @abstractmethod
     def _restore_bank(self, arrays: dict[str, np.ndarray]) -> None:
         """Inverse of :meth:`_bank_arrays`."""
+
+    @classmethod
+    @abstractmethod
+    def fit_shapes(cls, config: ModelConfig) -> dict[str, tuple[int, ...]]:
+        """Shape of one image's output of :meth:`fit_layer` for ``config``, by output name."""
+
+    @classmethod
+    @abstractmethod
+    def bank_specs(cls, config: ModelConfig, n_train: int) -> dict[str, ArraySpec]:
+        """Shapes of :meth:`_bank_arrays` for ``config`` and ``n_train`` training images."""
+
+    @classmethod
+    def random_specs(cls, config: ModelConfig) -> dict[str, ArraySpec]:
+        """Shapes of :meth:`_random_arrays` (none by default)."""
+        return {}
+
+    @classmethod
+    def array_specs(cls, config: ModelConfig, fitted: bool,
+                    arrays: dict[str, np.ndarray]) -> dict[str, ArraySpec]:
+        """Random parts, n_train and the bank, or the fit state: every recorded batch of each
+        fit output (b_j, ...), the batch count and the training paths (n_train,)."""
+        n_train = recorded_count(arrays, "n_train")
+        specs = {**cls.random_specs(config), "n_train": ArraySpec((), "i")}
+        if fitted:
+            specs.update(cls.bank_specs(config, n_train))
+            return specs
+        parts = recorded_count(arrays, "fit_parts")
+        for name, shape in cls.fit_shapes(config).items():
+            specs.update({f"fit_{name}_{i}": ArraySpec((None, *shape)) for i in range(parts)})
+        specs.update(fit_parts=ArraySpec((), "i"), train_paths=ArraySpec((n_train,), "U"))
+        return specs
 
     def _random_arrays(self) -> dict[str, np.ndarray]:
         """The method's random parts (none by default)."""
@@ -82,7 +128,15 @@ class MemoryBankModel(AnomalyModel):
     # -- shared behaviour --------------------------------------------------------------------
     def stored(self, array: np.ndarray) -> np.ndarray:
         """``array`` in the bank's storage type: float16 with ``--half``, else float32."""
-        return array.astype(np.float16 if self.config.half else np.float32, copy=False)
+        return array.astype(np.float16 if self.options.half else np.float32, copy=False)
+
+    @property
+    def prepared(self) -> PreparedBank:
+        """:meth:`_searched` made ready for searches, once per fit or load (on first use: scoring
+        through the fused layer never needs it)."""
+        if self._prepared is None:
+            self._prepared = PreparedBank(self._searched())
+        return self._prepared
 
     def compile(self, layer: nn.Layer) -> RunFn:
         """As AnomalyModel.compile, but one image per call: the distance blocks of a scoring layer
@@ -119,6 +173,7 @@ class MemoryBankModel(AnomalyModel):
                 "(each is scored against the others for the threshold); add training images"
             )
         self._build(self.fit_parts)
+        self._prepared = None
         self.fit_parts = {name: [] for name in self.fit_outputs}
         self.fitted = True
         self._scorer = None
@@ -162,6 +217,7 @@ class MemoryBankModel(AnomalyModel):
         self.n_train = int(arrays["n_train"])
         if fitted:
             self._restore_bank(arrays)
+            self._prepared = None
             self.fitted = True
             return
         count = int(arrays["fit_parts"])

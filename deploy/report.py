@@ -11,12 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import InputError
+from core.io import atomic_write_text
+from core.scores import NO_MINIMUM_NOTE, normalized_score
 from datasets import Preprocess, denormalize, read_image
 from datasets.mvtec import IMAGE_SUFFIXES
-from engine.errors import InputError
-from engine.io import atomic_write_text
-from engine.scores import NO_MINIMUM_NOTE, normalized_score
-from engine.visualize import four_panel, save_png
+from deploy.visualize import four_panel, save_png
 
 SKIPPED_STATUS = 3  # exit status of a run that finished but skipped images (--skip_bad)
 
@@ -134,18 +134,19 @@ class Reporter:
     results.jsonl rows.
 
     Heat maps share one colour scale: 0 to 1.5 x threshold, so the threshold shows as orange.
-    ``normalized`` is :func:`engine.scores.normalized_score` with ``score_min`` and the threshold
+    ``normalized`` is :func:`core.scores.normalized_score` with ``score_min`` and the threshold
     in force; without a stored ``score_min`` (old checkpoints and exports) it says so on stderr
     once and takes 0, named by ``source``.
     """
 
     def __init__(self, save_path: str, threshold: float, score_min: float | None = None,
-                 source: str = "the model") -> None:
+                 source: str = "the model", save_pic: bool = True) -> None:
         self.folder = Path(save_path)
         self.threshold = float(threshold)
         if score_min is None:
             print(NO_MINIMUM_NOTE.format(source=source), file=sys.stderr)
         self.score_min = 0.0 if score_min is None else float(score_min)
+        self.save_pic = save_pic
         self.records: list[dict[str, Any]] = []
 
     @property
@@ -154,21 +155,26 @@ class Reporter:
         return self.folder / "results.jsonl"
 
     def add(self, path: Path, name: str, image: np.ndarray, amap: np.ndarray, score: float) -> None:
-        """Report one image: ``image`` (3, S, S) normalised, ``amap`` (S, S), ``score``."""
+        """Report one image: ``image`` (3, S, S) normalised, ``amap`` (S, S), ``score``.
+
+        Without ``save_pic`` no PNG is written and the record's ``image`` is None.
+        """
         if not np.isfinite(score):
             raise InputError(f"{path}: the anomaly score is NaN or inf; check the image and model")
         anomalous = bool(score > self.threshold)
         flag = "yes" if anomalous else "no"
         normalized = float(normalized_score(score, self.score_min, self.threshold))
-        title = (f"score={score:.4f} normalized={normalized:.3f} threshold={self.threshold:.4f} "
-                 f"anomalous={flag}")
-        panel = four_panel(denormalize(image), amap, self.threshold, 0.0, 1.5 * self.threshold,
-                           title=title)
-        save_png(self.folder / name, panel)
+        if self.save_pic:
+            title = (f"score={score:.4f} normalized={normalized:.3f} threshold={self.threshold:.4f} "
+                     f"anomalous={flag}")
+            panel = four_panel(denormalize(image), amap, self.threshold, 0.0, 1.5 * self.threshold,
+                               title=title)
+            save_png(self.folder / name, panel)
         print(f"{path} score={score:.6f} normalized={normalized:.4f} anomalous={flag}")
         self.records.append({"path": str(path), "score": float(score), "normalized_score": normalized,
                              "label": "anomalous" if anomalous else "normal",
-                             "threshold": self.threshold, "image": str(self.folder / name)})
+                             "threshold": self.threshold,
+                             "image": str(self.folder / name) if self.save_pic else None})
 
     def write_jsonl(self) -> Path:
         """Write results.jsonl (one JSON object per image reported so far) atomically."""
@@ -198,7 +204,8 @@ def report_all(results: Iterable[Result], reporter: Reporter, names: dict[Path, 
                          f"are in {reporter.jsonl_path})") from error
     finally:
         reporter.write_jsonl()
-    print(f"wrote {len(reporter.records)} pictures and {reporter.jsonl_path}")
+    pictures = f"{len(reporter.records)} pictures and " if reporter.save_pic else ""
+    print(f"wrote {pictures}{reporter.jsonl_path}")
     if bad.skipped:
         print(f"skipped {len(bad.skipped)} of {len(names)} images (listed above); exit status "
               f"{SKIPPED_STATUS}", file=sys.stderr)

@@ -17,9 +17,9 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from engine.device import parse_device
-from engine.errors import ConfigError
-from engine.inference import Predictor, PredictorOptions
+from core.device import parse_device
+from core.errors import ConfigError
+from core.inference import Predictor, PredictorOptions
 
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
 Chunks = Iterator[tuple[slice, list[np.ndarray]]]

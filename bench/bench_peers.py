@@ -1,0 +1,240 @@
+"""Our PaDiM export against anomalib's PaDiM, on the same images in one run (issue #12, goal 2).
+
+    python bench/bench_peers.py --setup [--venv .venv-peers]   # once: the peers' own venv
+    python bench/bench_peers.py [--venv .venv-peers] [--configs resnet18 wide_resnet50_2]
+
+``--setup`` creates a separate venv (default ``.venv-peers`` in the repo, git-ignored) and installs
+torch, torchvision, anomalib, openvino, onnxruntime, onnx and onnxscript there from PyPI; none of
+them enters requirements*.txt. PyPI has no CPU-only torch (the ``+cpu`` builds live on PyTorch's
+own index), so the default wheel comes with its CUDA libraries (about 3 GB, unused here); without
+them (``pip install --no-deps torch``) ``import torch`` fails on the missing libcudnn.
+
+A run, per configuration (resnet18 with k=100 on every training image, wide_resnet50_2 with k=300
+on 100), 256 px, random-initialised backbones, batch 1, 2 threads:
+
+- ours: ``--method padim`` fitted in this venv on the training images (in memory, batches of 32,
+  the ``model.fit`` that train.py runs), exported fused (export_model.py's ``export_model``,
+  model.json) and run by Paddle Inference (fp32, oneDNN), as infer.py's inference stage does;
+- the limit: our trunk alone (layer1-3, exported the same way) plus the time to read the
+  statistics once (fused params minus trunk params) at the bandwidth of a numpy copy;
+- anomalib's PaDiM (``n_features=k``, ``pre_trained=False``) fitted on the same images, then eager
+  PyTorch, ONNX Runtime and OpenVINO (f32 hint and default precision), in the peer venv through
+  bench/peer_worker.py.
+
+Every side scores the same preprocessed test images; ms/image is the median after warm-up. Prints
+a Markdown section and writes it to docs/benchmarks.md (``--no_doc``: print only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.report import machine, publish  # noqa: E402
+from core.inference import Predictor, PredictorOptions  # noqa: E402
+from core.runtime import Runtime, save_static  # noqa: E402
+from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
+from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
+from deploy import export_model  # noqa: E402
+from models import build_model, model_config  # noqa: E402
+
+SIZE, THREADS, BATCH = 256, 2, 32
+PEER_PACKAGES = ("torch", "torchvision", "anomalib[core]", "openvino", "onnxruntime", "onnx", "onnxscript")
+CONFIGS = {"resnet18": (100, 0), "wide_resnet50_2": (300, 100)}
+"""backbone: (k, training images; 0 = all)."""
+SOURCE = ROOT.parent / "shared" / "data" / "magnetic_tile"
+WORKER = ROOT / "bench" / "peer_worker.py"
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setup", action="store_true", help="create the peer venv and install the peers")
+    parser.add_argument("--venv", default=str(ROOT / ".venv-peers"),
+                        help="the peer venv (default .venv-peers in the repo)")
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--data_path", default="data/mtd",
+                        help="converted magnetic-tile root (made from ../shared/data if missing)")
+    parser.add_argument("--fit_images", type=int, default=None,
+                        help="training images for both fits (default: all for resnet18, 100 for wrn50)")
+    parser.add_argument("--images", type=int, default=30, help="timed test images (default 30)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed test images first (default 5)")
+    parser.add_argument("--no_doc", action="store_true", help="print only, leave docs/ alone")
+    return parser.parse_args()
+
+
+def setup(venv: Path) -> None:
+    """Create ``venv`` and pip-install the peer packages into it."""
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, *PEER_PACKAGES], check=True)
+
+
+def load_images(root: Path, split: str, count: int) -> np.ndarray:
+    """``count`` images of a split spread evenly over it (0 = all), preprocessed: (N, 3, S, S)."""
+    samples = list_samples(root, CATEGORY, split)
+    if count:
+        samples = [samples[i] for i in np.linspace(0, len(samples) - 1, count).round().astype(int)]
+    dataset = AnomalyDataset(samples, Preprocess(SIZE))
+    return np.stack([dataset[i]["image"] for i in range(len(dataset))]).astype(np.float32)
+
+
+def per_image_ms(run: Callable[[np.ndarray], object], images: np.ndarray, warmup: int) -> np.ndarray:
+    """Milliseconds of ``run`` on each image (batch 1) after ``warmup`` untimed ones."""
+    for image in images[:warmup]:
+        run(image[None])
+    times = []
+    for image in images[warmup:]:
+        start = time.perf_counter()
+        run(image[None])
+        times.append(1000.0 * (time.perf_counter() - start))
+    return np.asarray(times)
+
+
+def copy_bandwidth(megabytes: int = 512) -> float:
+    """Bytes per second moved by ``np.copyto`` of a large float32 array (read + write), best of 5."""
+    src = np.ones(megabytes * 2**18, dtype=np.float32)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.nbytes / best
+
+
+def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, folder: Path) -> dict:
+    """Fit seconds, fused and trunk-alone ms per image, statistics bytes of our PaDiM."""
+    config = model_config("padim", arch=arch, k=k, image_size=SIZE, resize=SIZE, pretrained="none", seed=0)
+    model = build_model(config, Runtime(cpu_threads=THREADS))
+    model.category = CATEGORY
+    start = time.perf_counter()
+    model.fit([train[i : i + BATCH] for i in range(0, len(train), BATCH)])
+    fit_seconds = time.perf_counter() - start
+    model.calibrate([train[:16]])
+    export_model(model, folder / "fused", "json")
+    options = PredictorOptions(cpu_threads=THREADS, enable_mkldnn=True, max_batch_size=1)
+    fused = Predictor(str(folder / "fused" / "model.json"), str(folder / "fused" / "model.pdiparams"),
+                      options)
+    fused_ms = per_image_ms(fused.run, test, warmup)
+    trunk_file = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk" / "model"))
+    trunk = Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options)
+    trunk_ms = per_image_ms(trunk.run, test, warmup)
+    statistics = ((folder / "fused" / "model.pdiparams").stat().st_size
+                  - (folder / "trunk" / "model.pdiparams").stat().st_size)
+    return {"fit_seconds": fit_seconds, "fused_ms": fused_ms, "trunk_ms": trunk_ms,
+            "statistics_bytes": statistics}
+
+
+def peers(venv: Path, arch: str, k: int, arrays: dict[str, Path], warmup: int, folder: Path) -> dict:
+    """anomalib's figures from bench/peer_worker.py run by the peer venv's python."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"error: {python} not found; create the peer venv first: "
+                         "python bench/bench_peers.py --setup")
+    spec = {"backbone": arch, "n_features": k, "threads": THREADS, "warmup": warmup,
+            "train": str(arrays["train"]), "test": str(arrays["test"]),
+            "out": str(folder / "peers.json"), "folder": str(folder)}
+    (folder / "spec.json").write_text(json.dumps(spec))
+    run = subprocess.run([str(python), str(WORKER), str(folder / "spec.json")], cwd=ROOT,
+                         capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise SystemExit(f"error: the peer worker failed:\n{run.stderr[-3000:]}")
+    return json.loads((folder / "peers.json").read_text())
+
+
+def measure(arch: str, args: argparse.Namespace, bandwidth: float) -> dict:
+    """Both sides of one configuration on the same images."""
+    k, fit_count = CONFIGS[arch]
+    fit_count = fit_count if args.fit_images is None else args.fit_images
+    root = Path(args.data_path)
+    train = load_images(root, "train", fit_count)
+    test = load_images(root, "test", args.warmup + args.images)
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
+        folder = Path(tmp)
+        arrays = {"train": folder / "train.npy", "test": folder / "test.npy"}
+        np.save(arrays["train"], train)
+        np.save(arrays["test"], test)
+        del train
+        peer = peers(Path(args.venv), arch, k, arrays, args.warmup, folder)
+        mine = ours(arch, k, np.load(arrays["train"], mmap_mode="r"), test, args.warmup, folder)
+    limit = float(np.median(mine["trunk_ms"])) + 1000.0 * mine["statistics_bytes"] / bandwidth
+    return {"arch": arch, "k": k, "ours": mine, "peers": peer, "limit_ms": limit}
+
+
+def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loads: tuple) -> str:
+    """The docs/benchmarks.md section."""
+    lines = [
+        "## Against anomalib's PaDiM (bench/bench_peers.py)", "",
+        f"Command: `python bench/bench_peers.py --configs {' '.join(args.configs)}"
+        f"{'' if args.fit_images is None else f' --fit_images {args.fit_images}'} --images "
+        f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}. **The machine was "
+        f"shared with other jobs** (load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the "
+        "end), so the figures are noisy and compare sides only within this run.", "",
+        f"{SIZE} px magnetic-tile images, random-initialised backbones, batch 1, {THREADS} threads; "
+        f"median ms per image over {args.images} test images after {args.warmup} warm-up images, the "
+        "same preprocessed images for every side. Numpy copy bandwidth (read + write): "
+        f"{bandwidth / 1e9:.1f} GB/s.", "",
+        "| backbone, k | ours, fused (Paddle Inference fp32, oneDNN) | limit | anomalib eager | "
+        "anomalib ONNX Runtime | anomalib OpenVINO f32 | anomalib OpenVINO default | "
+        "fit s: ours / anomalib (images) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    notes = []
+    for r in results:
+        mine, peer = r["ours"], r["peers"]
+        cells = [f"{np.median(mine['fused_ms']):.1f}", f"{r['limit_ms']:.1f}"]
+        cells += [f"{np.median(peer[key]):.1f}" for key in
+                  ("eager_ms", "onnxruntime_ms", "openvino_f32_ms", "openvino_default_ms")]
+        cells.append(f"{mine['fit_seconds']:.1f} / {peer['fit_seconds']:.1f} ({peer['train_images']})")
+        lines.append(f"| {r['arch']}, k={r['k']} | {' | '.join(cells)} |")
+        notes.append(
+            f"{r['arch']}: limit = trunk alone {np.median(mine['trunk_ms']):.1f} ms + "
+            f"{mine['statistics_bytes'] / 2**20:.0f} MB of statistics read once; OpenVINO's default "
+            f"precision here is {peer['openvino_default_precision']} (f32 hint: "
+            f"{peer['openvino_f32_precision']}), its maps differ from the f32 maps by at most "
+            f"{peer['default_vs_f32_max_abs']:.3g} ({peer['default_vs_f32_max_rel']:.2e} of the "
+            "largest map value).")
+    peer = results[0]["peers"]
+    flags = ", ".join(peer["bf16_flags"]) or "none"
+    lines += ["", *[f"- {note}" for note in notes],
+              f"- Peers: torch {peer['torch']}, OpenVINO {peer['openvino']}, ONNX Runtime "
+              f"{peer['onnxruntime']}; CPU bf16 flags: {flags}. Fit: both sides from the same "
+              f"in-memory images in batches of {BATCH} (anomalib: PadimModel's training forward and "
+              "fit(), without Lightning's loop); ours: model.fit as train.py runs it."]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    args = parse_args()
+    if args.setup:
+        setup(Path(args.venv))
+        return 0
+    root = Path(args.data_path)
+    if not (root / CATEGORY).is_dir():
+        convert(SOURCE, root)
+    start_load = os.getloadavg()[0]
+    bandwidth = copy_bandwidth()
+    results = []
+    for arch in args.configs:
+        results.append(measure(arch, args, bandwidth))
+        print(f"{arch}: done", file=sys.stderr)
+    body = section(results, args, bandwidth, (start_load, os.getloadavg()[0]))
+    publish("bench_peers", body, not args.no_doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

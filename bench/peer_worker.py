@@ -1,0 +1,105 @@
+"""anomalib's PaDiM timed in the peer venv; run by bench/bench_peers.py with that venv's python.
+
+    <peer venv>/bin/python bench/peer_worker.py SPEC.json
+
+Imports only the peer packages (torch, anomalib, onnxruntime, openvino) and numpy, never this
+toolkit. SPEC (JSON): backbone, n_features, threads, warmup, train (.npy, (N, 3, S, S) float32,
+already normalised), test (.npy, same layout), out (JSON written here), folder (scratch space).
+anomalib's PadimModel (random-initialised backbone, ``pre_trained=False``) is fitted on the training
+images in batches of 32 (its forward in training mode, then ``fit()``, as its Lightning module
+does), then each test image is scored at batch 1 by: the eager module, its ONNX export under ONNX
+Runtime, and that ONNX model under OpenVINO with ``INFERENCE_PRECISION_HINT`` f32 and with the
+default precision. Writes ms per image (every timed image), the fit seconds and the largest
+difference between OpenVINO's f32 and default-precision maps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+
+def timed(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
+          warmup: int) -> tuple[list[float], np.ndarray]:
+    """Milliseconds of ``run`` on each image after ``warmup`` untimed ones; the maps (N, S, S)."""
+    for image in images[:warmup]:
+        run(image[None])
+    times, maps = [], []
+    for image in images[warmup:]:
+        start = time.perf_counter()
+        out = run(image[None])
+        times.append(1000.0 * (time.perf_counter() - start))
+        maps.append(np.asarray(out).reshape(image.shape[-2:]))
+    return times, np.stack(maps)
+
+
+def main() -> int:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    import onnxruntime as ort
+    import openvino as ov
+    import torch
+    from anomalib.models.image.padim.torch_model import PadimModel
+
+    torch.set_num_threads(spec["threads"])
+    torch.manual_seed(0)
+    folder = Path(spec["folder"])
+    train = np.load(spec["train"], mmap_mode="r")
+    test = np.load(spec["test"])
+    model = PadimModel(backbone=spec["backbone"], pre_trained=False, n_features=spec["n_features"])
+    model.train()
+    start = time.perf_counter()
+    for first in range(0, len(train), 32):
+        model(torch.from_numpy(np.array(train[first : first + 32])))
+    model.fit()
+    fit_seconds = time.perf_counter() - start
+    model.eval()
+
+    def eager(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).anomaly_map.numpy()
+
+    result = {"fit_seconds": fit_seconds, "train_images": len(train), "torch": torch.__version__,
+              "openvino": ov.__version__, "onnxruntime": ort.__version__}
+    result["eager_ms"], _ = timed(eager, test, spec["warmup"])
+
+    class MapOnly(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x).anomaly_map
+
+    onnx_file = folder / "padim.onnx"
+    torch.onnx.export(MapOnly(model).eval(), torch.from_numpy(test[:1]), str(onnx_file),
+                      input_names=["image"], output_names=["anomaly_map"], dynamo=False)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    result["onnxruntime_ms"], _ = timed(lambda x: session.run(None, {"image": x})[0], test, spec["warmup"])
+    core = ov.Core()
+    network = core.read_model(str(onnx_file))
+    maps = {}
+    for name, hint in (("openvino_f32", {"INFERENCE_PRECISION_HINT": "f32"}), ("openvino_default", {})):
+        compiled = core.compile_model(network, "CPU", {"INFERENCE_NUM_THREADS": spec["threads"], **hint})
+        request = compiled.create_infer_request()
+        result[f"{name}_precision"] = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        result[f"{name}_ms"], maps[name] = timed(
+            lambda x, r=request: next(iter(r.infer({0: x}).values())), test, spec["warmup"])
+    reference = maps["openvino_f32"]
+    result["default_vs_f32_max_abs"] = float(np.abs(maps["openvino_default"] - reference).max())
+    result["default_vs_f32_max_rel"] = float(result["default_vs_f32_max_abs"] / np.abs(reference).max())
+    result["bf16_flags"] = sorted({flag for flag in Path("/proc/cpuinfo").read_text().split()
+                                   if flag.startswith(("avx512_bf16", "amx_bf16"))})
+    Path(spec["out"]).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
