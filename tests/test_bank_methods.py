@@ -671,13 +671,15 @@ def test_scripts_train_eval_predict(trained, data, tmp_path):
                *SCRIPT_ARGS[method], *FAST, "--save_path", str(tmp_path / "eval"), "--eval_PRO",
                "--model_path", str(folder))
     assert proc.returncode == 0, proc.stderr
-    assert read_csv(tmp_path / "eval" / "results.csv") == rows
+    # with --save_path, eval.py writes SAVE_PATH/<run name>/results.csv (the reproduction's layout)
+    assert read_csv(tmp_path / "eval" / folder.name / "results.csv") == rows
     # predict.py: scores and decisions of the Python API
     inputs = [str(data / "tiles" / "test" / "spot"), str(data / "tiles" / "test" / "good")]
     proc = run("predict.py", *inputs, "--model_path", str(folder), "--category", "tiles",
                "--save_path", str(tmp_path / "predict"))
     assert proc.returncode == 0, proc.stderr
-    records = [json.loads(x) for x in (tmp_path / "predict" / "results.jsonl").read_text().splitlines()]
+    out = tmp_path / "predict" / "predict"  # predict.py writes into SAVE_PATH/predict
+    records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(records) == 6
     x = np.stack([Preprocess(64)(read_image(Path(r["path"]))) for r in records])
     _, scores = model.score(x)

@@ -648,7 +648,7 @@ DAMAGE_MESSAGES = {
     **dict.fromkeys(["empty", "truncated_half", "truncated_tail", "garbage", "flipped_bytes", "no_meta"],
                     "not a readable checkpoint ("),
     "format_2": "checkpoint format 2 but this version reads 1",
-    "no_mean": "checkpoint is incomplete (",
+    "no_mean": "has no array mean",
     "no_trunk_tensor": "has no weights for 1 resnet18 trunk tensors",
     "unknown_method": "unknown method 'knn' in checkpoint",
     "missing": "checkpoint not found",
