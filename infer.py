@@ -21,7 +21,7 @@ from core.inference import PredictorOptions
 from core.script import finite_float, non_negative_int, positive_int, run_main, str2bool
 from datasets.synthetic import DEMO_ROOT
 from deploy.benchmark import AutoLog, RunInfo, StageLog, StageTimes, open_log
-from deploy.manifest import MANIFEST
+from deploy.manifest import MANIFEST, Manifest
 from deploy.report import BadInputs, Reporter, collect_images, output_names, report_all
 from deploy.runner import BACKENDS, DeployedModel
 
@@ -124,13 +124,14 @@ def demo_inputs(category: str) -> list[str]:
     return [str(folder) for folder in sorted(test.iterdir()) if folder.is_dir()]
 
 
-def open_reporter(args: argparse.Namespace, save_path: Path, default_threshold: float | None) -> Reporter:
-    """predict.py's reporter writing into ``save_path``, with --threshold or the exported one."""
-    threshold = args.threshold if args.threshold is not None else default_threshold
+def open_reporter(args: argparse.Namespace, save_path: Path, manifest: Manifest, source: Path) -> Reporter:
+    """predict.py's reporter writing into ``save_path``, with --threshold or the exported one and the
+    exported ``score_min`` (for the normalised score; ``source`` names the export)."""
+    threshold = args.threshold if args.threshold is not None else manifest.threshold
     if threshold is None:
         raise ConfigError(f"{args.model_file}: deploy.json holds no threshold (the checkpoint was "
                           "never calibrated); pass --threshold")
-    reporter = Reporter(str(save_path), threshold)
+    reporter = Reporter(str(save_path), threshold, manifest.score_min, f"{source} (deploy.json)")
     try:
         reporter.folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -157,7 +158,7 @@ def infer_export(args: argparse.Namespace, model_file: Path, save_path: Path,
     deployed = DeployedModel.load(named_model(model_file, args.model_name), args.params_file,
                                   args.stats, options_from(args), args.backend)
     paths = given if given is not None else collect_images(demo_inputs(deployed.manifest.category))
-    reporter = open_reporter(args, save_path, deployed.manifest.threshold)
+    reporter = open_reporter(args, save_path, deployed.manifest, model_file)
     names = dict(zip(paths, output_names(paths), strict=True))
     log = open_benchmark(args, deployed) if args.enable_benchmark else None
     timer = log.times if log else StageTimes()

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     names = dict(zip(paths, output_names(paths), strict=True))
     bad = BadInputs(args.skip_bad)
     return report_all(scored(model, batches(paths, preprocess, args.batch_size, bad)),
-                      Reporter(str(Path(args.save_path) / OUTPUT_FOLDER), threshold, args.save_pic),
+                      Reporter(str(Path(args.save_path) / OUTPUT_FOLDER), threshold, model.score_min,
+                               str(path), args.save_pic),
                       names, bad)
 
 

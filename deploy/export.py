@@ -177,7 +177,8 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         files.append(ONNX)
     return Manifest(
         **_identity(model), run_name=model.config.run_name,
-        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), threshold=model.threshold, fused=fuse,
+        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), threshold=model.threshold,
+        score_min=model.score_min, fused=fuse,
         format=fmt, model_file=model_file.name, params_file=PARAMS,
         inputs=[{"name": predictor.input_names[0], "shape": [-1, 3, size, size],
                  "dtype": "float32", "layout": "NCHW", "color": "RGB"}],

@@ -48,6 +48,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)
     verified: dict[str, float | None] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
+    score_min: float | None = None
     format_version: int = FORMAT_VERSION
     run_name: str = ""
     """The checkpoint folder's name, ``<method>_<arch>[_<k>]`` (models.base.ModelConfig.run_name)."""

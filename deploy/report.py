@@ -13,6 +13,7 @@ import numpy as np
 
 from core.errors import InputError
 from core.io import atomic_write_text
+from core.scores import NO_MINIMUM_NOTE, normalized_score
 from datasets import Preprocess, denormalize, read_image
 from datasets.mvtec import IMAGE_SUFFIXES
 from deploy.visualize import four_panel, save_png
@@ -129,14 +130,22 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 class Reporter:
-    """Prints ``PATH score=S anomalous=yes|no``, writes the four-panel PNG and results.jsonl rows.
+    """Prints ``PATH score=S normalized=N anomalous=yes|no``, writes the four-panel PNG and
+    results.jsonl rows.
 
     Heat maps share one colour scale: 0 to 1.5 x threshold, so the threshold shows as orange.
+    ``normalized`` is :func:`core.scores.normalized_score` with ``score_min`` and the threshold
+    in force; without a stored ``score_min`` (old checkpoints and exports) it says so on stderr
+    once and takes 0, named by ``source``.
     """
 
-    def __init__(self, save_path: str, threshold: float, save_pic: bool = True) -> None:
+    def __init__(self, save_path: str, threshold: float, score_min: float | None = None,
+                 source: str = "the model", save_pic: bool = True) -> None:
         self.folder = Path(save_path)
         self.threshold = float(threshold)
+        if score_min is None:
+            print(NO_MINIMUM_NOTE.format(source=source), file=sys.stderr)
+        self.score_min = 0.0 if score_min is None else float(score_min)
         self.save_pic = save_pic
         self.records: list[dict[str, Any]] = []
 
@@ -154,13 +163,15 @@ class Reporter:
             raise InputError(f"{path}: the anomaly score is NaN or inf; check the image and model")
         anomalous = bool(score > self.threshold)
         flag = "yes" if anomalous else "no"
+        normalized = float(normalized_score(score, self.score_min, self.threshold))
         if self.save_pic:
-            title = f"score={score:.4f} threshold={self.threshold:.4f} anomalous={flag}"
+            title = (f"score={score:.4f} normalized={normalized:.3f} threshold={self.threshold:.4f} "
+                     f"anomalous={flag}")
             panel = four_panel(denormalize(image), amap, self.threshold, 0.0, 1.5 * self.threshold,
                                title=title)
             save_png(self.folder / name, panel)
-        print(f"{path} score={score:.6f} anomalous={flag}")
-        self.records.append({"path": str(path), "score": float(score),
+        print(f"{path} score={score:.6f} normalized={normalized:.4f} anomalous={flag}")
+        self.records.append({"path": str(path), "score": float(score), "normalized_score": normalized,
                              "label": "anomalous" if anomalous else "normal",
                              "threshold": self.threshold,
                              "image": str(self.folder / name) if self.save_pic else None})

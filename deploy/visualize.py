@@ -56,6 +56,24 @@ def mask_boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def heat_overlay(image: np.ndarray, amap: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
+    """Jet colours of ``normalize_map(amap, vmin, vmax)`` blended 50/50 over ``image``.
+
+    image: uint8 (H, W, 3); amap: float (H, W). Returns uint8 (H, W, 3), rounded half up.
+    """
+    heat = colormap_jet(normalize_map(amap, vmin, vmax)).astype(np.uint16) + image
+    return ((heat + 1) // 2).astype(np.uint8)
+
+
+def outline_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` uint8 (H, W, 3) with the boundary of ``mask`` bool (H, W), dilated by one pixel,
+    drawn in BOUNDARY_RGB; uint8 (H, W, 3)."""
+    outline = ndimage.binary_dilation(mask_boundary(mask), structure=_EIGHT_CONNECTED)
+    drawn = image.copy()
+    drawn[outline] = BOUNDARY_RGB
+    return drawn
+
+
 def _white_on_black(mask: np.ndarray) -> np.ndarray:
     """bool (H, W) -> uint8 (H, W, 3): 255 where ``mask``, 0 elsewhere."""
     return np.repeat(np.where(mask, 255, 0).astype(np.uint8)[..., None], 3, axis=2)
@@ -95,13 +113,10 @@ def four_panel(
         raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
     if amap.shape != image.shape[:2]:
         raise ValueError(f"amap has shape {amap.shape} but the image is {image.shape[:2]}")
-    heat = colormap_jet(normalize_map(amap, vmin, vmax)).astype(np.uint16) + image
-    heat = ((heat + 1) // 2).astype(np.uint8)
+    heat = heat_overlay(image, amap, vmin, vmax)
     predicted = amap > threshold
     mask_rgb = _white_on_black(predicted)
-    outline = ndimage.binary_dilation(mask_boundary(predicted), structure=_EIGHT_CONNECTED)
-    boundary = image.copy()
-    boundary[outline] = BOUNDARY_RGB
+    boundary = outline_overlay(image, predicted)
 
     panels = [image, heat, mask_rgb, boundary]
     captions = list(CAPTIONS)

@@ -119,7 +119,7 @@ def script_parser(description: str) -> argparse.ArgumentParser:
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
-    """--eval_PRO, --non_partial_AUC, --test_batch_size, --save_pic."""
+    """--eval_PRO, --non_partial_AUC, --test_batch_size, --save_pic, --plots."""
     parser.add_argument("--eval_PRO", action="store_true", help="also compute the PRO score")
     parser.add_argument("--non_partial_AUC", action="store_true",
                         help="AUROC by the midpoint-rectangle rule of the reference reproduction")
@@ -129,6 +129,8 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
                         help="True: write the picture of every test image (image, ground truth, heat "
                              "map, mask, boundary) under the results folder, in <category>/ "
                              "(default False)")
+    parser.add_argument("--plots", action="store_true",
+                        help="also write <category>_roc.png, _pro.png and _hist.png beside results.csv")
 
 
 def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ...] = ("--crop_size",)
@@ -228,7 +230,7 @@ def fit_plan_from(args: argparse.Namespace, data: DataPlan) -> FitPlan:
 def eval_plan_from(args: argparse.Namespace, data: DataPlan) -> EvalPlan:
     """--eval_PRO / --non_partial_AUC as an evaluation plan."""
     return EvalPlan(data, args.eval_PRO, "midpoint" if args.non_partial_AUC else "trapezoid",
-                    args.test_batch_size, args.save_pic)
+                    args.test_batch_size, args.save_pic, args.plots)
 
 
 def runtime_from(args: argparse.Namespace, world: World | None = None) -> Runtime:

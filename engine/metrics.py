@@ -149,18 +149,15 @@ def _integrate_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     return area
 
 
-def pro_auc(masks: np.ndarray, scores: np.ndarray, fpr_limit: float = 0.3) -> float:
-    """Normalised area under the per-region-overlap curve up to ``fpr_limit`` (MVTec AD).
+def pro_curve(masks: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The per-region-overlap curve (MVTec AD) with one point per distinct score.
 
     masks: bool or 0/1 (N, H, W) ground truth; scores: float (N, H, W) anomaly maps. Regions are
     the 8-connected components of each image's mask (never joined across images). Lowering the
     threshold through every distinct score, the false-positive rate is the share of normal pixels
     at or above it, and PRO is the mean over all regions of the share of the region at or above it.
-    The PRO-over-FPR curve, starting at (0, 0), is integrated over [0, fpr_limit] by the trapezoid
-    rule (interpolated at ``fpr_limit``) and divided by ``fpr_limit``; the result lies in [0, 1].
+    Returns ``(fpr, pro)``, both float64 (D + 1,), starting at (0, 0) and ending at (1, 1).
     """
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
     masks = _binary(masks, "masks")
     if masks.ndim != 3:
         raise ValueError(f"masks must have shape (N, H, W), got {masks.shape}")
@@ -181,5 +178,16 @@ def pro_auc(masks: np.ndarray, scores: np.ndarray, fpr_limit: float = 0.3) -> fl
     fpr = _from_origin(np.cumsum(ranked == 0)[ends], sizes[0])
     gain = step[ranked]
     del ranked
-    pro = _from_origin(np.cumsum(gain, out=gain)[ends], 1.0)
+    return fpr, _from_origin(np.cumsum(gain, out=gain)[ends], 1.0)
+
+
+def pro_auc(masks: np.ndarray, scores: np.ndarray, fpr_limit: float = 0.3) -> float:
+    """Normalised area under :func:`pro_curve` (masks, scores: (N, H, W)) up to ``fpr_limit``.
+
+    The curve, starting at (0, 0), is integrated over [0, fpr_limit] by the trapezoid rule
+    (interpolated at ``fpr_limit``) and divided by ``fpr_limit``; the result lies in [0, 1].
+    """
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    fpr, pro = pro_curve(masks, scores)
     return _integrate_to(fpr, pro, fpr_limit) / fpr_limit

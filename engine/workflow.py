@@ -28,6 +28,7 @@ from core.runtime import Runtime
 from datasets import AnomalyDataset, BatchLoader, Preprocess, Sample, denormalize, list_samples, shard_indices
 from deploy.visualize import four_panel, save_png
 from engine.evaluate import ScoredSet, metrics, score_batches
+from engine.plots import write_plots
 from models import AnomalyModel, ModelConfig, build_model, load_model, method_class
 
 
@@ -91,14 +92,15 @@ class FitPlan:
 class EvalPlan:
     """An evaluation: the data (its root, workers and batch size; the preprocessing is each
     checkpoint's own), whether to compute PRO, the AUROC rule (trapezoid or midpoint, the
-    reference reproduction's), the test batch size (None: the data's) and whether to write a
-    picture of every test image."""
+    reference reproduction's), the test batch size (None: the data's), whether to write a
+    picture of every test image and whether to write the ROC/PRO/histogram plots."""
 
     data: DataPlan
     pro: bool = False
     rule: str = "trapezoid"
     test_batch_size: int | None = None
     save_pic: bool = False
+    plots: bool = False
 
 
 def with_progress(loader: BatchLoader, total: int, desc: str,
@@ -225,23 +227,32 @@ def save_test_pictures(folder: Path, dataset: AnomalyDataset, scored: ScoredSet,
         save_png(folder / f"{sample.defect}_{sample.path.stem}.png", panel)
 
 
+def score_category(plan: EvalPlan, category: str, model: AnomalyModel) -> tuple[AnomalyDataset, ScoredSet]:
+    """Score the test split of ``category``, preprocessed as the checkpoint was fitted: the dataset
+    and its scores (N,), labels, maps (N, S, S) and masks, in the dataset's order."""
+    samples = list_samples(plan.data.root, category, "test")
+    dataset = AnomalyDataset(samples, model_preprocess(model))
+    loader = BatchLoader(dataset, plan.test_batch_size or plan.data.batch_size, plan.data.num_workers)
+    return dataset, score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+
+
 def evaluate_category(plan: EvalPlan, category: str, model: AnomalyModel,
                       out: Path | None = None) -> dict[str, Any]:
     """Score the test split of ``category`` and compute the metrics row.
 
-    Images are preprocessed as the checkpoint was fitted; with ``plan.save_pic`` the pictures go
-    to ``out/<category>/``.
+    With ``plan.save_pic`` the pictures go to ``out/<category>/``; with ``plan.plots`` the ROC, PRO
+    and histogram plots to ``out/<category>_{roc,pro,hist}.png``.
     """
-    samples = list_samples(plan.data.root, category, "test")
-    dataset = AnomalyDataset(samples, model_preprocess(model))
-    loader = BatchLoader(dataset, plan.test_batch_size or plan.data.batch_size, plan.data.num_workers)
-    scored = score_batches(model, with_progress(loader, len(samples), f"test {category}"))
+    if (plan.save_pic or plan.plots) and out is None:
+        raise ConfigError("EvalPlan.save_pic/plots: pass evaluate_category the folder for the pictures")
+    dataset, scored = score_category(plan, category, model)
     if plan.save_pic:
-        if out is None:
-            raise ConfigError("EvalPlan.save_pic: pass evaluate_category the folder for the pictures")
         if model.threshold is None:
             raise CheckpointError(f"{category}: the checkpoint holds no threshold (never calibrated), "
                                   "so --save_pic has no mask to draw; train it again")
         save_test_pictures(out / category, dataset, scored, model.threshold)
-        print(f"{category}: wrote {len(samples)} pictures to {out / category}", file=sys.stderr)
+        print(f"{category}: wrote {len(dataset.samples)} pictures to {out / category}", file=sys.stderr)
+    if plan.plots:
+        written = write_plots(out, category, scored, model.threshold)
+        print(f"wrote {', '.join(str(p) for p in written)}")
     return metrics(scored, category, plan.pro, plan.rule)

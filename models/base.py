@@ -183,6 +183,8 @@ class AnomalyModel(ABC):
         self.trunk = trunk
         self.runtime = runtime or Runtime()
         self.threshold: float | None = None
+        self.score_min: float | None = None
+        """Lowest calibration score: 0 of the normalised score (core.scores); None if unknown."""
         self.fitted = False
         self.category = ""
         self.meta: dict[str, Any] = {}
@@ -331,12 +333,16 @@ class AnomalyModel(ABC):
         self.check_world(collective.world.size)
 
     def calibrate(self, batches: Iterable[Batch]) -> float:
-        """Set the default threshold to the highest image score over ``batches`` of normal images."""
-        best = max((float(s.max()) for s in self.calibration_scores(batches)), default=-np.inf)
-        if not np.isfinite(best):
+        """Set the default threshold to the highest image score over ``batches`` of normal images.
+
+        The lowest of those scores is kept as :attr:`score_min` (for the normalised score).
+        """
+        scores = [np.asarray(s, dtype=np.float64) for s in self.calibration_scores(batches)]
+        if not scores:
             raise InputError("no calibration images: the training folder yielded no batches")
-        self.threshold = best
-        return best
+        self.threshold = float(max(s.max() for s in scores))
+        self.score_min = float(min(s.min() for s in scores))
+        return self.threshold
 
     def calibration_scores(self, batches: Iterable[Batch]) -> Iterator[np.ndarray]:
         """Image scores (B,) of each batch that :meth:`calibrate` takes the threshold from.
@@ -387,6 +393,7 @@ class AnomalyModel(ABC):
             **self.config.to_meta(),
             "stage": "final" if self.fitted else "fit",
             "threshold": self.threshold,
+            "score_min": self.score_min,
             "category": self.category,
             "backbone_sha256": weights_digest(trunk_arrays),
             "paddle_version": paddle.__version__,
@@ -417,6 +424,7 @@ class AnomalyModel(ABC):
         trunk.load_weight_arrays(trunk_arrays, source=path, digest=meta.get("backbone_sha256"))
         model = cls(config, trunk, runtime)
         model.threshold = meta.get("threshold")
+        model.score_min = meta.get("score_min")
         model.category = meta.get("category", "")
         model.meta = meta
         try:

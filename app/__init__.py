@@ -1,0 +1,1 @@
+"""A local web page to fit a model and look at its heat maps: ``python -m app`` (gradio)."""

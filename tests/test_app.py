@@ -1,0 +1,193 @@
+"""The web app (python -m app): its toolkit module, and a real headless Chromium driving the page.
+
+The browser test needs Debian's chromium + chromium-driver (installed by .ci/run where apt works),
+selenium and gradio (requirements-app.txt); without them it is skipped, saying what is missing.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.errors import InputError
+from core.scores import normalized_score
+from datasets import AnomalyDataset, BatchLoader, Preprocess, denormalize, list_samples, read_image
+from datasets.synthetic import generate
+from deploy.visualize import heat_overlay
+from models import build_model, model_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOT = ROOT / "docs" / "screenshots" / "app.png"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+K = 32
+
+
+@pytest.mark.bad_input
+def test_check_image_refuses_non_images(tmp_path, demo_root):
+    toolkit = pytest.importorskip("app.toolkit")
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    with pytest.raises(InputError, match=r"notes\.txt: not an image file"):
+        toolkit.check_image(text)
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x89PNG but truncated")
+    with pytest.raises(InputError, match="fake.png"):
+        toolkit.upload_samples([fake])
+    good = sorted((demo_root / "tiles" / "train" / "good").glob("*.png"))[0]
+    assert toolkit.check_image(good) == good
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_http(url: str, proc: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited with status {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the app did not answer at {url} within {seconds} s")
+
+
+def _reference(demo_root: Path, category: str, image: Path) -> tuple[float, float, float, np.ndarray]:
+    """Threshold, score, normalised score and heat overlay of ``image`` by the model API alone."""
+    config = model_config("ortho", arch="resnet18", k=K, image_size=64, resize=64, pretrained="none", seed=0)
+    model = build_model(config)
+    train = AnomalyDataset(list_samples(demo_root, category, "train"), Preprocess(64))
+    model.fit(BatchLoader(train, batch_size=8))
+    model.calibrate(BatchLoader(train, batch_size=8))
+    batch = Preprocess(64)(read_image(image))[None]
+    amaps, scores = model.score(batch)
+    heat = heat_overlay(denormalize(batch[0]), amaps[0], 0.0, 1.5 * model.threshold)
+    normalized = float(normalized_score(scores[0], model.score_min, model.threshold))
+    return model.threshold, float(scores[0]), normalized, heat
+
+
+@pytest.fixture
+def browser():
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("browser test skipped: Chromium and chromedriver not found "
+                    "(apt-get install chromium chromium-driver; .ci/run does this where apt works)")
+    pytest.importorskip("gradio", reason="browser test skipped: gradio missing (requirements-app.txt)")
+    webdriver = pytest.importorskip("selenium.webdriver",
+                                    reason="browser test skipped: selenium missing (requirements-app.txt)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1500"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="module")
+def app_root(tmp_path_factory) -> Path:
+    """Demo data with 16 training images per category (64 px): enough for a readable heat map."""
+    return generate(tmp_path_factory.mktemp("app") / "demo", n_train=16, n_test_good=2,
+                    n_test_defect=2, size=64, seed=0)
+
+
+def test_app_in_chromium(browser, app_root, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    port = _free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "TMPDIR": str(tmp_path)}
+    command = [sys.executable, "-m", "app", "--port", str(port), "--data_path", str(app_root),
+               "--pretrained", "none", "--image_size", "64"]
+    log = open(tmp_path / "app.log", "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_http(url, proc, 240)
+        browser.get(url)
+        wait = WebDriverWait(browser, 180)
+
+        def text_of(elem_id: str) -> str:
+            return browser.find_element(By.ID, elem_id).text
+
+        wait.until(lambda d: d.find_elements(By.ID, "load"))
+        browser.find_element(By.ID, "load").click()
+        wait.until(lambda d: "spot/" in text_of("picked") or "scratch/" in text_of("picked")
+                   or d.find_element(By.CSS_SELECTOR, "#picked input").get_attribute("value"))
+        browser.find_element(By.CSS_SELECTOR, "#category input").click()  # choose "tiles"
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#category li[aria-label='tiles']"))[0].click()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#picked input").get_attribute("value")
+                   .startswith("spot/"))
+        k_field = browser.find_element(By.CSS_SELECTOR, "#k input")
+        k_field.clear()
+        k_field.send_keys(str(K))
+        browser.find_element(By.ID, "fit").click()
+        wait.until(lambda d: "Fitted" in text_of("status"))
+        picked = browser.find_element(By.CSS_SELECTOR, "#picked input").get_attribute("value")
+        assert picked.startswith("spot/"), picked  # the last test image: a defective one
+        browser.find_element(By.ID, "score").click()
+        wait.until(lambda d: "score=" in text_of("result"))
+        wait.until(lambda d: d.execute_script(
+            "const i = document.querySelector('#heatmap img'); return i && i.complete && i.naturalWidth > 0"))
+        result = text_of("result")
+
+        category = browser.find_element(By.CSS_SELECTOR, "#category input").get_attribute("value")
+        assert category == "tiles"
+        image = app_root / category / "test" / picked
+        threshold, score, normalized, heat = _reference(app_root, category, image)
+        shown = float(re.search(r"score=([0-9.]+)", result).group(1))
+        shown_normalized = float(re.search(r"normalized=([0-9.]+)", result).group(1))
+        assert shown == pytest.approx(score, rel=1e-3, abs=1e-4)
+        assert shown_normalized == pytest.approx(normalized, abs=2e-3)
+        assert f"{threshold:.4f}" in text_of("status")
+        assert ("ANOMALOUS" in result) == (score > threshold)
+        src = browser.find_element(By.CSS_SELECTOR, "#heatmap img").get_attribute("src")
+        with urllib.request.urlopen(src, timeout=10) as response:
+            displayed = np.asarray(Image.open(io.BytesIO(response.read())).convert("RGB"))
+        heat = np.repeat(np.repeat(heat, 4, axis=0), 4, axis=1)  # the page shows 64 px enlarged x4
+        assert displayed.shape == heat.shape
+        assert np.abs(displayed.astype(int) - heat.astype(int)).max() <= 2
+
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        browser.save_screenshot(str(SCREENSHOT))
+        assert SCREENSHOT.stat().st_size > 10_000
+
+        browser.find_element(By.ID, "export").click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#download a[href]"))
+        href = browser.find_element(By.CSS_SELECTOR, "#download a[href]").get_attribute("href")
+        with urllib.request.urlopen(href, timeout=30) as response:
+            archive = zipfile.ZipFile(io.BytesIO(response.read()))
+        manifest_name = next(n for n in archive.namelist() if n.endswith("deploy.json"))
+        manifest = json.loads(archive.read(manifest_name))
+        assert manifest["threshold"] == pytest.approx(threshold, rel=1e-6)
+        assert manifest["score_min"] is not None and manifest["score_min"] < threshold
+        assert {"model.json", "model.pdiparams"} <= {Path(n).name for n in archive.namelist()}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+        print((tmp_path / "app.log").read_text()[-3000:])
