@@ -33,7 +33,7 @@ from engine.cli import config_from
 from engine.evaluate import metrics, score_batches
 from engine.workflow import DataPlan, FitPlan, fit_category
 from models import METHODS, Runtime, build_model, load_model, model_config
-from models.components.knn import BankSearch, PreparedBank, knn
+from models.components.knn import BankSearch, PreparedBank
 from models.components.layers import SmoothUpsample
 from models.components.sampling import kcenter_greedy, project, take_rows
 
@@ -94,7 +94,7 @@ def fitted(request, train_images, train_names):
 def test_knn_equals_cdist(k, block):
     rng = np.random.default_rng(k)
     queries, bank = rng.standard_normal((37, 12)), rng.standard_normal((53, 12)) + 0.5
-    dist, index = knn(queries, bank, k, block=block)
+    dist, index = PreparedBank(bank).search(queries, k, block=block)
     ref = cdist(queries, bank)
     expected = np.argsort(ref, axis=1)[:, :k]
     np.testing.assert_array_equal(index, expected)
@@ -106,14 +106,14 @@ def test_knn_leaves_out_excluded_rows_and_checks_k():
     queries, bank = rng.standard_normal((9, 5)), rng.standard_normal((20, 5))
     exclude = np.zeros(20, dtype=bool)
     exclude[[0, 3, 4, 19]] = True
-    dist, index = knn(queries, bank, 5, exclude, block=16)
+    dist, index = PreparedBank(bank).search(queries, 5, exclude, block=16)
     kept = np.flatnonzero(~exclude)
     ref = cdist(queries, bank[kept])
     order = np.argsort(ref, axis=1)[:, :5]
     np.testing.assert_array_equal(index, kept[order])
     np.testing.assert_allclose(dist, np.take_along_axis(ref, order, axis=1), rtol=1e-10)
     with pytest.raises(ValueError):
-        knn(queries, bank, 17, exclude)
+        PreparedBank(bank).search(queries, 17, exclude)
 
 
 def test_knn_float32_is_accurate_on_features_with_a_large_mean():
@@ -122,7 +122,7 @@ def test_knn_float32_is_accurate_on_features_with_a_large_mean():
     rng = np.random.default_rng(4)
     bank = (50.0 + rng.standard_normal((300, 64))).astype(np.float32)
     queries = bank[:20] + np.float32(0.05) * rng.standard_normal((20, 64)).astype(np.float32)
-    dist, index = knn(queries, bank, 1)
+    dist, index = PreparedBank(bank).search(queries, 1)
     ref = cdist(queries.astype(np.float64), bank.astype(np.float64))
     np.testing.assert_array_equal(index[:, 0], np.arange(20))
     np.testing.assert_allclose(dist[:, 0], ref.min(axis=1), rtol=1e-3)
@@ -192,7 +192,7 @@ def test_bank_search_layer_equals_knn(slice_rows):
         rows = layer.rows(paddle.to_tensor(np.arange(50))).numpy()
     mean = bank.astype(np.float64).mean(axis=0)
     np.testing.assert_array_equal(rows, (bank.astype(np.float64) - mean).astype(np.float32))  # bit for bit
-    ref_dist, ref_index = knn(queries.astype(np.float64), bank.astype(np.float64), 4)
+    ref_dist, ref_index = PreparedBank(bank.astype(np.float64)).search(queries.astype(np.float64), 4)
     np.testing.assert_array_equal(index, ref_index[:, 0])
     np.testing.assert_array_equal(index_k, ref_index)
     np.testing.assert_allclose(dist, ref_dist[:, 0], rtol=1e-4)

@@ -5,7 +5,7 @@ difference tensor. Two implementations of the same search:
 
 * :class:`PreparedBank` (numpy) centres the bank and takes its row norms once, then searches it
   over blocks of queries and bank rows, so its temporaries stay at ``block`` floats whatever the
-  sizes; it can leave bank rows out (held-out scoring). :func:`knn` is a one-off search.
+  sizes; it can leave bank rows out (held-out scoring). 
 * :class:`BankSearch` (Paddle) is the static-graph version used inside the fused scoring layers:
   the bank is a buffer, centred on its mean (distances do not change, the float32 cancellation in
   the formula does), and long banks are searched in fixed slices.
@@ -20,7 +20,7 @@ from paddle import nn
 from models.components.static_ops import arg_min, non_negative, reduce_sum, sqrt
 
 BLOCK = 1 << 22
-"""Entries of the distance block (and of the bank block) :func:`knn` computes at once."""
+"""Entries of the distance block (and of the bank block) :meth:`PreparedBank.search` computes at once."""
 
 
 class PreparedBank:
@@ -85,16 +85,6 @@ class PreparedBank:
         order = np.argsort(best, axis=1, kind="stable")
         return np.take_along_axis(best, order, axis=1), np.take_along_axis(best_index, order, axis=1)
 
-
-def knn(queries: np.ndarray, bank: np.ndarray, k: int, exclude: np.ndarray | None = None,
-        block: int = BLOCK) -> tuple[np.ndarray, np.ndarray]:
-    """One search of a bank used once: ``PreparedBank(bank).search(queries, k, exclude, block)``.
-
-    ``queries`` (Q, D), ``bank`` (M, D); returns distances (Q, k) and indices (Q, k). Computed in
-    float64 for a float64 bank, else in float32. Keep a :class:`PreparedBank` to search one bank
-    many times.
-    """
-    return PreparedBank(bank).search(queries, k, exclude, block)
 
 
 def _smallest(values: np.ndarray, k: int) -> np.ndarray:
