@@ -5,7 +5,7 @@ difference tensor. Two implementations of the same search:
 
 * :class:`PreparedBank` (numpy) centres the bank and takes its row norms once, then searches it
   over blocks of queries and bank rows, so its temporaries stay at ``block`` floats whatever the
-  sizes; it can leave bank rows out (held-out scoring). 
+  sizes; it can leave bank rows out (held-out scoring).
 * :class:`BankSearch` (Paddle) is the static-graph version used inside the fused scoring layers:
   the bank is a buffer, centred on its mean (distances do not change, the float32 cancellation in
   the formula does), and long banks are searched in fixed slices.
