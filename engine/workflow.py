@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,13 +104,16 @@ class EvalPlan:
     plots: bool = False
 
 
-def with_progress(loader: BatchLoader, total: int, desc: str,
-                  show: bool = True) -> Iterator[dict[str, Any]]:
-    """Yield the loader's batches while a tqdm bar counts images."""
+def with_progress(loader: BatchLoader, total: int, desc: str, show: bool = True,
+                  note: Callable[[], dict[str, float]] | None = None) -> Iterator[dict[str, Any]]:
+    """Yield the loader's batches while a tqdm bar counts images; ``note`` gives figures (a
+    trained method's loss) to show after each batch."""
     with tqdm(total=total, desc=desc, unit="img", file=sys.stderr, leave=False,
               disable=not show) as bar:
         for batch in loader:
             yield batch
+            if note is not None:
+                bar.set_postfix({name: f"{value:.4g}" for name, value in note().items()}, refresh=False)
             bar.update(len(batch["paths"]))
 
 
@@ -176,13 +180,19 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
     for epoch in range(first_epoch, model.epochs):
         order = shard[model.epoch_order(len(shard), epoch)][done:].tolist()
         desc = f"fit {category}" if model.epochs == 1 else f"fit {category} epoch {epoch + 1}"
-        for batch in with_progress(plan.data.loader(samples, order), len(order), desc, world.is_main):
-            model.partial_fit(batch["images"], batch["paths"])
-            if plan.save_every and model.n_train - saved >= plan.save_every:
-                model.save(str(plan.fit_state(category)), extra={"train_images_sha256": digest})
-                saved = model.n_train
+        with closing(with_progress(plan.data.loader(samples, order), len(order), desc, world.is_main,
+                                   model.progress)) as batches:
+            for batch in batches:
+                model.partial_fit(batch["images"], batch["paths"])
+                if plan.save_every and model.n_train - saved >= plan.save_every:
+                    model.save(str(plan.fit_state(category)), extra={"train_images_sha256": digest})
+                    saved = model.n_train
+                if model.fit_done():
+                    break
         model.end_epoch()
         done = 0
+        if model.fit_done():
+            break
     if world.size > 1:
         model.reduce_across(Collective(world))
     if not world.is_main:

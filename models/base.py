@@ -285,6 +285,14 @@ class AnomalyModel(ABC):
     def end_epoch(self) -> None:  # noqa: B027  (a hook: nothing to do for a statistics method)
         """Called after each pass over the training images (a trained method steps its schedule)."""
 
+    def fit_done(self) -> bool:
+        """True once a budget of optimizer steps is spent: the fit stops, even mid-epoch."""
+        return False
+
+    def progress(self) -> dict[str, float]:
+        """Figures the fit's progress bar shows after each batch (a trained method: its loss)."""
+        return {}
+
     def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
         """Fit on image batches (arrays or loader dicts), then finalise.
 
@@ -295,7 +303,11 @@ class AnomalyModel(ABC):
             for batch in batches:
                 images, paths = unpack_batch(batch)
                 self.partial_fit(images, paths)
+                if self.fit_done():
+                    break
             self.end_epoch()
+            if self.fit_done():
+                break
         self.finalize()
         return self
 

@@ -14,7 +14,7 @@ import pytest
 from core.runtime import Runtime
 from datasets import Preprocess, list_samples
 from engine.workflow import DataPlan, FitPlan, train_category
-from models import METHODS, load_model, model_config
+from models import METHODS, build_model, load_model, model_config
 from models.checkpoint import read_npz
 
 TESTS = Path(__file__).resolve().parent
@@ -146,3 +146,25 @@ def test_resume_without_the_optimizer_state_would_differ(toy_registered, demo_ro
         np.testing.assert_allclose(value.numpy(), final[name].numpy(), rtol=1e-5, atol=1e-6)
     assert max(np.abs(value.numpy() - final[name].numpy()).max()
                for name, value in fresh.network.state_dict().items()) > 1e-4
+
+
+def test_a_step_budget_stops_the_fit_mid_epoch(demo_root, tmp_path):
+    """--steps 5 with 4 steps per epoch: the fit stops after the first step of epoch 2, and
+    the progress lines say how far it got."""
+    proc = train(demo_root, tmp_path, "--steps", 5)
+    assert proc.returncode == 0, proc.stderr
+    meta, arrays = read_npz(str(tmp_path / "toyae_resnet18_small" / "tiles.npz"))
+    losses = arrays["train_losses"]
+    assert losses.shape == (5,) and int(arrays["n_train"]) == 5 * BATCH
+    assert f"tiles: epoch 1, step 4/5, mean loss {losses[:4].mean():.6f}" in proc.stderr
+    assert f"tiles: epoch 2, step 5/5, mean loss {losses[4]:.6f}" in proc.stderr
+    assert "epoch 3" not in proc.stderr
+
+
+def test_progress_shows_the_last_step_figures(toy_registered, demo_root):
+    config = model_config("toyae", epochs=1, pretrained="none", image_size=64, resize=64)
+    model = build_model(config)
+    assert model.progress() == {}
+    images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    model.partial_fit(images)
+    assert model.progress() == {"loss": model.losses[-1]}

@@ -15,7 +15,7 @@ import paddle
 from paddle import nn
 
 from core.errors import ConfigError
-from core.script import positive_float, positive_int
+from core.script import int_at_least, positive_float, positive_int
 from models import register_method
 from models.base import option
 from models.components.layers import AnomalyMapHead
@@ -33,6 +33,7 @@ class ToyOptions(TrainingOptions):
     epochs: int = option(2, "passes over the training images", positive_int)
     lr: float = option(0.01, "learning rate of the first epoch (halved every epoch)", positive_float)
     variant: str = option("small", "bottleneck: small (4 channels) or wide (16)")
+    steps: int = option(0, "stop after this many optimizer steps (0: run --epochs)", int_at_least(0))
 
     def check(self) -> None:
         super().check()
@@ -62,6 +63,10 @@ class ToyAutoencoder(TrainedModel):
     method = "toyae"
     layers = ("layer1",)
     Options = ToyOptions
+
+    @property
+    def max_steps(self) -> int | None:
+        return self.options.steps or None
 
     def build_network(self) -> nn.Layer:
         channels, width = self.trunk.channels[0], WIDTHS[self.options.variant]

@@ -91,6 +91,8 @@ class TrainedModel(AnomalyModel):
 
     Options = TrainingOptions
     schedule_per: ClassVar[str] = "epoch"
+    progress_names: ClassVar[tuple[str, ...]] = ("loss",)
+    """What :meth:`step` returns besides the loss is shown on the progress bar under these names."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -107,6 +109,8 @@ class TrainedModel(AnomalyModel):
         """The loss of every step so far."""
         self.epoch_start = 0
         """Index in :attr:`losses` of the current epoch's first step."""
+        self.last_figures: list[float] = []
+        """The last step's loss and further figures (see :attr:`progress_names`)."""
 
     # -- method hooks ------------------------------------------------------------------------
     @abstractmethod
@@ -114,8 +118,9 @@ class TrainedModel(AnomalyModel):
         """The trainable network (its initial weights are drawn from ``config.seed``)."""
 
     @abstractmethod
-    def loss(self, images: paddle.Tensor) -> paddle.Tensor:
-        """Scalar training loss of a batch of normal images (B, 3, S, S)."""
+    def loss(self, images: paddle.Tensor) -> paddle.Tensor | tuple[paddle.Tensor, ...]:
+        """Scalar training loss of a batch of normal images (B, 3, S, S); or a tuple of the loss
+        and further scalars to show on the progress bar (named by :attr:`progress_names`)."""
 
     def make_optimizer(self) -> tuple[paddle.optimizer.Optimizer, paddle.optimizer.lr.LRScheduler | None]:
         """The optimizer of :attr:`network` and its schedule (None: constant ``--lr``); Adam here."""
@@ -126,8 +131,22 @@ class TrainedModel(AnomalyModel):
 
     # -- the fit's course --------------------------------------------------------------------
     @property
+    def max_steps(self) -> int | None:
+        """A budget of optimizer steps (the fit stops when it is spent, even mid-epoch), or None:
+        the fit runs ``--epochs`` passes over the training images."""
+        return None
+
+    @property
     def epochs(self) -> int:
-        return self.options.epochs
+        return self.options.epochs if self.max_steps is None else sys.maxsize
+
+    def fit_done(self) -> bool:
+        return self.max_steps is not None and len(self.losses) >= self.max_steps
+
+    def progress(self) -> dict[str, float]:
+        if not self.last_figures:
+            return {}
+        return dict(zip(self.progress_names, self.last_figures, strict=True))
 
     def fit_position(self) -> tuple[int, int]:
         return self.epoch, self.position
@@ -142,7 +161,8 @@ class TrainedModel(AnomalyModel):
         self.check_finite(images, paths, "pixel values")
         self.trunk.eval()  # the pretrained trunk is frozen: batch norm keeps its statistics
         self.network.train()
-        loss = self.loss(paddle.to_tensor(images))
+        figures = self.loss(paddle.to_tensor(images))
+        loss, *others = figures if isinstance(figures, tuple) else (figures,)
         value = float(loss.numpy())
         if not np.isfinite(value):
             raise InputError(f"--method {self.method}: the training loss became {value} at step "
@@ -153,6 +173,7 @@ class TrainedModel(AnomalyModel):
         if self.schedule is not None and self.schedule_per == "step":
             self.schedule.step()
         self.losses.append(value)
+        self.last_figures = [value, *(float(other.numpy()) for other in others)]
         self.position += len(images)
         self.n_train += len(images)
 
@@ -161,8 +182,10 @@ class TrainedModel(AnomalyModel):
             self.schedule.step()
         recent = self.losses[self.epoch_start:]
         if recent:
-            print(f"{self.category or self.method}: epoch {self.epoch + 1}/{self.epochs}, "
-                  f"mean loss {np.mean(recent):.6f}", file=sys.stderr)
+            done = (f"epoch {self.epoch + 1}/{self.epochs}" if self.max_steps is None
+                    else f"epoch {self.epoch + 1}, step {len(self.losses)}/{self.max_steps}")
+            print(f"{self.category or self.method}: {done}, mean loss {np.mean(recent):.6f}",
+                  file=sys.stderr)
         self.epoch += 1
         self.position = 0
         self.epoch_start = len(self.losses)
