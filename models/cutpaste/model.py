@@ -20,6 +20,7 @@ map is blurred with a Gaussian of sigma ``sigma``; the image score is the map's 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
@@ -189,7 +190,11 @@ class CutPasteModel(TrainedModel):
         return CutPasteNet(self.trunk, self.options.head_layer, CLASSES[self.options.variant])
 
     def make_optimizer(self) -> tuple[paddle.optimizer.Optimizer, paddle.optimizer.lr.LRScheduler]:
-        schedule = paddle.optimizer.lr.CosineAnnealingDecay(self.options.lr, T_max=self.options.epochs)
+        # lr (1 + cos(pi t / T)) / 2 at step t of T, the closed form the re-implementation's
+        # CosineAnnealingWarmRestarts(T_0=T) gives (Paddle's CosineAnnealingDecay is recursive and drifts)
+        steps = self.options.epochs
+        schedule = paddle.optimizer.lr.LambdaDecay(self.options.lr,
+                                                   lambda t: (1 + math.cos(math.pi * t / steps)) / 2)
         optimizer = paddle.optimizer.Momentum(schedule, momentum=0.9, parameters=self.network.parameters(),
                                               weight_decay=3e-5)
         return optimizer, schedule
