@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_methods import peak_rss_mb, spread  # noqa: E402
+from bench.bench_methods import peak_rss_mb, spawn, spread  # noqa: E402
 from bench.report import machine, update_section  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples  # noqa: E402
 from engine.evaluate import metrics, score_batches  # noqa: E402
@@ -86,16 +85,6 @@ def measure(spec: dict) -> dict:
             **{key: row[key] for key in ("image_auroc", "pixel_auroc", "pro")}}
 
 
-def spawn(spec: dict) -> dict:
-    """:func:`measure` in a new process (its own peak RSS)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--run", json.dumps(spec)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith('{"label"')]
-    if out.returncode != 0 or not lines:
-        raise SystemExit(f"run failed: {' '.join(cmd)}\n{out.stdout}\n{out.stderr}")
-    return json.loads(lines[-1])
-
-
 def figure(value: float | None, digits: int = 4) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
@@ -144,7 +133,7 @@ def main() -> None:
                      "label": f"3way, patch {args.patch_size} px, stride {args.patch_stride}"})
     results = []
     for spec in runs:
-        results.append(spawn(spec))
+        results.append(spawn(spec, __file__, "label"))
         print(f"{spec['label']}: {results[-1]}", file=sys.stderr)
     command = " ".join(["python bench/bench_cutpaste.py", *map(shlex.quote, sys.argv[1:])])
     first = results[-1]

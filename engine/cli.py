@@ -186,8 +186,9 @@ def checkpoint_folder(model_path: str | None, save_path: str | None,
     """``model_path`` (a folder or a .npz) or train.py's SAVE_PATH/<method>_<arch>_<k>."""
     if model_path:
         return Path(model_path)
-    options = {name: getattr(args, name, None) for name in method_option_fields()}  # --k, --variant ...
-    config = model_config(args.method or "ortho", strict=False, **{**options, "arch": args.arch or "resnet18"})
+    fields = {name: getattr(args, name, None) for name in method_option_fields()}  # --k, --variant ...
+    fields["arch"] = args.arch or "resnet18"
+    config = model_config(args.method or "ortho", strict=False, **fields)
     return Path(save_path or DEFAULT_SAVE_PATH) / config.run_name
 
 
