@@ -213,6 +213,24 @@ def test_resume_equals_an_uninterrupted_run(demo_root, tmp_path, monkeypatch):
     for name in weights:
         np.testing.assert_allclose(b[name], a[name], rtol=1e-5, atol=1e-5, err_msg=name)
     np.testing.assert_allclose(b["train_losses"], a["train_losses"], rtol=1e-5)
+    # eval.py finds the run by its --variant: SAVE_PATH/cutpaste_resnet18_union/
+    proc = script("eval.py", "--method", "cutpaste", "--variant", "union", "--save_path", tmp_path / "whole",
+                  "--data_path", demo_root, "--category", "tiles", "--num_workers", 0)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "whole" / "cutpaste_resnet18_union" / "results.csv").is_file()
+
+
+def test_pretrained_weights_file_reaches_layer4(tmp_path):
+    """--pretrained PATH: a state dict saved the way Paddle users save one sets the whole trained
+    trunk, layer4 included (paddle.vision names)."""
+    network = paddle.vision.models.resnet18()
+    path = str(tmp_path / "r18.pdparams")
+    paddle.save(network.state_dict(), path)
+    model = build_model(model_config("cutpaste", pretrained=path, image_size=SIZE, resize=SIZE),
+                        Runtime(engine="dynamic"))
+    np.testing.assert_array_equal(model.trunk.stages[3][1].conv2.weight.numpy(),
+                                  network.layer4[1].conv2.weight.numpy())
+    np.testing.assert_array_equal(model.network.trunk.stem[0].weight.numpy(), network.conv1.weight.numpy())
 
 
 def test_the_re_implementations_commands(demo_root, tmp_path):
