@@ -10,7 +10,8 @@ the cosine schedule. Each variant (normal, scar, 3way, union) and the patch-leve
 steps measure the step time, the schedule is set to the number of steps that fit in
 ``--minutes``, the network trains that many steps, the Gaussian is fitted on the training images'
 embeddings (``--calib_images``, 0 = all) and the test split (``--test_images``, 0 = all) is
-scored. The same network untrained (random weights, the same density) is the baseline. Figures:
+scored. The same network untrained (random weights, the same density; image-level and patch-level)
+is the baseline. Figures:
 image AUROC (pixel AUROC and PRO for the patch-level model), steps, steps/s, peak RSS; printed,
 and with ``--write`` put into docs/benchmarks.md with the command.
 """
@@ -77,7 +78,8 @@ def measure(spec: dict) -> dict:
     row = metrics(score_batches(model, BatchLoader(test, spec["batch_size"], 2)), CATEGORY,
                   bool(spec["patch_size"]), "trapezoid")
     losses = model.losses
-    return {"label": spec["label"], "steps": steps, "train_seconds": seconds,
+    return {"label": spec["label"], "patch_size": spec["patch_size"], "steps": steps,
+            "train_seconds": seconds,
             "steps_per_second": steps / seconds if seconds else None, "train_peak_rss_mb": train_rss,
             "density_seconds": density_seconds, "peak_rss_mb": peak_rss_mb(),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
@@ -93,7 +95,7 @@ def table(results: list[dict]) -> list[str]:
     lines = ["| model | steps | steps/s | first / last loss | image AUROC | pixel AUROC | PRO | "
              "peak RSS MB (training / all) |", "|---|---|---|---|---|---|---|---|"]
     for r in results:
-        patch = r["label"].startswith("3way, patch")
+        patch = bool(r["patch_size"])
         lines.append(
             f"| {r['label']} | {r['steps']} | {figure(r['steps_per_second'], 3)} | "
             f"{figure(r['first_loss'], 3)} / {figure(r['last_loss'], 3)} | {r['image_auroc']:.4f} | "
@@ -128,9 +130,10 @@ def main() -> None:
     runs += [{**base, "variant": v, "patch_size": 0, "patch_stride": 1, "label": v}
              for v in args.variants.split(",")]
     if args.patch_size:
-        runs.append({**base, "variant": "3way", "patch_size": args.patch_size,
-                     "patch_stride": args.patch_stride,
-                     "label": f"3way, patch {args.patch_size} px, stride {args.patch_stride}"})
+        patch = {"patch_size": args.patch_size, "patch_stride": args.patch_stride}
+        where = f"patch {args.patch_size} px, stride {args.patch_stride}"
+        runs += [{**base, **patch, "variant": "untrained", "label": f"untrained, {where}, same density"},
+                 {**base, **patch, "variant": "3way", "label": f"3way, {where}"}]
     results = []
     for spec in runs:
         results.append(spawn(spec, __file__, "label"))
