@@ -200,6 +200,18 @@ def test_missing_defects_config_and_unknown_grey_value(tmp_path):
         read_defect(tmp_path / "001.png", config)
 
 
+@pytest.mark.bad_input
+def test_mask_folder_without_masks_or_of_mixed_sizes(tmp_path):
+    folder = tmp_path / "000"
+    folder.mkdir()
+    with pytest.raises(InputError, match="000: mask folder holds no .png masks; put the image's"):
+        read_mask(folder)
+    Image.fromarray(np.full((4, 6), 255, np.uint8)).save(folder / "000.png")
+    Image.fromarray(np.full((4, 5), 255, np.uint8)).save(folder / "001.png")
+    with pytest.raises(InputError, match="001.png: mask is 5x4 but 000.png beside it is 6x4; give every"):
+        read_mask(folder)
+
+
 # --------------------------------------------------------------------------- the generated set
 
 
