@@ -28,14 +28,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from core.errors import ConfigError, ToolkitError
+from core.errors import ConfigError
+from core.script import run_main
 from datasets.mvtec import build_atomically
 from datasets.mvtec_loco import CONFIG_NAME
 from datasets.synthetic import seeded_rng, smooth_noise
@@ -209,7 +209,7 @@ def _generate(dst: str | Path, n_train: int, n_validation: int, n_test_good: int
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit status."""
+    """CLI entry point; returns the exit status (a ToolkitError is left to core.script.run_main)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dst", required=True, help="dataset root to write, e.g. data/loco")
     parser.add_argument("--n_train", type=int, default=40)
@@ -220,12 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=96, help="image height; the width is 5/4 of it")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    try:
-        dst, built = _generate(args.dst, args.n_train, args.n_validation, args.n_test_good,
-                               args.n_logical, args.n_structural, args.size, args.seed)
-    except ToolkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    dst, built = _generate(args.dst, args.n_train, args.n_validation, args.n_test_good,
+                           args.n_logical, args.n_structural, args.size, args.seed)
     if not built:
         print(f"{dst}: synthetic LOCO dataset with these parameters already there; nothing to do")
         return 0
@@ -236,4 +232,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)
