@@ -28,7 +28,6 @@ import numpy as np
 from core.errors import InputError
 from datasets.image import Preprocess, read_mask_values
 
-LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
 ANOMALY_TYPES = ("logical_anomalies", "structural_anomalies")
 CONFIG_NAME = "defects_config.json"
 _FIELDS = {"defect_name": str, "pixel_value": int, "saturation_threshold": float,
