@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import screenshot_dir
 from PIL import Image
 
 from core.errors import InputError
@@ -32,7 +33,6 @@ from deploy.visualize import heat_overlay
 from models import build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "screenshots" / "app.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 K = 32
@@ -168,9 +168,9 @@ def test_app_in_chromium(browser, app_root, tmp_path):
         assert displayed.shape == heat.shape
         assert np.abs(displayed.astype(int) - heat.astype(int)).max() <= 2
 
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOT))
-        assert SCREENSHOT.stat().st_size > 10_000
+        screenshot = screenshot_dir(tmp_path) / "app.png"
+        browser.save_screenshot(str(screenshot))
+        assert screenshot.stat().st_size > 10_000
 
         browser.find_element(By.ID, "export").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#download a[href]"))
@@ -191,3 +191,12 @@ def test_app_in_chromium(browser, app_root, tmp_path):
             proc.wait()
         log.close()
         print((tmp_path / "app.log").read_text()[-3000:])
+
+
+def test_screenshots_stay_out_of_the_source_tree(tmp_path, monkeypatch):
+    monkeypatch.delenv("ORTHOAD_SCREENSHOTS", raising=False)
+    assert screenshot_dir(tmp_path) == tmp_path
+    monkeypatch.setenv("ORTHOAD_SCREENSHOTS", "0")
+    assert screenshot_dir(tmp_path) == tmp_path
+    monkeypatch.setenv("ORTHOAD_SCREENSHOTS", "1")
+    assert screenshot_dir(tmp_path) == ROOT / "docs" / "screenshots"
