@@ -26,6 +26,7 @@ from helpers import screenshot_dir
 from PIL import Image
 
 from core.errors import InputError
+from core.runtime import Runtime
 from core.scores import normalized_score
 from datasets import AnomalyDataset, BatchLoader, Preprocess, denormalize, list_samples, read_image
 from datasets.synthetic import generate
@@ -200,3 +201,46 @@ def test_screenshots_stay_out_of_the_source_tree(tmp_path, monkeypatch):
     assert screenshot_dir(tmp_path) == tmp_path
     monkeypatch.setenv("ORTHOAD_SCREENSHOTS", "1")
     assert screenshot_dir(tmp_path) == ROOT / "docs" / "screenshots"
+
+
+def test_fit_runs_a_trained_method_like_train_py_and_reports_its_progress(toy_registered, demo_root):
+    """The toy trained method (tests/toy_method.py) through the app's fit: every epoch, in the
+    workflow's order (the same losses as engine.workflow.fit_category, train.py's path), progress
+    over all epochs with the epoch and the last loss in its note."""
+    from engine.workflow import DataPlan, FitPlan, fit_category
+
+    toolkit = pytest.importorskip("app.toolkit")
+    options = {"epochs": 2, "lr": 0.01}
+    settings = toolkit.FitSettings(method="toyae", image_size=64, pretrained="none", batch_size=4,
+                                   options=options)
+    calls = []
+    model = toolkit.fit(toolkit.train_samples(demo_root, "tiles"), settings,
+                        lambda *call: calls.append(call), category="tiles")
+    assert [(done, total) for done, total, _ in calls] == [(0, 16), (4, 16), (8, 16), (12, 16), (16, 16)]
+    assert calls[0][2] == ""
+    assert calls[1][2] == f"epoch 1, loss {model.losses[0]:.4g}"
+    assert calls[4][2] == f"epoch 2, loss {model.losses[3]:.4g}"
+    assert len(model.losses) == 4 and model.fitted and model.threshold is not None
+
+    config = model_config("toyae", image_size=64, resize=64, pretrained="none", **options)
+    plan = FitPlan(DataPlan(demo_root, Preprocess(64), batch_size=4, num_workers=0), config)
+    reference = fit_category(plan, "tiles", Runtime(engine="dynamic"))
+    np.testing.assert_allclose(model.losses, reference.losses, rtol=1e-6)
+    assert model.threshold == pytest.approx(reference.threshold, rel=1e-5)
+
+
+def test_fit_stops_when_a_step_budget_is_spent(toy_registered, demo_root):
+    """--steps 3 with 2 steps per epoch (8 images, batches of 4): one epoch and one step, 12 images."""
+    toolkit = pytest.importorskip("app.toolkit")
+    settings = toolkit.FitSettings(method="toyae", image_size=64, pretrained="none", batch_size=4,
+                                   options={"steps": 3})
+    calls = []
+
+    def progress(done: int, total: int, note: str) -> None:
+        calls.append((done, total))
+        if len(calls) > 10:
+            raise AssertionError(f"the fit went on past its step budget: {calls}")
+
+    model = toolkit.fit(toolkit.train_samples(demo_root, "tiles"), settings, progress, category="tiles")
+    assert calls == [(0, 12), (4, 12), (8, 12), (12, 12)]
+    assert len(model.losses) == 3 and model.n_train == 12 and model.fitted

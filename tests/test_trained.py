@@ -14,7 +14,7 @@ import pytest
 from core.runtime import Runtime
 from datasets import Preprocess, list_samples
 from engine.workflow import DataPlan, FitPlan, train_category
-from models import METHODS, build_model, load_model, model_config
+from models import build_model, load_model, model_config
 from models.checkpoint import read_npz
 
 TESTS = Path(__file__).resolve().parent
@@ -41,18 +41,6 @@ def uninterrupted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     proc = train(demo_root, out)
     assert proc.returncode == 0, proc.stderr
     return out / "toyae_resnet18_small" / "tiles.npz", proc.stderr
-
-
-@pytest.fixture
-def toy_registered():
-    """The toy method registered in this process too (removed again afterwards)."""
-    sys.path.insert(0, str(TESTS))
-    import toy_method
-
-    METHODS.setdefault("toyae", toy_method.ToyAutoencoder)
-    yield toy_method.ToyAutoencoder
-    METHODS.pop("toyae")
-    sys.path.remove(str(TESTS))
 
 
 def test_train_py_trains_the_plugin_method_and_the_loss_goes_down(uninterrupted):
