@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import CheckpointError
 from core.runtime import Runtime
 from datasets import Preprocess, list_samples
 from engine.workflow import DataPlan, FitPlan, train_category
 from models import build_model, load_model, model_config
-from models.checkpoint import read_npz
+from models.checkpoint import read_npz, write_npz
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -156,3 +157,32 @@ def test_progress_shows_the_last_step_figures(toy_registered, demo_root):
     images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     model.partial_fit(images)
     assert model.progress() == {"loss": model.losses[-1]}
+
+
+@pytest.mark.bad_input
+def test_a_changed_fit_state_names_the_array_at_load(toy_registered, tmp_path):
+    """Network weights or optimizer moments that are not finite, of another shape or another type
+    are refused at load with the array's name, before a step can use them."""
+    config = model_config("toyae", epochs=1, pretrained="none", image_size=64, resize=64)
+    model = build_model(config)
+    model.partial_fit(np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
+    model.save(str(tmp_path / "state.npz"))
+    meta, arrays = read_npz(str(tmp_path / "state.npz"))
+    moment = "opt.0.weight:moment1_0"
+    changes = {
+        "net.0.weight": (np.full_like(arrays["net.0.weight"], np.nan),
+                         "network weight 0.weight is not all finite floats"),
+        moment: (np.zeros(3, np.float32),
+                 f"optimizer state {moment} has shape (3,), its parameter (4, 64, 1, 1)"),
+        "opt.2.bias:moment2_0": (np.full_like(arrays["opt.2.bias:moment2_0"], np.inf),
+                                 "optimizer state opt.2.bias:moment2_0 is not all finite floats"),
+        "opt.9.weight:moment1_0": (arrays[moment], "optimizer state opt.9.weight:moment1_0 belongs to no"),
+    }
+    for name, (value, message) in changes.items():
+        path = tmp_path / f"changed-{len(message)}.npz"
+        write_npz(str(path), meta, {**arrays, name: value})
+        with pytest.raises(CheckpointError) as info:
+            load_model(str(path))
+        assert str(info.value).startswith(f"{path}: checkpoint is incomplete ("), info.value
+        assert message in str(info.value) and str(info.value).endswith("train it again")
+    assert load_model(str(tmp_path / "state.npz")).losses == model.losses
