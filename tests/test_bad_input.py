@@ -247,6 +247,7 @@ def test_tampered_checkpoint_is_one_line(method: str, tmp_path: Path, images_dir
         "float size": ({}, {"image_size": 1e9}, "metadata field image_size is 1000000000.0"),
         "huge size": ({}, {"image_size": 10**9, "resize": 10**9}, "image_size=1000000000"),
         "threshold": ({}, {"threshold": "high"}, "metadata field threshold"),
+        "sigma": ({}, {"sigma": -4.0}, "metadata sigma=-4.0: the blur needs a finite number > 0"),
         "arch": ({}, {"arch": ["resnet18"]}, "metadata field arch"),
         "meta list": ({"__meta__": np.array("[1, 2]")}, {}, "metadata is not a JSON object"),
         "trunk dtype": ({"backbone.stem.0.weight": np.zeros((64, 3, 7, 7), np.int32)}, {},
