@@ -3,6 +3,7 @@ method (tests/toy_method.py: a 1x1-conv autoencoder, Adam, learning rate halved 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -186,3 +187,29 @@ def test_a_changed_fit_state_names_the_array_at_load(toy_registered, tmp_path):
         assert str(info.value).startswith(f"{path}: checkpoint is incomplete ("), info.value
         assert message in str(info.value) and str(info.value).endswith("train it again")
     assert load_model(str(tmp_path / "state.npz")).losses == model.losses
+
+
+def test_a_fit_state_saved_at_the_step_budget_resumes_without_another_step(toy_registered, demo_root,
+                                                                            tmp_path, monkeypatch):
+    """--steps 3 with a fit state after every step, interrupted while calibrating: the fit state
+    holds all 3 steps, and --resume finishes it without a 4th step (the same weights as a fit
+    that was not interrupted)."""
+    data = DataPlan(demo_root, Preprocess(64), batch_size=BATCH, num_workers=0)
+    config = model_config("toyae", steps=3, pretrained="none", image_size=64, resize=64)
+    whole = train_category(FitPlan(data, config, tmp_path / "whole"), "tiles", Runtime(engine="dynamic"))
+    plan = FitPlan(data, config, tmp_path / "cut", save_every=BATCH)
+
+    def killed(self, batches):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy_registered, "calibrate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_category(plan, "tiles", Runtime(engine="dynamic"))
+    _, state = read_npz(str(plan.fit_state("tiles")))
+    assert len(state["train_losses"]) == 3
+    monkeypatch.undo()
+    resumed = train_category(dataclasses.replace(plan, resume=True), "tiles", Runtime(engine="dynamic"))
+    assert resumed.losses == whole.losses and len(resumed.losses) == 3
+    final = whole.network.state_dict()
+    for name, value in resumed.network.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), final[name].numpy(), rtol=1e-6, err_msg=name)
