@@ -184,12 +184,12 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
         with closing(with_progress(plan.data.loader(samples, order), len(order), desc, world.is_main,
                                    model.progress)) as batches:
             for batch in batches:
+                if model.fit_done():  # checked first: a fit state may be saved at the budget's last step
+                    break
                 model.partial_fit(batch["images"], batch["paths"])
                 if plan.save_every and model.n_train - saved >= plan.save_every:
                     model.save(str(plan.fit_state(category)), extra={"train_images_sha256": digest})
                     saved = model.n_train
-                if model.fit_done():
-                    break
         model.end_epoch()
         done = 0
         if model.fit_done():
