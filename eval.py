@@ -40,6 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="root as in train.py: checkpoints are read from, and results.csv/md and "
                              "pictures written to, SAVE_PATH/<method>_<arch>_<k> (default ./output; "
                              "with --model_path, results go beside the checkpoints)")
+    parser.add_argument("--model_dir", dest="save_path", default=argparse.SUPPRESS,
+                        help="the CutPaste PyTorch re-implementation's name for --save_path")
+    parser.add_argument("--density", choices=("torch", "sklearn"), default=None,
+                        help="the CutPaste re-implementation's choice of density code: accepted; both "
+                             "are the Gaussian with Ledoit-Wolf shrinkage this toolkit fits (equal to "
+                             "scikit-learn's LedoitWolf)")
     add_eval_args(parser)
     # Read from the checkpoint; given ones are checked (the folder lookup uses train.py's defaults).
     parser.set_defaults(method=None, arch=None, resize=None)

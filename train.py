@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = script_parser(__doc__.splitlines()[0])
     parser.add_argument("--save_path", default="./output",
                         help="checkpoints go to SAVE_PATH/<method>_<arch>_<k>/ (default ./output)")
+    parser.add_argument("--model_dir", dest="save_path", default=argparse.SUPPRESS,
+                        help="the CutPaste PyTorch re-implementation's name for --save_path")
     parser.add_argument("--calib_images", type=non_negative_int, default=200,
                         help="training images scored to set the default threshold (0 = all)")
     parser.add_argument("--save_every", type=non_negative_int, default=0,

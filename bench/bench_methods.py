@@ -92,11 +92,12 @@ def measure(spec: dict) -> dict:
     }
 
 
-def spawn(spec: dict) -> dict:
-    """:func:`measure` in a new process (its own peak RSS)."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--run", json.dumps(spec)]
+def spawn(spec: dict, script: str = __file__, first_key: str = "method") -> dict:
+    """``script --run SPEC`` (its :func:`measure`) in a new process (its own peak RSS); the result
+    is the last stdout line holding a JSON object that starts with ``first_key``."""
+    cmd = [sys.executable, str(Path(script).resolve()), "--run", json.dumps(spec)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    lines = [line for line in out.stdout.splitlines() if line.startswith('{"method"')]
+    lines = [line for line in out.stdout.splitlines() if line.startswith(f'{{"{first_key}"')]
     if out.returncode != 0 or not lines:
         raise SystemExit(f"run failed: {' '.join(cmd)}\n{out.stdout}\n{out.stderr}")
     return json.loads(lines[-1])

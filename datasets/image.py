@@ -14,9 +14,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from core.errors import ConfigError, InputError
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")

@@ -48,7 +48,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--resize", type=image_side, default=256, help="square resize side (default 256)")
     group.add_argument("--crop_size", type=image_side, default=None,
                        help="centre crop side, the network input (default: = resize)")
-    group.add_argument("--batch_size", type=positive_int, default=32, help="images per batch (default 32)")
+    group.add_argument("--batch_size", type=positive_int, default=32,
+                       help="images per batch (default 32); a trained method's step reads one batch "
+                            "(cutpaste: images read, before augmentation into 2 or 3 samples each)")
     group.add_argument("--num_workers", type=non_negative_int, default=2,
                        help="image-loading threads, 0 = load in the main thread (default 2)")
 
@@ -186,7 +188,9 @@ def checkpoint_folder(model_path: str | None, save_path: str | None,
     """``model_path`` (a folder or a .npz) or train.py's SAVE_PATH/<method>_<arch>_<k>."""
     if model_path:
         return Path(model_path)
-    config = model_config(args.method or "ortho", strict=False, arch=args.arch or "resnet18", k=args.k)
+    fields = {name: getattr(args, name, None) for name in method_option_fields()}  # --k, --variant ...
+    fields["arch"] = args.arch or "resnet18"
+    config = model_config(args.method or "ortho", strict=False, **fields)
     return Path(save_path or DEFAULT_SAVE_PATH) / config.run_name
 
 

@@ -57,14 +57,15 @@ def images(count: int, seed: int = 0) -> np.ndarray:
 
 
 def fitted(method: str, calibrate: bool = True) -> object:
-    """A small fitted model of ``method`` (k 8 where it has one), calibrated unless told not to."""
+    """A small fitted model of ``method`` (k 8 where it has one; 2 steps of a trained method),
+    calibrated on 4 images unless told not to."""
     config = model_config(method, strict=False, k=8, image_size=SIZE, resize=SIZE, pretrained="none",
-                         coreset_ratio=0.5)
+                         coreset_ratio=0.5, epochs=2)
     model = build_model(config, Runtime(engine="dynamic"))
     model.category = "tiles"
     model.fit([images(4, 1), images(4, 2)])
     if calibrate:
-        model.calibrate([images(2, 3)])
+        model.calibrate([images(4, 3)])
     return model
 
 
@@ -227,7 +228,8 @@ def rewrite(path: Path, out: Path, arrays: dict | None = None, meta: dict | None
     return out
 
 
-MAIN_ARRAY = {"ortho": "mean", "padim": "inv_cov", "spade": "gallery_layer2", "patchcore": "bank"}
+MAIN_ARRAY = {"ortho": "mean", "padim": "inv_cov", "spade": "gallery_layer2", "patchcore": "bank",
+              "cutpaste": "density_precision"}
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIPC = ROOT / "test_tipc"
 COMMON = TIPC / "common_func.sh"
 MODES = ("lite_train_lite_infer", "lite_train_whole_infer", "whole_infer", "whole_train_whole_infer")
-METHOD_OF = {"OrthoAD": "ortho", "PaDiM": "padim", "SPADE": "spade", "PatchCore": "patchcore"}
+METHOD_OF = {"OrthoAD": "ortho", "PaDiM": "padim", "SPADE": "spade", "PatchCore": "patchcore",
+             "CutPaste": "cutpaste"}
 CONFIGS = {name: (method, TIPC / "configs" / name / "train_infer_python.txt")
            for name, method in METHOD_OF.items()}
 

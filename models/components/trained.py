@@ -213,8 +213,14 @@ class TrainedModel(AnomalyModel):
             specs["fit_progress"] = ArraySpec((3,), "i")
         return specs
 
+    def network_weights(self) -> dict[str, paddle.Tensor]:
+        """The network's parameters and buffers by path, without the trunk's: a network may hold
+        the trunk to train it (CutPaste), and the trunk is saved once, as the backbone."""
+        trunk = {id(tensor) for tensor in self.trunk.state_dict().values()}
+        return {name: tensor for name, tensor in self.network.state_dict().items() if id(tensor) not in trunk}
+
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = {_NET + name: value.numpy() for name, value in self.network.state_dict().items()}
+        arrays = {_NET + name: value.numpy() for name, value in self.network_weights().items()}
         arrays["n_train"] = np.array(self.n_train, dtype=np.int64)
         arrays["train_losses"] = np.array(self.losses, dtype=np.float64)
         if not self.fitted:
@@ -224,7 +230,7 @@ class TrainedModel(AnomalyModel):
 
     def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
         weights = {name[len(_NET):]: value for name, value in arrays.items() if name.startswith(_NET)}
-        for name, tensor in self.network.state_dict().items():
+        for name, tensor in self.network_weights().items():
             if name not in weights:
                 raise KeyError(f"network weight {name}")
             if tuple(weights[name].shape) != tuple(tensor.shape):
@@ -232,7 +238,8 @@ class TrainedModel(AnomalyModel):
                                  f"configuration needs {tuple(tensor.shape)}")
             if weights[name].dtype.kind != "f" or not np.isfinite(weights[name]).all():
                 raise ValueError(f"network weight {name} is not all finite floats")
-        self.network.set_state_dict({name: paddle.to_tensor(value) for name, value in weights.items()})
+        for name, tensor in self.network_weights().items():
+            tensor.set_value(weights[name])
         self.n_train = int(arrays["n_train"])
         self.losses = arrays["train_losses"].tolist()
         if fitted:

@@ -1,0 +1,165 @@
+"""CutPaste on the magnetic-tile data: each variant trained for a time budget, then evaluated.
+
+    python -m datasets.magnetic_tile --src ../shared/data/magnetic_tile --dst data/mtd
+    python bench/bench_cutpaste.py --minutes 20            # the issue's run: 20 minutes per variant
+
+resnet18 from random initialisation (seed 0), 256 px, backbone never frozen (a random backbone
+has nothing to keep), batch ``--batch_size`` images (before augmentation), SGD at lr 0.03 with
+the cosine schedule. Each variant (normal, scar, 3way, union) and the patch-level 3way model
+(``--patch_size``, ``--patch_stride``) runs in its own process (its own peak RSS): two probe
+steps measure the step time, the schedule is set to the number of steps that fit in
+``--minutes``, the network trains that many steps, the Gaussian is fitted on the training images'
+embeddings (``--calib_images``, 0 = all) and the test split (``--test_images``, 0 = all) is
+scored. The same network untrained (random weights, the same density; image-level and patch-level)
+is the baseline. Figures:
+image AUROC (pixel AUROC and PRO for the patch-level model), steps, steps/s, peak RSS; printed,
+and with ``--write`` put into docs/benchmarks.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_methods import peak_rss_mb, spawn, spread  # noqa: E402
+from bench.report import machine, update_section  # noqa: E402
+from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples  # noqa: E402
+from engine.evaluate import metrics, score_batches  # noqa: E402
+from models import Runtime, build_model, model_config  # noqa: E402
+
+CATEGORY = "magnetic_tile"
+VARIANTS = ("normal", "scar", "3way", "union")
+PROBE_STEPS = 2
+
+
+def build(spec: dict, steps: int):
+    """A cutpaste model of ``spec`` whose schedule lasts ``steps`` steps."""
+    config = model_config("cutpaste", image_size=spec["size"], resize=spec["size"], pretrained="none",
+                          seed=0, variant=spec["variant"], epochs=max(steps, 1), freeze_backbone=0,
+                          patch_size=spec["patch_size"], patch_stride=spec["patch_stride"])
+    model = build_model(config, Runtime(engine="dynamic", cpu_threads=spec["threads"]))
+    model.category = CATEGORY
+    return model
+
+
+def measure(spec: dict) -> dict:
+    """Train (or not: the baseline), fit the density, evaluate; the report as a dict."""
+    preprocess = Preprocess(spec["size"])
+    train = AnomalyDataset(list_samples(spec["data_path"], CATEGORY, "train"), preprocess)
+    loader = BatchLoader(train, spec["batch_size"], 2)
+    steps, seconds = 0, 0.0
+    if spec["variant"] != "untrained":
+        probe = build(spec, PROBE_STEPS)
+        start = time.perf_counter()
+        probe.fit(loader)
+        step_seconds = (time.perf_counter() - start) / PROBE_STEPS
+        steps = max(1, int(spec["minutes"] * 60 / step_seconds))
+        model = build(spec, steps)
+        start = time.perf_counter()
+        model.fit(loader)
+        seconds = time.perf_counter() - start
+    else:
+        model = build({**spec, "variant": "3way"}, 1)
+        model.finalize()
+    train_rss = peak_rss_mb()
+    start = time.perf_counter()
+    model.calibrate(BatchLoader(train, spec["batch_size"], 2,
+                                indices=spread(list(range(len(train))), spec["calib_images"])))
+    density_seconds = time.perf_counter() - start
+    test = AnomalyDataset(spread(list_samples(spec["data_path"], CATEGORY, "test"), spec["test_images"]),
+                          preprocess)
+    row = metrics(score_batches(model, BatchLoader(test, spec["batch_size"], 2)), CATEGORY,
+                  bool(spec["patch_size"]), "trapezoid")
+    losses = model.losses
+    return {"label": spec["label"], "patch_size": spec["patch_size"], "steps": steps,
+            "train_seconds": seconds,
+            "steps_per_second": steps / seconds if seconds else None, "train_peak_rss_mb": train_rss,
+            "density_seconds": density_seconds, "peak_rss_mb": peak_rss_mb(),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "test_images": len(test),
+            **{key: row[key] for key in ("image_auroc", "pixel_auroc", "pro")}}
+
+
+def figure(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(results: list[dict]) -> list[str]:
+    lines = ["| model | steps | steps/s | first / last loss | image AUROC | pixel AUROC | PRO | "
+             "peak RSS MB (training / all) |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        patch = bool(r["patch_size"])
+        lines.append(
+            f"| {r['label']} | {r['steps']} | {figure(r['steps_per_second'], 3)} | "
+            f"{figure(r['first_loss'], 3)} / {figure(r['last_loss'], 3)} | {r['image_auroc']:.4f} | "
+            f"{figure(r['pixel_auroc'] if patch else None)} | {figure(r['pro'] if patch else None)} | "
+            f"{r['train_peak_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data_path", default="data/mtd")
+    parser.add_argument("--minutes", type=float, default=20.0, help="training time per variant")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=32, help="images per step, before augmentation")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--patch_size", type=int, default=64, help="the patch-level 3way model (0: skip it)")
+    parser.add_argument("--patch_stride", type=int, default=32)
+    parser.add_argument("--calib_images", type=int, default=0, help="training images of the density (0: all)")
+    parser.add_argument("--test_images", type=int, default=0, help="test images scored (0: all)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--note", default="", help="said before the table (e.g. that the machine was loaded)")
+    parser.add_argument("--write", action="store_true", help="put the section into docs/benchmarks.md")
+    parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        print(json.dumps(measure(json.loads(args.run))))
+        return
+    base = {key: getattr(args, key) for key in ("data_path", "minutes", "size", "batch_size", "calib_images",
+                                                "test_images", "threads")}
+    runs = [{**base, "variant": "untrained", "patch_size": 0, "patch_stride": 1,
+             "label": "untrained (random weights), same density"}]
+    runs += [{**base, "variant": v, "patch_size": 0, "patch_stride": 1, "label": v}
+             for v in args.variants.split(",")]
+    if args.patch_size:
+        patch = {"patch_size": args.patch_size, "patch_stride": args.patch_stride}
+        where = f"patch {args.patch_size} px, stride {args.patch_stride}"
+        runs += [{**base, **patch, "variant": "untrained", "label": f"untrained, {where}, same density"},
+                 {**base, **patch, "variant": "3way", "label": f"3way, {where}"}]
+    results = []
+    for spec in runs:
+        results.append(spawn(spec, __file__, "label"))
+        print(f"{spec['label']}: {results[-1]}", file=sys.stderr)
+    command = " ".join(["python bench/bench_cutpaste.py", *map(shlex.quote, sys.argv[1:])])
+    first = results[-1]
+    lines = [
+        "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)",
+        "",
+        f"Command: `{command}` on {machine()}.",
+        *([args.note, ""] if args.note else []),
+        f"resnet18 from random initialisation (seed 0), {args.size} px, {args.batch_size} images per step "
+        f"before augmentation, backbone not frozen, SGD lr 0.03 with a cosine schedule over the steps "
+        f"that fit in {args.minutes:g} minutes (timed by {PROBE_STEPS} probe steps); eager Paddle, "
+        f"{args.threads} CPU threads. Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
+        f"{'all' if not args.calib_images else args.calib_images} training images (threshold out of fold); "
+        f"{first['test_images']} test images scored. The image-level models' maps are constant, so "
+        "their pixel metrics are not given.",
+        "",
+        *table(results),
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if args.write:
+        update_section("bench_cutpaste", report)
+
+
+if __name__ == "__main__":
+    main()
