@@ -165,6 +165,98 @@ def test_prepared_bank_reused_equals_the_per_call_search(k):
     np.testing.assert_array_equal(half.search(bank[:5], 1)[1][:, 0], np.arange(5))
 
 
+def float64_nearest(queries, bank, exclude=None):
+    """Index and distance of the nearest bank row of each query by float64 differences, lowest
+    index on ties."""
+    ref = cdist(queries.astype(np.float64), bank.astype(np.float64))
+    if exclude is not None:
+        ref[:, exclude] = np.inf
+    index = np.argmin(ref, axis=1)
+    return ref[np.arange(len(ref)), index], index
+
+
+def low_rank_rows(rng, count, dims=48, shift=5.0):
+    """Rows whose variance decays like real patch features' (most of it in a few directions)."""
+    scales = 3.0 * 0.8 ** np.arange(dims)
+    return (shift + rng.standard_normal((count, dims)) * scales).astype(np.float32)
+
+
+@pytest.mark.parametrize("head", [4, 16, 47])
+def test_head_bounds_search_equals_float64_brute_force(head):
+    """Nearest rows through the lower bounds: the float64 nearest, distances to float32
+    rounding; with rows left out, only allowed rows; and far fewer rows measured than searched."""
+    rng = np.random.default_rng(head)
+    bank = low_rank_rows(rng, 3000)
+    queries = low_rank_rows(rng, 300)
+    prepared = PreparedBank(bank, head=head)
+    dist, index = prepared.search(queries, 1, block=48 * 512)
+    ref_dist, ref_index = float64_nearest(queries, bank)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+    assert prepared.bounds.measured < 0.1 * 300 * 3000
+    exclude = rng.random(3000) < 0.5
+    dist, index = prepared.search(queries, 1, exclude)
+    ref_dist, ref_index = float64_nearest(queries, bank, exclude)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+
+
+def test_head_bounds_search_on_network_features(fitted, test_images):
+    """The patch features of a random-initialised resnet18 (PatchCore's bank and 4 images'
+    patches): the same nearest rows as float64 brute force."""
+    if fitted.method != "patchcore":
+        pytest.skip("PatchCore's patch features")
+    queries = np.concatenate([p[0].reshape(-1, fitted.dims) for _, p in fitted.extract(test_images)])
+    prepared = PreparedBank(fitted.bank, head=8)
+    dist, index = prepared.search(queries, 1)
+    ref_dist, ref_index = float64_nearest(queries, fitted.bank)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+
+
+def test_head_bounds_search_when_the_bounds_prove_nothing():
+    """Adversarial banks: the bounds' first candidate is not the nearest row, or every row is
+    as near as every other, so rows beyond the first are measured; results stay exact."""
+    rng = np.random.default_rng(7)
+    iso = rng.standard_normal((2000, 32)).astype(np.float32)  # no leading directions at all
+    queries = rng.standard_normal((64, 32)).astype(np.float32)
+    prepared = PreparedBank(iso, head=2)
+    dist, index = prepared.search(queries, 1)
+    ref_dist, ref_index = float64_nearest(queries, iso)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+    assert prepared.bounds.measured > 10 * 64  # the first candidate rarely proves itself here
+    # rows on circles about the queries' axis: a third of them tie (to float32 rounding, which the
+    # rotation decides) as each query's nearest, and all have the same leading coordinate
+    angles = np.linspace(0.0, 2 * np.pi, 600, endpoint=False)
+    circle = np.zeros((600, 6), dtype=np.float32)
+    circle[:, 0], circle[:, 1] = 4.0 * np.cos(angles), 4.0 * np.sin(angles)
+    circle[:, 2] = 10.0 * (np.arange(600) % 3)  # the direction the basis puts first
+    centre = np.array([[0.0, 0.0, 10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 20.0, 0.0, 0.0, 0.0]], np.float32)
+    prepared = PreparedBank(circle, head=1)
+    dist, index = prepared.search(centre, 1)
+    np.testing.assert_array_equal(index[:, 0] % 3, [1, 2])
+    np.testing.assert_allclose(dist[:, 0], 4.0, rtol=1e-6)
+    assert prepared.bounds.measured >= 2 * 200  # every tied row measured
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_head_bounds_search_on_tiny_and_duplicated_banks(size):
+    """Banks of one to three rows, and banks of repeated rows (exact ties: the lowest index)."""
+    rng = np.random.default_rng(size)
+    bank = rng.standard_normal((size, 5)).astype(np.float32)
+    queries = rng.standard_normal((9, 5)).astype(np.float32)
+    for rows in (bank, np.repeat(bank, 4, axis=0)):
+        dist, index = PreparedBank(rows, head=1).search(queries, 1)
+        ref_dist, ref_index = float64_nearest(queries, rows)
+        np.testing.assert_array_equal(index[:, 0], ref_index)
+        np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+    exclude = np.zeros(4 * size, dtype=bool)
+    exclude[: 4 * size - 1] = True  # one row left: every query gets it
+    _, index = PreparedBank(np.repeat(bank, 4, axis=0), head=1).search(queries, 1, exclude)
+    np.testing.assert_array_equal(index[:, 0], 4 * size - 1)
+
+
 def test_bank_models_prepare_their_bank_once_per_fit(fitted, train_images, train_names):
     model = new_model(fitted.method).fit(batches(train_images, train_names))
     list(model.calibration_scores(batches(train_images[:4], train_names[:4])))
