@@ -270,25 +270,77 @@ def test_bank_models_prepare_their_bank_once_per_fit(fitted, train_images, train
     assert len(model.prepared) == len(model.bank if model.method == "patchcore" else model.vectors)
 
 
+@pytest.mark.parametrize("head", [0, 2])
 @pytest.mark.parametrize("slice_rows", [7, 50])
-def test_bank_search_layer_equals_knn(slice_rows):
+def test_bank_search_layer_equals_knn(slice_rows, head):
     rng = np.random.default_rng(slice_rows)
     bank = (20.0 + rng.standard_normal((50, 6))).astype(np.float32)
     queries = (20.0 + rng.standard_normal((13, 6))).astype(np.float32)
-    layer = BankSearch(bank, slice_rows)
-    assert len(layer.bounds) == -(-50 // slice_rows)
+    layer = BankSearch(bank, slice_rows, head)
+    assert len(layer.bounds_at) == -(-50 // slice_rows)
     with paddle.no_grad():
-        centred = layer.center(paddle.to_tensor(queries))
-        dist, index = (t.numpy() for t in layer.nearest(centred))
-        dist_k, index_k = (t.numpy() for t in layer.smallest(centred, 4))
+        turned = layer.center(paddle.to_tensor(queries))
+        dist, index = (t.numpy() for t in layer.nearest(turned))
+        dist_k, index_k = (t.numpy() for t in layer.smallest(turned, 4))
         rows = layer.rows(paddle.to_tensor(np.arange(50))).numpy()
-    mean = bank.astype(np.float64).mean(axis=0)
-    np.testing.assert_array_equal(rows, (bank.astype(np.float64) - mean).astype(np.float32))  # bit for bit
+    np.testing.assert_array_equal(rows, PreparedBank(bank).rows)  # bit for bit
     ref_dist, ref_index = PreparedBank(bank.astype(np.float64)).search(queries.astype(np.float64), 4)
     np.testing.assert_array_equal(index, ref_index[:, 0])
     np.testing.assert_array_equal(index_k, ref_index)
     np.testing.assert_allclose(dist, ref_dist[:, 0], rtol=1e-4)
     np.testing.assert_allclose(dist_k, ref_dist, rtol=1e-4)
+
+
+class _Nearest(paddle.nn.Layer):
+    """Query rows (Q, D) -> BankSearch.nearest of them: distances (Q,) and rows (Q,)."""
+
+    def __init__(self, search):
+        super().__init__()
+        self.search = search
+
+    def forward(self, x):
+        return self.search.nearest(self.search.center(x))
+
+
+def graph_nearest(layer, queries, tmp_path, legacy=False, mkldnn=True):
+    """:class:`_Nearest` traced (PIR, or the legacy IR), run by Paddle Inference."""
+    prefix = str(tmp_path / ("legacy" if legacy else "pir"))
+    if legacy:
+        with paddle.pir_utils.DygraphOldIrGuard():
+            model_file = save_static(_Nearest(layer), [None, queries.shape[1]], prefix)
+    else:
+        model_file = save_static(_Nearest(layer), [None, queries.shape[1]], prefix)
+    options = PredictorOptions(enable_mkldnn=mkldnn)
+    return Predictor(model_file, prefix + ".pdiparams", options).run(queries)
+
+
+@pytest.mark.parametrize("case", ["low rank", "isotropic", "duplicated", "tiny"])
+def test_pruned_graph_search_equals_float64_brute_force(case, tmp_path):
+    """The fused graph's pruned nearest-row search (eager, PIR + oneDNN, PIR without oneDNN,
+    legacy IR): the float64 nearest rows (lowest index among duplicates), distances to float32
+    rounding, whether the bounds prove the first candidate or many rows must be measured."""
+    rng = np.random.default_rng(0)
+    bank = {"low rank": low_rank_rows(rng, 900, dims=24),
+            "isotropic": rng.standard_normal((900, 24)).astype(np.float32),
+            "duplicated": np.repeat(low_rank_rows(rng, 100, dims=24), 3, axis=0),
+            "tiny": low_rank_rows(rng, 2, dims=24)}[case]
+    queries = low_rank_rows(rng, 70, dims=24) if case != "isotropic" else rng.standard_normal(
+        (70, 24)).astype(np.float32)
+    layer = BankSearch(bank, 128, head=3)
+    ref_dist, ref_index = float64_nearest(queries, bank)
+    with paddle.no_grad():
+        eager = [t.numpy() for t in _Nearest(layer)(paddle.to_tensor(queries))]
+    runs = {"eager": eager, "onednn": graph_nearest(layer, queries, tmp_path),
+            "plain": graph_nearest(layer, queries, tmp_path, mkldnn=False),
+            "legacy": graph_nearest(layer, queries, tmp_path, legacy=True)}
+    for name, (dist, index) in runs.items():
+        np.testing.assert_array_equal(index, ref_index, err_msg=name)
+        np.testing.assert_allclose(dist, ref_dist, rtol=1e-5, err_msg=name)
+    nan = queries.copy()
+    nan[5, 2] = np.nan  # NaN stays NaN, the other queries keep their rows
+    dist, index = graph_nearest(layer, nan, tmp_path)
+    assert np.isnan(dist[5]) and not np.isnan(np.delete(dist, 5)).any()
+    np.testing.assert_array_equal(np.delete(index, 5), np.delete(ref_index, 5))
 
 
 class _Crop(paddle.nn.Layer):
@@ -532,8 +584,9 @@ def test_patchcore_graph_searches_a_long_bank_in_slices(train_images, test_image
     model = new_model("patchcore", runtime=Runtime(engine="inference")).fit([train_images])
     maps, scores = model.score(test_images)
     monkeypatch.setattr("models.patchcore.model.SLICE_ENTRIES", 50 * 64)  # 50-row slices
+    monkeypatch.setattr("models.patchcore.model.BOUND_ENTRIES", 50 * 64)  # also for the bounds
     sliced = model.fused_layer()
-    assert len(sliced.search.bounds) == 4
+    assert len(sliced.search.bounds_at) == 4
     sliced_maps, sliced_scores = compile_layer(sliced, SIZE, Runtime(engine="inference"))(test_images)
     rel_close(sliced_maps[:, 0], maps, 1e-5)
     np.testing.assert_allclose(sliced_scores, scores, rtol=1e-5)

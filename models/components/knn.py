@@ -202,58 +202,77 @@ def _smallest(values: np.ndarray, k: int) -> np.ndarray:
 class BankSearch(nn.Layer):
     """Distances from query rows to a bank of rows, inside a static graph.
 
-    The bank (M, D) is centred on its mean ``center`` (D,) (queries must be centred with
-    :meth:`center` first) and stored *lifted*: ``lifted`` (M, D + 1) = [-2 b, |b|^2] per centred row
-    b. A query q lifted to [q, 1] then gives |b|^2 - 2 q.b for every bank row in one matrix product,
-    and the nearest row is the arg-min of that product: no pass adds the norms, doubles or clips
-    the (R, M) block, and the minimum is gathered at the arg-min instead of a second reduction.
-    |q|^2 is added to the R minima alone. (-2 and -1/2 are exact in binary floats, so
-    :meth:`rows` gives back the centred rows bit for bit.) Distance blocks are (R, slice), so the
-    reductions run along contiguous rows (3x faster under oneDNN than down columns); ``slice_rows``
-    bounds them. (Storing the bank transposed would save the per-slice transpose, which measured
-    slower here, and gathering its rows along axis 1 came out wrong in a legacy-IR ``model.pdmodel``
-    under Paddle Inference's graph optimisation, Paddle 3.3.)
+    The bank (M, D) is centred on its mean ``mean`` (D,) and turned into its principal basis
+    ``basis`` (D, D) (:func:`principal_axes`; queries must be moved the same way with
+    :meth:`center` first; no distance changes) and stored *lifted*: ``lifted`` (M, D + 1) =
+    [-2 b, |b|^2] per turned row b. A query q lifted to [q, 1] then gives |b|^2 - 2 q.b for every
+    bank row in one matrix product, and the nearest row is the arg-min of that product: no pass
+    adds the norms, doubles or clips the (R, M) block, and the minimum is gathered at the arg-min
+    instead of a second reduction. |q|^2 is added to the R minima alone. (-2 and -1/2 are exact in
+    binary floats, so :meth:`rows` gives back the turned rows bit for bit.) Distance blocks are
+    (R, slice), so the reductions run along contiguous rows (3x faster under oneDNN than down
+    columns); ``slice_rows`` bounds them. (Storing the bank transposed would save the per-slice
+    transpose, which measured slower here, and gathering its rows along axis 1 came out wrong in a
+    legacy-IR ``model.pdmodel`` under Paddle Inference's graph optimisation, Paddle 3.3.)
+
+    With ``head`` > 0, :meth:`nearest` prunes with the lower bounds of :class:`HeadBounds`
+    (``bounds`` (M, head + 2) = [-2 b_h, |b|^2, -2 |b_t|]): the same rows, found with a product
+    head + 2 wide instead of D + 1, twice, plus the exact distances of the few rows the bounds
+    cannot rule out.
     """
 
-    def __init__(self, bank: np.ndarray, slice_rows: int) -> None:
+    def __init__(self, bank: np.ndarray, slice_rows: int, head: int = 0) -> None:
         super().__init__()
         bank = np.asarray(bank, dtype=np.float64)
         mean = bank.mean(axis=0)
-        centred = bank - mean
-        squared = np.einsum("ij,ij->i", centred, centred).astype(np.float32)
-        lifted = np.concatenate([-2.0 * centred.astype(np.float32), squared[:, None]], axis=1)
+        basis = principal_axes(bank - mean)
+        turned = ((bank - mean) @ basis).astype(np.float32).astype(np.float64)
+        squared = np.einsum("ij,ij->i", turned, turned)
+        lifted = np.concatenate([-2.0 * turned, squared[:, None]], axis=1).astype(np.float32)
         self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
+        self.register_buffer("basis", paddle.to_tensor(basis.astype(np.float32)), persistable=True)
         self.register_buffer("lifted", paddle.to_tensor(lifted), persistable=True)
         self.size, self.dims = bank.shape
-        self.bounds = [(s, min(s + slice_rows, self.size)) for s in range(0, self.size, slice_rows)]
+        self.head = head if 0 < head < self.dims else 0
+        if self.head:
+            bounds = HeadBounds(turned.astype(np.float32), self.head)
+            self.register_buffer("bounds", paddle.to_tensor(bounds.lifted), persistable=True)
+            self.radius, self.margin = bounds.radius, bounds.margin
+        self.bounds_at = [(s, min(s + slice_rows, self.size)) for s in range(0, self.size, slice_rows)]
 
     def center(self, queries: paddle.Tensor) -> paddle.Tensor:
-        """Queries (R, D) moved into the bank's centred coordinates."""
-        return queries - self.mean
+        """Queries (..., D) moved into the bank's centred, turned coordinates."""
+        return (queries - self.mean) @ self.basis
 
     def rows(self, index: paddle.Tensor) -> paddle.Tensor:
-        """Centred bank rows (R, D) at ``index`` (R,) int64."""
+        """Turned bank rows (R, D) at ``index`` (R,) int64."""
         return paddle.gather(self.lifted, index)[:, : self.dims] * -0.5
 
-    def _partial(self, queries: paddle.Tensor, start: int, stop: int) -> paddle.Tensor:
-        """|b|^2 - 2 q.b (R, stop - start) for centred queries (R, D) and bank rows start:stop."""
+    @staticmethod
+    def _product(queries: paddle.Tensor, table: paddle.Tensor, start: int, stop: int) -> paddle.Tensor:
+        """``queries`` (R, w) times rows start:stop of ``table`` (M, w), transposed: (R, stop - start)."""
+        return queries @ paddle.transpose(table[start:stop], [1, 0])
+
+    @staticmethod
+    def _with_ones(queries: paddle.Tensor, *columns: paddle.Tensor) -> paddle.Tensor:
+        """[queries, 1, columns...] (R, w + 1 + len(columns)) for queries (R, w), columns (R,)."""
         ones = queries[:, :1] * 0.0 + 1.0  # paddle.ones_like warns while tracing under PIR
-        lifted = paddle.concat([queries, ones], axis=1)
-        return lifted @ paddle.transpose(self.lifted[start:stop], [1, 0])
+        return paddle.concat([queries, ones, *[c.unsqueeze(1) for c in columns]], axis=1)
 
     @staticmethod
     def _distance(partial: paddle.Tensor, queries: paddle.Tensor) -> paddle.Tensor:
-        """L2 distances from :meth:`_partial` values (R, ...) of centred queries (R, D)."""
+        """L2 distances from lifted-product values (R, ...) of turned queries (R, D)."""
         q_sq = reduce_sum(queries * queries, axis=1)
         if len(partial.shape) == 2:
             q_sq = q_sq.unsqueeze(1)
         return sqrt(non_negative(partial + q_sq))
 
-    def nearest(self, queries: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Distance (R,) of each centred query (R, D) to its nearest bank row, and that row (R,)."""
+    def _lowest(self, queries: paddle.Tensor, table: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Per query row (R, w), the smallest product with a row of ``table`` (M, w) and its index,
+        slice by slice."""
         best, best_index = None, None
-        for start, stop in self.bounds:
-            partial = self._partial(queries, start, stop)
+        for start, stop in self.bounds_at:
+            partial = self._product(queries, table, start, stop)
             low_index = arg_min(partial, axis=1)
             low = paddle.take_along_axis(partial, low_index.unsqueeze(1), axis=1).squeeze(1)
             low_index = low_index + start
@@ -262,12 +281,53 @@ class BankSearch(nn.Layer):
             else:
                 best_index = paddle.where(low < best, low_index, best_index)
                 best = paddle.where(low < best, low, best)  # paddle.minimum: no legacy IR
-        return self._distance(best, queries), best_index
+        return best, best_index
+
+    def nearest(self, queries: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """Distance (R,) of each turned query (R, D) to its nearest bank row, and that row (R,)."""
+        if not self.head:
+            best, best_index = self._lowest(self._with_ones(queries), self.lifted)
+            return self._distance(best, queries), best_index
+        return self._pruned(queries)
+
+    def _measure(self, queries: paddle.Tensor, owner: paddle.Tensor, row: paddle.Tensor) -> paddle.Tensor:
+        """Squared distances (n,) from queries[owner] to bank rows ``row``, by differences."""
+        diff = paddle.gather(queries, owner) - self.rows(row)
+        return reduce_sum(diff * diff, axis=1)
+
+    def _pruned(self, queries: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+        """:meth:`nearest` through the head bounds (:class:`HeadBounds`, the same rule in Paddle):
+        the row of the smallest bound is measured, then every row whose bound is within its
+        distance plus the rounding margin; the nearest of those measured, lowest index on ties."""
+        q_sq = reduce_sum(queries * queries, axis=1)
+        tail = queries[:, self.head :]
+        lifted = self._with_ones(queries[:, : self.head], sqrt(reduce_sum(tail * tail, axis=1)))
+        _, first_index = self._lowest(lifted, self.bounds)
+        count = paddle.shape(queries)[0]
+        own = paddle.arange(count, dtype="int64")  # arange(end=Tensor) traces under both IRs
+        first = self._measure(queries, own, first_index)
+        slack = sqrt(q_sq) + self.radius
+        limit = (first - q_sq + self.margin * slack * slack).unsqueeze(1)
+        owners, rows = [], []
+        for start, stop in self.bounds_at:
+            near = paddle.nonzero(self._product(lifted, self.bounds, start, stop) <= limit)  # (n, 2)
+            owners.append(near[:, 0])
+            rows.append(near[:, 1] + start)
+        owner = paddle.concat([*owners, own])  # the first rows last: found again above unless NaN
+        row = paddle.concat([*rows, first_index])
+        dist = self._measure(queries, owner, row)
+        order = paddle.argsort(dist, stable=True)  # pairs come by ascending row within a query
+        order = paddle.gather(order, paddle.argsort(paddle.gather(owner, order), stable=True))
+        owner = paddle.gather(owner, order)
+        lead = paddle.concat([own[:1] * 0 + 1, paddle.cast(owner[1:] != owner[:-1], "int64")])
+        lead = paddle.gather(order, paddle.flatten(paddle.nonzero(lead)))  # (R,): one per query
+        return sqrt(paddle.gather(dist, lead)), paddle.gather(row, lead)
 
     def smallest(self, queries: paddle.Tensor, k: int) -> tuple[paddle.Tensor, paddle.Tensor]:
-        """Distances (R, k) of each centred query (R, D) to its k nearest bank rows, and the rows.
+        """Distances (R, k) of each turned query (R, D) to its k nearest bank rows, and the rows.
 
         The whole (R, M) block is built: use it for few queries (R images, not patches).
         """
-        low, index = paddle.topk(self._partial(queries, 0, self.size), k, axis=1, largest=False)
+        partial = self._product(self._with_ones(queries), self.lifted, 0, self.size)
+        low, index = paddle.topk(partial, k, axis=1, largest=False)
         return self._distance(low, queries), index
