@@ -314,22 +314,37 @@ def graph_nearest(layer, queries, tmp_path, legacy=False, mkldnn=True):
     return Predictor(model_file, prefix + ".pdiparams", options).run(queries)
 
 
+@pytest.mark.parametrize("cap", [4, 64])
 @pytest.mark.parametrize("case", ["low rank", "isotropic", "duplicated", "tiny"])
-def test_pruned_graph_search_equals_float64_brute_force(case, tmp_path):
+def test_pruned_graph_search_equals_float64_brute_force(case, cap, tmp_path):
     """The fused graph's pruned nearest-row search (eager, PIR + oneDNN, PIR without oneDNN,
     legacy IR): the float64 nearest rows (lowest index among duplicates), distances to float32
-    rounding, whether the bounds prove the first candidate or many rows must be measured."""
+    rounding, whether the bounds prove the first candidate or many rows must be measured, and
+    with the brute-force fallback of queries with more than ``cap`` rows to measure."""
     rng = np.random.default_rng(0)
     bank = {"low rank": low_rank_rows(rng, 900, dims=24),
             "isotropic": rng.standard_normal((900, 24)).astype(np.float32),
             "duplicated": np.repeat(low_rank_rows(rng, 100, dims=24), 3, axis=0),
-            "tiny": low_rank_rows(rng, 2, dims=24)}[case]
-    queries = low_rank_rows(rng, 70, dims=24) if case != "isotropic" else rng.standard_normal(
-        (70, 24)).astype(np.float32)
-    layer = BankSearch(bank, 128, head=3)
+            "tiny": low_rank_rows(rng, 2, dims=24)}[case]  # fewer rows than cap
+    queries = low_rank_rows(rng, 70, dims=24)
+    if case == "isotropic":  # half of the queries close to a bank row, half anywhere
+        queries = np.concatenate([bank[:35] + np.float32(0.01) * rng.standard_normal((35, 24)),
+                                  rng.standard_normal((35, 24))]).astype(np.float32)
+    layer = BankSearch(bank, 128, head=3, cap=cap)
     ref_dist, ref_index = float64_nearest(queries, bank)
     with paddle.no_grad():
         eager = [t.numpy() for t in _Nearest(layer)(paddle.to_tensor(queries))]
+        turned = layer.center(paddle.to_tensor(queries))
+        q_sq = (turned * turned).sum(axis=1)
+        tail = turned[:, 3:]
+        lifted = layer._with_ones(turned[:, :3], paddle.sqrt((tail * tail).sum(axis=1)))
+        bounds = (lifted @ layer.bounds.T + q_sq.unsqueeze(1)).numpy()
+    # how many rows the bounds leave (to float32 rounding): on the isotropic bank, cap 4 sends
+    # some queries to the brute-force fallback and keeps others on the pruned search
+    within = (bounds <= (ref_dist**2)[:, None] * (1 + 1e-5)).sum(axis=1)
+    assert within.min() >= 1
+    if case == "isotropic":
+        assert (within > 4).any() and (within <= 4).any()
     runs = {"eager": eager, "onednn": graph_nearest(layer, queries, tmp_path),
             "plain": graph_nearest(layer, queries, tmp_path, mkldnn=False),
             "legacy": graph_nearest(layer, queries, tmp_path, legacy=True)}

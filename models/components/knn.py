@@ -25,6 +25,9 @@ BLOCK = 1 << 22
 HEAD = 64
 """Leading principal coordinates of :class:`HeadBounds`' lower bounds."""
 
+CAP = 64
+"""Rows within the limit above which :meth:`BankSearch.nearest` searches a query by brute force."""
+
 
 class PreparedBank:
     """A bank of rows made ready once for any number of :meth:`search` calls.
@@ -218,10 +221,10 @@ class BankSearch(nn.Layer):
     With ``head`` > 0, :meth:`nearest` prunes with the lower bounds of :class:`HeadBounds`
     (``bounds`` (M, head + 2) = [-2 b_h, |b|^2, -2 |b_t|]): the same rows, found with a product
     head + 2 wide instead of D + 1, twice, plus the exact distances of the few rows the bounds
-    cannot rule out.
+    cannot rule out (at most ``cap`` per query: queries with more get the brute-force search).
     """
 
-    def __init__(self, bank: np.ndarray, slice_rows: int, head: int = 0) -> None:
+    def __init__(self, bank: np.ndarray, slice_rows: int, head: int = 0, cap: int = CAP) -> None:
         super().__init__()
         bank = np.asarray(bank, dtype=np.float64)
         mean = bank.mean(axis=0)
@@ -234,6 +237,7 @@ class BankSearch(nn.Layer):
         self.register_buffer("lifted", paddle.to_tensor(lifted), persistable=True)
         self.size, self.dims = bank.shape
         self.head = head if 0 < head < self.dims else 0
+        self.cap = cap
         if self.head:
             bounds = HeadBounds(turned.astype(np.float32), self.head)
             self.register_buffer("bounds", paddle.to_tensor(bounds.lifted), persistable=True)
@@ -295,10 +299,17 @@ class BankSearch(nn.Layer):
         diff = paddle.gather(queries, owner) - self.rows(row)
         return reduce_sum(diff * diff, axis=1)
 
+    def _listed(self, counts: paddle.Tensor, owner: paddle.Tensor) -> paddle.Tensor:
+        """Positions (n',) of the pairs whose query (``owner`` (n,)) has at most ``cap`` rows
+        within its limit (``counts`` (R,))."""
+        return paddle.flatten(paddle.nonzero(paddle.gather(counts, owner) <= self.cap))
+
     def _pruned(self, queries: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         """:meth:`nearest` through the head bounds (:class:`HeadBounds`, the same rule in Paddle):
         the row of the smallest bound is measured, then every row whose bound is within its
-        distance plus the rounding margin; the nearest of those measured, lowest index on ties."""
+        distance plus the rounding margin; the nearest of those measured, lowest index on ties.
+        A query with more than ``cap`` such rows is searched by brute force instead, so the rows
+        gathered stay below R (cap + 2) whatever the bank."""
         q_sq = reduce_sum(queries * queries, axis=1)
         tail = queries[:, self.head :]
         lifted = self._with_ones(queries[:, : self.head], sqrt(reduce_sum(tail * tail, axis=1)))
@@ -308,13 +319,23 @@ class BankSearch(nn.Layer):
         first = self._measure(queries, own, first_index)
         slack = sqrt(q_sq) + self.radius
         limit = (first - q_sq + self.margin * slack * slack).unsqueeze(1)
-        owners, rows = [], []
+        owners, rows, counts = [], [], None
         for start, stop in self.bounds_at:
-            near = paddle.nonzero(self._product(lifted, self.bounds, start, stop) <= limit)  # (n, 2)
+            within = self._product(lifted, self.bounds, start, stop) <= limit  # (R, slice)
+            found = reduce_sum(paddle.cast(within, "float32"), axis=1)
+            counts = found if counts is None else counts + found
+            near = paddle.nonzero(within)  # (n, 2), by query then row
+            near = paddle.gather(near, self._listed(counts, near[:, 0]))  # few per query
             owners.append(near[:, 0])
             rows.append(near[:, 1] + start)
-        owner = paddle.concat([*owners, own])  # the first rows last: found again above unless NaN
-        row = paddle.concat([*rows, first_index])
+        owner, row = paddle.concat(owners), paddle.concat(rows)
+        keep = self._listed(counts, owner)
+        crowded = paddle.concat([paddle.flatten(paddle.nonzero(counts > self.cap)), own[:1]])
+        _, brute = self._lowest(self._with_ones(paddle.gather(queries, crowded)), self.lifted)
+        # pairs: the rows within the limit (queries with at most ``cap`` of them), every query's
+        # first row, and the brute-force row of the others (and of query 0, so none is empty)
+        owner = paddle.concat([paddle.gather(owner, keep), own, crowded])
+        row = paddle.concat([paddle.gather(row, keep), first_index, brute])
         dist = self._measure(queries, owner, row)
         order = paddle.argsort(dist, stable=True)  # pairs come by ascending row within a query
         order = paddle.gather(order, paddle.argsort(paddle.gather(owner, order), stable=True))
