@@ -1,7 +1,7 @@
 """Where PatchCore's per-image scoring time goes, on a bank of the size of coreset ratio 0.1.
 
     python -m datasets.magnetic_tile --src ../shared/data/magnetic_tile --dst data/mtd
-    python bench/bench_bank.py [--data_path data/mtd] [--images 8] [--no_doc]
+    python bench/bench_bank.py [--data_path data/mtd] [--images 8] [--pretrained none] [--no_doc]
 
 PatchCore (resnet18, random init, seed 0, 256 px, 2 threads) fitted with coreset ratio 1 on 76
 magnetic-tile training images: a bank of 77,824 real patch features (384 wide), the size of the
@@ -65,6 +65,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default="data/mtd")
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--pretrained", default="none",
+                        help="backbone weights: none (default), imagenet or PATH.pdparams")
     parser.add_argument("--no_doc", action="store_true", help="print only, leave docs/ alone")
     args = parser.parse_args()
     root = Path(args.data_path)
@@ -75,8 +77,9 @@ def main() -> int:
     train = AnomalyDataset(list_samples(root, CATEGORY, "train")[:FIT_IMAGES], preprocess)
     test = AnomalyDataset(list_samples(root, CATEGORY, "test")[: args.images + 1], preprocess)
     images = np.stack([test[i]["image"] for i in range(len(test))])
-    config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE, pretrained="none",
-                         seed=0, coreset_ratio=1.0)
+    config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE,
+                          pretrained=args.pretrained, seed=0, coreset_ratio=1.0)
+    weights = "" if args.pretrained == "none" else f" --pretrained {args.pretrained}"
     model = build_model(config, Runtime(cpu_threads=THREADS))
     model.fit([np.stack([train[i]["image"] for i in range(j, min(j + 32, len(train)))])
                for j in range(0, len(train), 32)])
@@ -118,10 +121,11 @@ def main() -> int:
 
     lines = [
         "## PatchCore scoring time by part (bench/bench_bank.py)", "",
-        f"Command: `python bench/bench_bank.py --images {args.images}` on {machine()}; load average "
+        f"Command: `python bench/bench_bank.py --images {args.images}{weights}` on {machine()}; load average "
         f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (**machine loaded**: the machine "
         "was shared with other jobs, so wall times are inflated; compare the process CPU times, "
-        "before and after within this run). PatchCore, resnet18 (random init), 256 px, 2 threads, bank of "
+        f"before and after within this run). PatchCore, resnet18 ({weights.strip() or 'random init'}), "
+        "256 px, 2 threads, bank of "
         f"{len(bank):,} x {bank.shape[1]} real patch features (coreset ratio 1 on {FIT_IMAGES} "
         "training images: the size of the ratio-0.1 bank of all 762); medians over "
         f"{args.images} test images. Before: brute-force search; after: the exact search pruned with "
