@@ -137,7 +137,8 @@ def main() -> int:
         row("&nbsp;&nbsp;patch features alone (trunk + 3x3 average)", "features"),
         row("&nbsp;&nbsp;brute-force distance product alone (numpy, 1,024 x 384 by 384 x M)", "product"),
         row("held-out score of a training image (threshold, numpy)", "held0", f"held{HEAD}"),
-        row("bank preparation, once per fit (ms per bank; both turn it into its principal axes)", "prepare0", f"prepare{HEAD}"),
+        row("bank preparation, once per fit (ms per bank; both turn it into its principal axes)",
+            "prepare0", f"prepare{HEAD}"),
         "",
         f"Pruning (numpy search, the same rule as the graph's): {rate:.1f} bank rows measured exactly "
         f"per patch on average, {rate / len(bank):.2e} of the bank (brute force measures all "

@@ -277,7 +277,7 @@ def test_bank_search_layer_equals_knn(slice_rows, head):
     bank = (20.0 + rng.standard_normal((50, 6))).astype(np.float32)
     queries = (20.0 + rng.standard_normal((13, 6))).astype(np.float32)
     layer = BankSearch(bank, slice_rows, head)
-    assert len(layer.bounds_at) == -(-50 // slice_rows)
+    assert len(layer.slices) == -(-50 // slice_rows)
     with paddle.no_grad():
         turned = layer.center(paddle.to_tensor(queries))
         dist, index = (t.numpy() for t in layer.nearest(turned))
@@ -601,7 +601,7 @@ def test_patchcore_graph_searches_a_long_bank_in_slices(train_images, test_image
     monkeypatch.setattr("models.patchcore.model.SLICE_ENTRIES", 50 * 64)  # 50-row slices
     monkeypatch.setattr("models.patchcore.model.BOUND_ENTRIES", 50 * 64)  # also for the bounds
     sliced = model.fused_layer()
-    assert len(sliced.search.bounds_at) == 4
+    assert len(sliced.search.slices) == 4
     sliced_maps, sliced_scores = compile_layer(sliced, SIZE, Runtime(engine="inference"))(test_images)
     rel_close(sliced_maps[:, 0], maps, 1e-5)
     np.testing.assert_allclose(sliced_scores, scores, rtol=1e-5)

@@ -1,14 +1,16 @@
-"""Nearest-neighbour search by matrix products, shared by SPADE and PatchCore.
+"""Nearest-neighbour search of a bank of rows, shared by SPADE and PatchCore.
 
 Squared distances are ``||a||^2 - 2 a.b + ||b||^2``: one GEMM per block instead of a (Q, M, D)
-difference tensor. Two implementations of the same search:
+difference tensor. The bank is centred on its mean and turned into its principal axes (no distance
+changes; the float32 cancellation in the formula does). Nearest rows of many queries are found
+exactly with less arithmetic by the lower bounds of :class:`HeadBounds`. Two implementations of the
+same search:
 
-* :class:`PreparedBank` (numpy) centres the bank and takes its row norms once, then searches it
-  over blocks of queries and bank rows, so its temporaries stay at ``block`` floats whatever the
-  sizes; it can leave bank rows out (held-out scoring).
+* :class:`PreparedBank` (numpy) prepares the bank once, then searches it over blocks of queries
+  and bank rows, so its temporaries stay at ``block`` floats whatever the sizes; it can leave bank
+  rows out (held-out scoring).
 * :class:`BankSearch` (Paddle) is the static-graph version used inside the fused scoring layers:
-  the bank is a buffer, centred on its mean (distances do not change, the float32 cancellation in
-  the formula does), and long banks are searched in fixed slices.
+  the bank is a buffer, and long banks are searched in fixed slices.
 """
 
 from __future__ import annotations
@@ -242,7 +244,7 @@ class BankSearch(nn.Layer):
             bounds = HeadBounds(turned.astype(np.float32), self.head)
             self.register_buffer("bounds", paddle.to_tensor(bounds.lifted), persistable=True)
             self.radius, self.margin = bounds.radius, bounds.margin
-        self.bounds_at = [(s, min(s + slice_rows, self.size)) for s in range(0, self.size, slice_rows)]
+        self.slices = [(s, min(s + slice_rows, self.size)) for s in range(0, self.size, slice_rows)]
 
     def center(self, queries: paddle.Tensor) -> paddle.Tensor:
         """Queries (..., D) moved into the bank's centred, turned coordinates."""
@@ -275,7 +277,7 @@ class BankSearch(nn.Layer):
         """Per query row (R, w), the smallest product with a row of ``table`` (M, w) and its index,
         slice by slice."""
         best, best_index = None, None
-        for start, stop in self.bounds_at:
+        for start, stop in self.slices:
             partial = self._product(queries, table, start, stop)
             low_index = arg_min(partial, axis=1)
             low = paddle.take_along_axis(partial, low_index.unsqueeze(1), axis=1).squeeze(1)
@@ -320,7 +322,7 @@ class BankSearch(nn.Layer):
         slack = sqrt(q_sq) + self.radius
         limit = (first - q_sq + self.margin * slack * slack).unsqueeze(1)
         owners, rows, counts = [], [], None
-        for start, stop in self.bounds_at:
+        for start, stop in self.slices:
             within = self._product(lifted, self.bounds, start, stop) <= limit  # (R, slice)
             found = reduce_sum(paddle.cast(within, "float32"), axis=1)
             counts = found if counts is None else counts + found
