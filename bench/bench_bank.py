@@ -1,20 +1,24 @@
 """Where PatchCore's per-image scoring time goes, on a bank of the size of coreset ratio 0.1.
 
     python -m datasets.magnetic_tile --src ../shared/data/magnetic_tile --dst data/mtd
-    python bench/bench_bank.py [--data_path data/mtd] [--images 8] [--no_doc]
+    python bench/bench_bank.py [--data_path data/mtd] [--images 8] [--pretrained none] [--no_doc]
 
 PatchCore (resnet18, random init, seed 0, 256 px, 2 threads) fitted with coreset ratio 1 on 76
 magnetic-tile training images: a bank of 77,824 real patch features (384 wide), the size of the
 ratio-0.1 bank of the full training set (78,028) without its minutes of coreset selection. Times,
-per image (median of ``--images`` test images, wall and process CPU time):
+per image (median of ``--images`` test images, wall and process CPU time), before (brute force) and
+after (the exact search pruned by principal-axis lower bounds, ``models.components.knn.HEAD``
+leading coordinates) in the same run, the images taking turns:
 
-- the fused scoring graph under Paddle Inference (``model.score``: train.py --eval, predict.py);
+- the fused scoring graph under Paddle Inference + oneDNN (the graph export_model.py writes and
+  infer.py runs; ``model.score``: train.py --eval, predict.py);
 - its parts: the patch features alone (trunk + local average), and the distance product alone (one
   numpy float32 matrix product of the 1,024 patches by the bank, the arithmetic floor of a brute-force
   search);
 - the held-out score of a training image (threshold calibration, numpy), and the preparation of
-  the bank it searches (centred rows and norms), paid once per fit; before the prepared bank it was
-  paid on each of the two searches per image.
+  the bank it searches (centred, turned rows, norms, bounds), paid once per fit;
+- the pruning rate: rows measured exactly per patch by the numpy search, of the bank's rows;
+- the largest differences between the two searches' maps and scores (the results must not change).
 
 Writes the bench_bank section of docs/benchmarks.md.
 """
@@ -34,10 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.report import machine, update_section  # noqa: E402
+from core.runtime import compile_layer  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from models import Runtime, build_model, model_config  # noqa: E402
-from models.components.knn import PreparedBank  # noqa: E402
+from models.components.knn import HEAD, PreparedBank  # noqa: E402
+from models.patchcore.model import PatchCoreModel, PatchCoreScorer  # noqa: E402
 
 SIZE, THREADS, FIT_IMAGES = 256, 2, 76
 SOURCE = ROOT.parent / "shared" / "data" / "magnetic_tile"
@@ -59,6 +65,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default="data/mtd")
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--pretrained", default="none",
+                        help="backbone weights: none (default), imagenet or PATH.pdparams")
     parser.add_argument("--no_doc", action="store_true", help="print only, leave docs/ alone")
     args = parser.parse_args()
     root = Path(args.data_path)
@@ -69,41 +77,85 @@ def main() -> int:
     train = AnomalyDataset(list_samples(root, CATEGORY, "train")[:FIT_IMAGES], preprocess)
     test = AnomalyDataset(list_samples(root, CATEGORY, "test")[: args.images + 1], preprocess)
     images = np.stack([test[i]["image"] for i in range(len(test))])
-    config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE, pretrained="none",
-                         seed=0, coreset_ratio=1.0)
+    config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE,
+                          pretrained=args.pretrained, seed=0, coreset_ratio=1.0)
+    weights = "" if args.pretrained == "none" else f" --pretrained {args.pretrained}"
     model = build_model(config, Runtime(cpu_threads=THREADS))
     model.fit([np.stack([train[i]["image"] for i in range(j, min(j + 32, len(train)))])
                for j in range(0, len(train), 32)])
     patches = [next(model.extract(images[i : i + 1]))[1][0][0] for i in range(len(images))]
     bank = model.bank
-    rows = {
-        "fused scoring graph, Paddle Inference (model.score)": clocked(
-            lambda i: model.score(images[i : i + 1]), args.images),
-        "  patch features alone (trunk + 3x3 average)": clocked(
-            lambda i: next(model.extract(images[i : i + 1])), args.images),
-        "  distance product alone (numpy, 1,024 x 384 by 384 x M)": clocked(
-            lambda i: patches[i] @ bank.T, args.images),
-        "held-out score of a training image (threshold, numpy)": clocked(
-            lambda i: model._image_score(patches[i], model.bank_owner == i), args.images),
-        "bank preparation (once per fit; per search before)": clocked(
-            lambda i: PreparedBank(bank), 3),
-    }
+    graphs = {head: compile_layer(scorer(model, head), SIZE, Runtime(cpu_threads=THREADS))
+              for head in (0, HEAD)}
+    banks = {0: PreparedBank(bank, head=0), HEAD: PreparedBank(bank)}
+    outputs = {head: [run(images[i : i + 1]) for i in range(len(images))] for head, run in graphs.items()}
+    held_out = {}
+    for head, prepared in banks.items():
+        model._prepared = prepared
+        held_out[head] = [model._image_score(patches[i], model.bank_owner == i) for i in range(args.images)]
+    pruned = banks[HEAD].bounds
+    pruned.searched = pruned.measured = 0
+    for rows in patches:
+        banks[HEAD].search(rows, 1)
+    rate = pruned.measured / pruned.searched
+    timed = {}
+    for head in (0, HEAD):
+        model._prepared = banks[head]
+        timed[f"graph{head}"] = clocked(lambda i, h=head: graphs[h](images[i : i + 1]), args.images)
+        timed[f"held{head}"] = clocked(lambda i: model._image_score(patches[i], model.bank_owner == i),
+                                       args.images)
+    timed["features"] = clocked(lambda i: next(model.extract(images[i : i + 1])), args.images)
+    timed["product"] = clocked(lambda i: patches[i] @ bank.T, args.images)
+    timed["prepare0"] = clocked(lambda i: PreparedBank(bank, head=0), 2)
+    timed[f"prepare{HEAD}"] = clocked(lambda i: PreparedBank(bank), 2)
+    pairs = list(zip(outputs[HEAD], outputs[0], strict=True))
+    map_diff = max(float(np.abs(a[0] - b[0]).max() / np.abs(b[0]).max()) for a, b in pairs)
+    score_diff = max(abs(float(a[1][0] / b[1][0]) - 1.0) for a, b in pairs)
+    held_diff = max(abs(a / b - 1.0) for a, b in zip(held_out[HEAD], held_out[0], strict=True))
+
+    def row(name: str, before: str, after: str | None = None) -> str:
+        (wall, cpu), later = timed[before], timed[after] if after else None
+        if later is None:
+            return f"| {name} | {wall:.0f} | {cpu:.0f} | | |"
+        return f"| {name} | {wall:.0f} | {cpu:.0f} | {later[0]:.0f} | {later[1]:.0f} |"
+
     lines = [
         "## PatchCore scoring time by part (bench/bench_bank.py)", "",
-        f"Command: `python bench/bench_bank.py --images {args.images}` on {machine()}; load average "
-        f"{load:.1f} at the start (**the machine was shared with other jobs**: wall times are "
-        "inflated, CPU times less so). PatchCore, resnet18 (random init), 256 px, 2 threads, bank of "
+        f"Command: `python bench/bench_bank.py --images {args.images}{weights}` on {machine()}; load average "
+        f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (**machine loaded**: the machine "
+        "was shared with other jobs, so wall times are inflated; compare the process CPU times, "
+        f"before and after within this run). PatchCore, resnet18 ({weights.strip() or 'random init'}), "
+        "256 px, 2 threads, bank of "
         f"{len(bank):,} x {bank.shape[1]} real patch features (coreset ratio 1 on {FIT_IMAGES} "
         "training images: the size of the ratio-0.1 bank of all 762); medians over "
-        f"{args.images} test images.", "",
-        "| part | wall ms / image | process CPU ms / image |", "|---|---|---|",
-        *[f"| {name} | {wall:.0f} | {cpu:.0f} |" for name, (wall, cpu) in rows.items()],
+        f"{args.images} test images. Before: brute-force search; after: the exact search pruned with "
+        f"lower bounds from the first {HEAD} principal coordinates.", "",
+        "| part (ms per image) | before: wall | before: CPU | after: wall | after: CPU |",
+        "|---|---|---|---|---|",
+        row("fused scoring graph, Paddle Inference + oneDNN (export_model.py / infer.py, model.score)",
+            "graph0", f"graph{HEAD}"),
+        row("&nbsp;&nbsp;patch features alone (trunk + 3x3 average)", "features"),
+        row("&nbsp;&nbsp;brute-force distance product alone (numpy, 1,024 x 384 by 384 x M)", "product"),
+        row("held-out score of a training image (threshold, numpy)", "held0", f"held{HEAD}"),
+        row("bank preparation, once per fit (ms per bank; both turn it into its principal axes)",
+            "prepare0", f"prepare{HEAD}"),
+        "",
+        f"Pruning (numpy search, the same rule as the graph's): {rate:.1f} bank rows measured exactly "
+        f"per patch on average, {rate / len(bank):.2e} of the bank (brute force measures all "
+        f"{len(bank):,}). Results unchanged: largest relative difference between the two searches' "
+        f"maps {map_diff:.1e}, image scores {score_diff:.1e}, held-out scores {held_diff:.1e}.",
     ]
     body = "\n".join(lines)
     print(body)
     if not args.no_doc:
         update_section("bench_bank", body)
     return 0
+
+
+def scorer(model: PatchCoreModel, head: int) -> PatchCoreScorer:
+    """The model's fused scoring layer with a search of ``head`` leading coordinates (0: brute force)."""
+    return PatchCoreScorer(model.fit_layer(), model.bank, min(model.options.num_neighbors, len(model.bank)),
+                           model.grid, SIZE, model.config.sigma, head)
 
 
 if __name__ == "__main__":

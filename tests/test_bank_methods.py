@@ -165,6 +165,98 @@ def test_prepared_bank_reused_equals_the_per_call_search(k):
     np.testing.assert_array_equal(half.search(bank[:5], 1)[1][:, 0], np.arange(5))
 
 
+def float64_nearest(queries, bank, exclude=None):
+    """Index and distance of the nearest bank row of each query by float64 differences, lowest
+    index on ties."""
+    ref = cdist(queries.astype(np.float64), bank.astype(np.float64))
+    if exclude is not None:
+        ref[:, exclude] = np.inf
+    index = np.argmin(ref, axis=1)
+    return ref[np.arange(len(ref)), index], index
+
+
+def low_rank_rows(rng, count, dims=48, shift=5.0):
+    """Rows whose variance decays like real patch features' (most of it in a few directions)."""
+    scales = 3.0 * 0.8 ** np.arange(dims)
+    return (shift + rng.standard_normal((count, dims)) * scales).astype(np.float32)
+
+
+@pytest.mark.parametrize("head", [4, 16, 47])
+def test_head_bounds_search_equals_float64_brute_force(head):
+    """Nearest rows through the lower bounds: the float64 nearest, distances to float32
+    rounding; with rows left out, only allowed rows; and far fewer rows measured than searched."""
+    rng = np.random.default_rng(head)
+    bank = low_rank_rows(rng, 3000)
+    queries = low_rank_rows(rng, 300)
+    prepared = PreparedBank(bank, head=head)
+    dist, index = prepared.search(queries, 1, block=48 * 512)
+    ref_dist, ref_index = float64_nearest(queries, bank)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+    assert prepared.bounds.measured < 0.1 * 300 * 3000
+    exclude = rng.random(3000) < 0.5
+    dist, index = prepared.search(queries, 1, exclude)
+    ref_dist, ref_index = float64_nearest(queries, bank, exclude)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+
+
+def test_head_bounds_search_on_network_features(fitted, test_images):
+    """The patch features of a random-initialised resnet18 (PatchCore's bank and 4 images'
+    patches): the same nearest rows as float64 brute force."""
+    if fitted.method != "patchcore":
+        pytest.skip("PatchCore's patch features")
+    queries = np.concatenate([p[0].reshape(-1, fitted.dims) for _, p in fitted.extract(test_images)])
+    prepared = PreparedBank(fitted.bank, head=8)
+    dist, index = prepared.search(queries, 1)
+    ref_dist, ref_index = float64_nearest(queries, fitted.bank)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+
+
+def test_head_bounds_search_when_the_bounds_prove_nothing():
+    """Adversarial banks: the bounds' first candidate is not the nearest row, or every row is
+    as near as every other, so rows beyond the first are measured; results stay exact."""
+    rng = np.random.default_rng(7)
+    iso = rng.standard_normal((2000, 32)).astype(np.float32)  # no leading directions at all
+    queries = rng.standard_normal((64, 32)).astype(np.float32)
+    prepared = PreparedBank(iso, head=2)
+    dist, index = prepared.search(queries, 1)
+    ref_dist, ref_index = float64_nearest(queries, iso)
+    np.testing.assert_array_equal(index[:, 0], ref_index)
+    np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+    assert prepared.bounds.measured > 10 * 64  # the first candidate rarely proves itself here
+    # rows on circles about the queries' axis: a third of them tie (to float32 rounding, which the
+    # rotation decides) as each query's nearest, and all have the same leading coordinate
+    angles = np.linspace(0.0, 2 * np.pi, 600, endpoint=False)
+    circle = np.zeros((600, 6), dtype=np.float32)
+    circle[:, 0], circle[:, 1] = 4.0 * np.cos(angles), 4.0 * np.sin(angles)
+    circle[:, 2] = 10.0 * (np.arange(600) % 3)  # the direction the basis puts first
+    centre = np.array([[0.0, 0.0, 10.0, 0.0, 0.0, 0.0], [0.0, 0.0, 20.0, 0.0, 0.0, 0.0]], np.float32)
+    prepared = PreparedBank(circle, head=1)
+    dist, index = prepared.search(centre, 1)
+    np.testing.assert_array_equal(index[:, 0] % 3, [1, 2])
+    np.testing.assert_allclose(dist[:, 0], 4.0, rtol=1e-6)
+    assert prepared.bounds.measured >= 2 * 200  # every tied row measured
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_head_bounds_search_on_tiny_and_duplicated_banks(size):
+    """Banks of one to three rows, and banks of repeated rows (exact ties: the lowest index)."""
+    rng = np.random.default_rng(size)
+    bank = rng.standard_normal((size, 5)).astype(np.float32)
+    queries = rng.standard_normal((9, 5)).astype(np.float32)
+    for rows in (bank, np.repeat(bank, 4, axis=0)):
+        dist, index = PreparedBank(rows, head=1).search(queries, 1)
+        ref_dist, ref_index = float64_nearest(queries, rows)
+        np.testing.assert_array_equal(index[:, 0], ref_index)
+        np.testing.assert_allclose(dist[:, 0], ref_dist, rtol=1e-5)
+    exclude = np.zeros(4 * size, dtype=bool)
+    exclude[: 4 * size - 1] = True  # one row left: every query gets it
+    _, index = PreparedBank(np.repeat(bank, 4, axis=0), head=1).search(queries, 1, exclude)
+    np.testing.assert_array_equal(index[:, 0], 4 * size - 1)
+
+
 def test_bank_models_prepare_their_bank_once_per_fit(fitted, train_images, train_names):
     model = new_model(fitted.method).fit(batches(train_images, train_names))
     list(model.calibration_scores(batches(train_images[:4], train_names[:4])))
@@ -178,25 +270,92 @@ def test_bank_models_prepare_their_bank_once_per_fit(fitted, train_images, train
     assert len(model.prepared) == len(model.bank if model.method == "patchcore" else model.vectors)
 
 
+@pytest.mark.parametrize("head", [0, 2])
 @pytest.mark.parametrize("slice_rows", [7, 50])
-def test_bank_search_layer_equals_knn(slice_rows):
+def test_bank_search_layer_equals_knn(slice_rows, head):
     rng = np.random.default_rng(slice_rows)
     bank = (20.0 + rng.standard_normal((50, 6))).astype(np.float32)
     queries = (20.0 + rng.standard_normal((13, 6))).astype(np.float32)
-    layer = BankSearch(bank, slice_rows)
-    assert len(layer.bounds) == -(-50 // slice_rows)
+    layer = BankSearch(bank, slice_rows, head)
+    assert len(layer.slices) == -(-50 // slice_rows)
     with paddle.no_grad():
-        centred = layer.center(paddle.to_tensor(queries))
-        dist, index = (t.numpy() for t in layer.nearest(centred))
-        dist_k, index_k = (t.numpy() for t in layer.smallest(centred, 4))
+        turned = layer.center(paddle.to_tensor(queries))
+        dist, index = (t.numpy() for t in layer.nearest(turned))
+        dist_k, index_k = (t.numpy() for t in layer.smallest(turned, 4))
         rows = layer.rows(paddle.to_tensor(np.arange(50))).numpy()
-    mean = bank.astype(np.float64).mean(axis=0)
-    np.testing.assert_array_equal(rows, (bank.astype(np.float64) - mean).astype(np.float32))  # bit for bit
+    np.testing.assert_array_equal(rows, PreparedBank(bank).rows)  # bit for bit
     ref_dist, ref_index = PreparedBank(bank.astype(np.float64)).search(queries.astype(np.float64), 4)
     np.testing.assert_array_equal(index, ref_index[:, 0])
     np.testing.assert_array_equal(index_k, ref_index)
     np.testing.assert_allclose(dist, ref_dist[:, 0], rtol=1e-4)
     np.testing.assert_allclose(dist_k, ref_dist, rtol=1e-4)
+
+
+class _Nearest(paddle.nn.Layer):
+    """Query rows (Q, D) -> BankSearch.nearest of them: distances (Q,) and rows (Q,)."""
+
+    def __init__(self, search):
+        super().__init__()
+        self.search = search
+
+    def forward(self, x):
+        return self.search.nearest(self.search.center(x))
+
+
+def graph_nearest(layer, queries, tmp_path, legacy=False, mkldnn=True):
+    """:class:`_Nearest` traced (PIR, or the legacy IR), run by Paddle Inference."""
+    prefix = str(tmp_path / ("legacy" if legacy else "pir"))
+    if legacy:
+        with paddle.pir_utils.DygraphOldIrGuard():
+            model_file = save_static(_Nearest(layer), [None, queries.shape[1]], prefix)
+    else:
+        model_file = save_static(_Nearest(layer), [None, queries.shape[1]], prefix)
+    options = PredictorOptions(enable_mkldnn=mkldnn)
+    return Predictor(model_file, prefix + ".pdiparams", options).run(queries)
+
+
+@pytest.mark.parametrize("cap", [4, 64])
+@pytest.mark.parametrize("case", ["low rank", "isotropic", "duplicated", "tiny"])
+def test_pruned_graph_search_equals_float64_brute_force(case, cap, tmp_path):
+    """The fused graph's pruned nearest-row search (eager, PIR + oneDNN, PIR without oneDNN,
+    legacy IR): the float64 nearest rows (lowest index among duplicates), distances to float32
+    rounding, whether the bounds prove the first candidate or many rows must be measured, and
+    with the brute-force fallback of queries with more than ``cap`` rows to measure."""
+    rng = np.random.default_rng(0)
+    bank = {"low rank": low_rank_rows(rng, 900, dims=24),
+            "isotropic": rng.standard_normal((900, 24)).astype(np.float32),
+            "duplicated": np.repeat(low_rank_rows(rng, 100, dims=24), 3, axis=0),
+            "tiny": low_rank_rows(rng, 2, dims=24)}[case]  # fewer rows than cap
+    queries = low_rank_rows(rng, 70, dims=24)
+    if case == "isotropic":  # half of the queries close to a bank row, half anywhere
+        queries = np.concatenate([bank[:35] + np.float32(0.01) * rng.standard_normal((35, 24)),
+                                  rng.standard_normal((35, 24))]).astype(np.float32)
+    layer = BankSearch(bank, 128, head=3, cap=cap)
+    ref_dist, ref_index = float64_nearest(queries, bank)
+    with paddle.no_grad():
+        eager = [t.numpy() for t in _Nearest(layer)(paddle.to_tensor(queries))]
+        turned = layer.center(paddle.to_tensor(queries))
+        q_sq = (turned * turned).sum(axis=1)
+        tail = turned[:, 3:]
+        lifted = layer._with_ones(turned[:, :3], paddle.sqrt((tail * tail).sum(axis=1)))
+        bounds = (lifted @ layer.bounds.T + q_sq.unsqueeze(1)).numpy()
+    # how many rows the bounds leave (to float32 rounding): on the isotropic bank, cap 4 sends
+    # some queries to the brute-force fallback and keeps others on the pruned search
+    within = (bounds <= (ref_dist**2)[:, None] * (1 + 1e-5)).sum(axis=1)
+    assert within.min() >= 1
+    if case == "isotropic":
+        assert (within > 4).any() and (within <= 4).any()
+    runs = {"eager": eager, "onednn": graph_nearest(layer, queries, tmp_path),
+            "plain": graph_nearest(layer, queries, tmp_path, mkldnn=False),
+            "legacy": graph_nearest(layer, queries, tmp_path, legacy=True)}
+    for name, (dist, index) in runs.items():
+        np.testing.assert_array_equal(index, ref_index, err_msg=name)
+        np.testing.assert_allclose(dist, ref_dist, rtol=1e-5, err_msg=name)
+    nan = queries.copy()
+    nan[5, 2] = np.nan  # NaN stays NaN, the other queries keep their rows
+    dist, index = graph_nearest(layer, nan, tmp_path)
+    assert np.isnan(dist[5]) and not np.isnan(np.delete(dist, 5)).any()
+    np.testing.assert_array_equal(np.delete(index, 5), np.delete(ref_index, 5))
 
 
 class _Crop(paddle.nn.Layer):
@@ -440,8 +599,9 @@ def test_patchcore_graph_searches_a_long_bank_in_slices(train_images, test_image
     model = new_model("patchcore", runtime=Runtime(engine="inference")).fit([train_images])
     maps, scores = model.score(test_images)
     monkeypatch.setattr("models.patchcore.model.SLICE_ENTRIES", 50 * 64)  # 50-row slices
+    monkeypatch.setattr("models.patchcore.model.BOUND_ENTRIES", 50 * 64)  # also for the bounds
     sliced = model.fused_layer()
-    assert len(sliced.search.bounds) == 4
+    assert len(sliced.search.slices) == 4
     sliced_maps, sliced_scores = compile_layer(sliced, SIZE, Runtime(engine="inference"))(test_images)
     rel_close(sliced_maps[:, 0], maps, 1e-5)
     np.testing.assert_allclose(sliced_scores, scores, rtol=1e-5)

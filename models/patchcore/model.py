@@ -16,14 +16,18 @@ from models.base import ModelConfig, option, positive
 from models.checkpoint import ArraySpec
 from models.components.backbone import layer_channels, layer_grid
 from models.components.bank_model import BankOptions, MemoryBankModel
-from models.components.knn import BankSearch
+from models.components.knn import HEAD, BankSearch
 from models.components.layers import SmoothUpsample, ToRows
 from models.components.projection import FeatureConcat
 from models.components.sampling import kcenter_greedy, project, random_projection, take_rows
 from models.components.static_ops import arg_max, exp, reduce_sum, sqrt
 
 SLICE_ENTRIES = 1 << 24
-"""Entries of one (bank slice x patches) distance block in the scoring graph (64 MB float32)."""
+"""Entries of one (bank slice x patches) distance block of the brute-force search (64 MB float32)."""
+
+BOUND_ENTRIES = 1 << 22
+"""Entries of one (bank slice x patches) block of lower bounds (16 MB: 4,096 rows at 1,024 patches;
+the bound product is narrow, so its blocks are kept small enough to stay in the CPU's cache)."""
 
 
 @dataclass(frozen=True)
@@ -72,17 +76,19 @@ class PatchCoreScorer(nn.Layer):
 
     Map: each patch's distance to its nearest bank row, bilinear upsampling, Gaussian blur. Image
     score: the largest patch distance s*, reweighted (:func:`reweighted`) with the b rows nearest
-    (in the bank) to the bank row m* nearest that patch. ``bank`` (M, D).
+    (in the bank) to the bank row m* nearest that patch. ``bank`` (M, D). ``head``: leading principal
+    coordinates of the exact pruned nearest-row search (:class:`BankSearch`), 0 = brute force.
     """
 
     def __init__(self, features: nn.Layer, bank: np.ndarray, neighbours: int,
-                 grid: tuple[int, int], image_size: int, sigma: float) -> None:
+                 grid: tuple[int, int], image_size: int, sigma: float, head: int = HEAD) -> None:
         super().__init__()
         self.features = features
         self.patches = grid[0] * grid[1]
         self.grid = grid
         self.dims = bank.shape[1]
-        self.search = BankSearch(bank, slice_rows=max(1, SLICE_ENTRIES // self.patches))
+        entries = BOUND_ENTRIES if head else SLICE_ENTRIES
+        self.search = BankSearch(bank, max(1, entries // self.patches), head)
         self.neighbours = neighbours
         self.smooth = SmoothUpsample(grid, (image_size, image_size), sigma)
 
