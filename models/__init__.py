@@ -15,6 +15,7 @@ from typing import Any
 from core.errors import ConfigError
 from core.runtime import Runtime
 from models.base import AnomalyModel, MethodOptions, ModelConfig, load_checkpoint
+from models.efficientad import EfficientADModel, PuadModel
 from models.ortho import OrthoModel
 from models.padim import PadimModel
 from models.patchcore import PatchCoreModel
@@ -77,7 +78,7 @@ def load_plugins(names: str) -> None:
                               "module name or PYTHONPATH") from exc
 
 
-for _cls in (OrthoModel, PadimModel, SpadeModel, PatchCoreModel):
+for _cls in (OrthoModel, PadimModel, SpadeModel, PatchCoreModel, EfficientADModel, PuadModel):
     register_method(_cls)
 load_plugins(os.environ.get(PLUGINS_ENV, ""))
 
