@@ -186,7 +186,8 @@ def checkpoint_folder(model_path: str | None, save_path: str | None,
     """``model_path`` (a folder or a .npz) or train.py's SAVE_PATH/<method>_<arch>_<k>."""
     if model_path:
         return Path(model_path)
-    config = model_config(args.method or "ortho", strict=False, arch=args.arch or "resnet18", k=args.k)
+    given = {name: getattr(args, name, None) for name in method_option_fields()}  # --k, --size, ...
+    config = model_config(args.method or "ortho", strict=False, arch=args.arch or "resnet18", **given)
     return Path(save_path or DEFAULT_SAVE_PATH) / config.run_name
 
 

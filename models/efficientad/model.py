@@ -35,6 +35,7 @@ from core.script import non_negative_int, positive_float, positive_int
 from models.base import Batch, ModelConfig, option, unpack_batch
 from models.checkpoint import ArraySpec
 from models.components.layers import SeparableResize
+from models.components.static_ops import reduce_sum
 from models.components.trained import TrainedModel, TrainingOptions
 from models.efficientad.distill import make_adam, read_teacher
 from models.efficientad.images import ImageFolder
@@ -97,6 +98,18 @@ def hard_loss(distance: paddle.Tensor) -> paddle.Tensor:
     return paddle.mean(paddle.masked_select(distance, distance >= limit))
 
 
+def channel_mean(x: paddle.Tensor) -> paddle.Tensor:
+    """Mean over the channels of (N, C, h, w) -> (N, 1, h, w), as a sum (oneDNN's mean kernel
+    rejects this reduction and falls back with a message)."""
+    return reduce_sum(x, axis=1).unsqueeze(1) * (1.0 / x.shape[1])
+
+
+def grid_mean(x: paddle.Tensor) -> paddle.Tensor:
+    """Mean over the positions of (N, C, h, w) -> (N, C), as a sum (see :func:`channel_mean`)."""
+    n, c, h, w = x.shape
+    return reduce_sum(paddle.reshape(x, [-1, c, h * w]), axis=2) * (1.0 / (h * w))
+
+
 def pad_resize_matrix(grid: int, side: int) -> np.ndarray:
     """(side, grid): zero-pad the grid by PAD on both ends, then bilinear resize to ``side``."""
     pad = np.zeros((grid + 2 * PAD, grid))
@@ -133,8 +146,8 @@ class EfficientADNet(nn.Layer):
         teacher = self.teacher_features(x)
         student = self.student(x)
         imitation = student[:, :CHANNELS]
-        map_st = paddle.mean((teacher - imitation) ** 2, axis=1, keepdim=True)
-        map_ae = paddle.mean((self.autoencoder(x) - student[:, CHANNELS:]) ** 2, axis=1, keepdim=True)
+        map_st = channel_mean((teacher - imitation) ** 2)
+        map_ae = channel_mean((self.autoencoder(x) - student[:, CHANNELS:]) ** 2)
         return map_st, map_ae, teacher, imitation
 
     def combined(self, map_st: paddle.Tensor, map_ae: paddle.Tensor) -> paddle.Tensor:
@@ -238,10 +251,18 @@ class EfficientADModel(TrainedModel):
         return self
 
     def loss(self, images: paddle.Tensor) -> tuple[paddle.Tensor, ...]:
+        """The four terms' sum, then the terms (hard, ae, stae, penalty) for the progress bar.
+        Jitter, penalty images and dropout masks come from (seed, step): a resumed fit repeats them."""
         if not float(self.network.teacher_std.numpy().min()) > 0:
             raise ConfigError("efficientad: call prepare() with the training images before the first step")
-        step = len(self.losses)
-        rng = np.random.default_rng([self.config.seed, step])
+        state = paddle.get_rng_state()
+        paddle.seed(self.config.seed * 1_000_003 + len(self.losses))
+        try:
+            return self.step_loss(images, np.random.default_rng([self.config.seed, len(self.losses)]))
+        finally:
+            paddle.set_rng_state(state)
+
+    def step_loss(self, images: paddle.Tensor, rng: np.random.Generator) -> tuple[paddle.Tensor, ...]:
         net = self.network
         with paddle.no_grad():
             teacher = net.teacher_features(images)
@@ -269,7 +290,7 @@ class EfficientADModel(TrainedModel):
                 images, paths = unpack_batch(batch)
                 self.check_finite(images, paths, "pixel values")
                 map_st, map_ae, teacher, imitation = self.network.raw_maps(paddle.to_tensor(images))
-                outputs = (map_st[:, 0], map_ae[:, 0], teacher.mean(axis=[2, 3]), imitation.mean(axis=[2, 3]))
+                outputs = (map_st[:, 0], map_ae[:, 0], grid_mean(teacher), grid_mean(imitation))
                 for store, value in zip(parts, outputs, strict=True):
                     store.append(value.numpy())
         return [np.concatenate(store) for store in parts]

@@ -29,7 +29,13 @@ from core.errors import ConfigError, InputError
 from models.base import Batch, ModelConfig, option
 from models.checkpoint import ArraySpec
 from models.components.density import GaussianDensity, MahalanobisScore
-from models.efficientad.model import EfficientADModel, EfficientADNet, EfficientADOptions, EfficientADScore
+from models.efficientad.model import (
+    EfficientADModel,
+    EfficientADNet,
+    EfficientADOptions,
+    EfficientADScore,
+    grid_mean,
+)
 from models.efficientad.networks import CHANNELS
 
 EXTRACTORS = ("student", "teacher")
@@ -70,7 +76,7 @@ class PuadScore(EfficientADScore):
                                          network.gauss_precision.numpy().astype(np.float64))
 
     def adjust(self, amap: paddle.Tensor, teacher: paddle.Tensor, imitation: paddle.Tensor) -> paddle.Tensor:
-        feature = paddle.mean(teacher if self.use_teacher else imitation, axis=[2, 3])
+        feature = grid_mean(teacher if self.use_teacher else imitation)
         s = self.network.standard
         logical = (self.distance(feature) - s[2]) / s[3]
         return (amap - s[0]) / s[1] + paddle.reshape(logical, [-1, 1, 1, 1])
