@@ -4,9 +4,10 @@
         [--size s|m] [--steps 60000] [--out output/teachers/pdn_s_wide_resnet50_2.npz] [--resume]
 
 Targets (as in the paper's pretraining): the backbone's layer2 and its layer3 resized to layer2's
-grid, concatenated, averaged over 3 x 3 neighbourhoods, averaged over groups of adjacent channels
-down to 384 and resized bilinearly to the PDN's grid; then normalised per channel with the mean
-and standard deviation of up to ``--norm_images`` images (stored in the teacher file). The PDN is
+grid, concatenated, averaged over 3 x 3 neighbourhoods (zero padding counted), averaged over
+groups of adjacent channels down to 384 and resized bilinearly to the PDN's grid; then normalised
+per channel with the mean and standard deviation of up to ``--norm_images`` images (stored in the
+teacher file). The PDN is
 trained to regress them (mean squared error, Adam 1e-4, weight decay 1e-5, ``--batch_size`` images
 drawn from (seed, step), so a resumed run draws the same batches).
 
@@ -59,7 +60,7 @@ class TargetFeatures(nn.Layer):
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         layer2, layer3 = self.trunk(x)
         features = paddle.concat([layer2, self.up(layer3)], axis=1)
-        features = nn.functional.avg_pool2d(features, 3, stride=1, padding=1)
+        features = nn.functional.avg_pool2d(features, 3, stride=1, padding=1, exclusive=False)
         n, c, h, w = features.shape
         features = paddle.reshape(features, [n, CHANNELS, self.group, h, w]).mean(axis=2)
         return self.down(features)
