@@ -33,7 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.bench_infer import infer_stages  # noqa: E402
+from bench.bench_infer import SOURCE, infer_stages  # noqa: E402
 from bench.report import machine, publish  # noqa: E402
 from core.inference import PredictorOptions  # noqa: E402
 from datasets import Preprocess, list_samples  # noqa: E402
@@ -45,7 +45,6 @@ from models.components.trained import TrainedModel  # noqa: E402
 
 THREADS, WARMUP = 2, 3
 SECTION = "bench_efficientad"
-SOURCE = ROOT.parent / "shared" / "data" / "magnetic_tile"
 
 
 def parse_args() -> argparse.Namespace:
