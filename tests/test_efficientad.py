@@ -207,7 +207,8 @@ def test_validation_split(demo_root: Path, tmp_path: Path) -> None:
 
 def test_commands_distil_train_eval_predict_export_infer(teacher: Path, demo_root: Path,
                                                         tmp_path: Path) -> None:
-    """The user's chain for both methods; infer.py (Paddle Inference, oneDNN) scores as predict.py."""
+    """The user's chain for both methods; the export (Paddle and ONNX) checked against the dynamic
+    graph; infer.py (Paddle Inference, oneDNN) scores as predict.py."""
     common = ["--data_path", demo_root, "--category", "tiles", "--resize", SIZE, "--num_workers", 0]
     images = demo_root / "tiles" / "test" / "spot"
     for method, folder in (("efficientad", "efficientad_resnet18_s"), ("puad", "puad_resnet18_s_teacher")):
@@ -222,7 +223,9 @@ def test_commands_distil_train_eval_predict_export_infer(teacher: Path, demo_roo
         predicted = [json.loads(x) for x in (tmp_path / "output" / "predict" / "results.jsonl")
                      .read_text().splitlines()]
         ok(run(tmp_path, "export_model.py", "--model_path", tmp_path / "output" / folder / "tiles.npz",
-               "--save_dir", tmp_path / "exp" / method))
+               "--save_dir", tmp_path / "exp" / method, "--onnx"))
+        verified = json.loads((tmp_path / "exp" / method / "deploy.json").read_text())["verified"]
+        assert max(verified["paddle_max_rel_diff"], verified["onnx_max_rel_diff"]) <= 1e-4
         ok(run(tmp_path, "infer.py", "--model_file", tmp_path / "exp" / method, "--input_file", images,
                "--enable_mkldnn", "True", "--save_path", tmp_path / "inf" / method))
         inferred = [json.loads(x) for x in
