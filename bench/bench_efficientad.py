@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_infer import SOURCE, infer_stages  # noqa: E402
+from bench.bench_methods import spread  # noqa: E402
 from bench.report import machine, publish  # noqa: E402
 from core.inference import PredictorOptions  # noqa: E402
 from datasets import Preprocess, list_samples  # noqa: E402
@@ -58,6 +59,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=256, help="input side (default 256)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per step (default 4)")
     parser.add_argument("--images", type=int, default=30, help="timed test images (default 30)")
+    parser.add_argument("--train_images", type=int, default=0,
+                        help="use this many train/good images, spread by name (default 0: all)")
+    parser.add_argument("--test_images", type=int, default=0,
+                        help="use this many test images, spread by name over all folders (default 0: all)")
     parser.add_argument("--no_doc", action="store_true", help="print only, leave docs/ alone")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one method, in a child
     return parser.parse_args()
@@ -125,6 +130,25 @@ def distil(args: argparse.Namespace, root: Path, out: Path) -> tuple[float, floa
     return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
 
+def subset(root: Path, category: str, train: int, test: int, dst: Path) -> Path:
+    """A root at ``dst`` whose ``category`` links ``train`` train/good and ``test`` test images of
+    ``root`` (spread evenly by name; 0 = all), their masks, and validation/good if present."""
+    source = root / category
+    picks = [*spread(list_samples(root, category, "train"), train),
+             *spread(list_samples(root, category, "test"), test)]
+    for sample in picks:
+        for path in (sample.path, sample.mask_path):
+            if path is not None:
+                link = dst / category / path.relative_to(source)
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(path.resolve())
+    if (source / "validation").is_dir():
+        (dst / category / "validation").symlink_to((source / "validation").resolve())
+    for extra in source.glob("*.json"):  # defects_config.json of a LOCO root
+        (dst / category / extra.name).symlink_to(extra.resolve())
+    return dst
+
+
 def table(reports: dict[str, dict]) -> str:
     columns = sorted({key for report in reports.values() for key in report["auroc"]})
     lines = [f"| method | {' | '.join(columns)} | fit s | steps/s | infer.py ms/image (inference) "
@@ -146,6 +170,8 @@ def main() -> int:
     if args.category == CATEGORY and not (root / CATEGORY).is_dir():
         convert(SOURCE, root)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.train_images or args.test_images:
+            root = subset(root, args.category, args.train_images, args.test_images, Path(tmp) / "data")
         teacher = Path(tmp) / "teacher.npz"
         distil_seconds, distil_mb = distil(args, root, teacher)
         base = {"data_path": str(root), "category": args.category, "image_size": args.image_size,
@@ -164,7 +190,9 @@ def main() -> int:
             print(f"{name}: {reports[name]}", file=sys.stderr)
     command = ("python bench/bench_efficientad.py " + " ".join(
         f"--{k} {v}" for k, v in vars(args).items() if k not in ("no_doc", "run") and v is not None))
-    body = (f"EfficientAD and PUAD on `{args.category}` ({root}), {args.image_size} px, teacher PDN-"
+    used = (f"{args.train_images or 'all'} train/good and {args.test_images or 'all'} test images of "
+            f"`{args.category}` ({args.data_path})")
+    body = (f"EfficientAD and PUAD on {used}, {args.image_size} px, teacher PDN-"
             f"{args.size.upper()} distilled {args.distill_steps} steps from a random resnet18 "
             f"({distil_seconds:.0f} s, peak {distil_mb:.0f} MB), student/autoencoder {args.steps} steps at "
             f"batch {args.batch_size}; no ImageNet weights or penalty images, so the AUROCs say the chain "
