@@ -13,9 +13,10 @@ import paddle
 import pytest
 from sklearn.covariance import LedoitWolf
 
+from core.errors import CheckpointError
 from datasets import AnomalyDataset, Preprocess, list_samples, validation_split
 from models import load_model, model_config
-from models.checkpoint import write_npz
+from models.checkpoint import read_npz, write_npz
 from models.efficientad.distill import read_teacher
 from models.efficientad.model import EfficientADModel, hard_loss, jitter
 from models.efficientad.networks import Autoencoder, pdn
@@ -287,3 +288,21 @@ def test_bad_size_and_feature_extractor(tmp_path: Path) -> None:
         run(tmp_path, "train.py", "--method", "efficientad", "--size", "x", "--steps", 1))
     assert "--feature_extractor both: choose student or teacher" in error_line(
         run(tmp_path, "train.py", "--method", "puad", "--feature_extractor", "both", "--steps", 1))
+
+
+@pytest.mark.bad_input
+def test_tampered_checkpoint(teacher: Path, demo_root: Path, tmp_path: Path) -> None:
+    """A saved efficientad model with NaN quantiles, or a student weight of another shape, is
+    refused at load with one line naming the file."""
+    good = tmp_path / "good.npz"
+    fitted("efficientad", teacher, demo_root, steps=1).save(str(good))
+    meta, arrays = read_npz(str(good))
+    nan = tmp_path / "nan.npz"
+    write_npz(str(nan), meta, {**arrays, "net.quantiles": np.full(4, np.nan, np.float32)})
+    with pytest.raises(CheckpointError, match="array net.quantiles contains NaN or inf"):
+        load_model(str(nan))
+    shape = tmp_path / "shape.npz"
+    write_npz(str(shape), meta, {**arrays, "net.student.0.weight": np.zeros((2, 3, 4, 4), np.float32)})
+    with pytest.raises(CheckpointError, match="network weight student.0.weight has shape"):
+        load_model(str(shape))
+    assert load_model(str(good)).fitted
