@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from helpers import assert_served_matches_dynamic
 from sklearn.covariance import LedoitWolf
 
 from core.errors import CheckpointError
@@ -306,3 +307,19 @@ def test_tampered_checkpoint(teacher: Path, demo_root: Path, tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match="network weight student.0.weight has shape"):
         load_model(str(shape))
     assert load_model(str(good)).fitted
+
+
+def test_medium_size(demo_root: Path, tmp_path: Path) -> None:
+    """PDN-M: a teacher distilled with --size m, a student trained a step, the fused export's scores
+    equal the dynamic graph's (and the grid map's maximum)."""
+    teacher_m = tmp_path / "pdn_m.npz"
+    ok(run(ROOT, "-m models.efficientad.distill", "--arch", "resnet18", "--pretrained", "none", "--size", "m",
+           "--images", demo_root / "tiles" / "train", "--image_size", SIZE, "--steps", 1, "--batch_size", 2,
+           "--norm_images", 2, "--out", teacher_m))
+    model = fitted("efficientad", teacher_m, demo_root, steps=1, size="m")
+    assert model.config.run_name == "efficientad_resnet18_m"
+    assert model.network.student[-1].weight.shape == [768, 768, 1, 1]
+    test = batches(demo_root, "tiles", size=4)[0]
+    raw = model.raw_outputs([test])
+    np.testing.assert_allclose(model.score(test)[1], model.grid_scores(raw[0], raw[1]), rtol=1e-4, atol=1e-5)
+    assert_served_matches_dynamic(model, test, tmp_path)
