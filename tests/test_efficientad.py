@@ -18,7 +18,9 @@ from core.errors import CheckpointError
 from datasets import AnomalyDataset, Preprocess, list_samples, validation_split
 from models import load_model, model_config
 from models.checkpoint import read_npz, write_npz
+from models.efficientad import distill
 from models.efficientad.distill import read_teacher
+from models.efficientad.images import ImageFolder
 from models.efficientad.model import EfficientADModel, hard_loss, jitter
 from models.efficientad.networks import Autoencoder, pdn
 from models.efficientad.puad import PuadModel
@@ -323,3 +325,32 @@ def test_medium_size(demo_root: Path, tmp_path: Path) -> None:
     raw = model.raw_outputs([test])
     np.testing.assert_allclose(model.score(test)[1], model.grid_scores(raw[0], raw[1]), rtol=1e-4, atol=1e-5)
     assert_served_matches_dynamic(model, test, tmp_path)
+
+
+def test_distill_resumes_to_the_same_teacher(demo_root: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distillation interrupted (Ctrl-C) at step 3 of 4, with a state saved after step 2, ends
+    with --resume at the weights of an uninterrupted run (within 1e-5)."""
+    args = ["--arch", "resnet18", "--pretrained", "none", "--images", str(demo_root / "tiles" / "train"),
+            "--image_size", str(SIZE), "--steps", "4", "--batch_size", "2", "--norm_images", "4",
+            "--save_every", "2"]
+    assert distill.main([*args, "--out", str(tmp_path / "whole.npz")]) == 0
+    draw, calls = ImageFolder.draw, []
+
+    def interrupted(self: ImageFolder, rng: np.random.Generator, count: int) -> np.ndarray:
+        calls.append(count)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return draw(self, rng, count)
+
+    monkeypatch.setattr(ImageFolder, "draw", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main([*args, "--out", str(tmp_path / "half.npz")])
+    monkeypatch.setattr(ImageFolder, "draw", draw)
+    assert read_npz(str(tmp_path / "half.fitstate.npz"))[0]["steps"] == 2
+    assert distill.main([*args, "--out", str(tmp_path / "half.npz"), "--resume"]) == 0
+    assert not (tmp_path / "half.fitstate.npz").exists()
+    whole, resumed = read_npz(str(tmp_path / "whole.npz"))[1], read_npz(str(tmp_path / "half.npz"))[1]
+    assert sorted(whole) == sorted(resumed)
+    for name, value in whole.items():
+        np.testing.assert_allclose(resumed[name], value, atol=1e-5, err_msg=name)
