@@ -19,7 +19,7 @@ from datasets import AnomalyDataset, Preprocess, list_samples, validation_split
 from models import load_model, model_config
 from models.checkpoint import read_npz, write_npz
 from models.efficientad import distill
-from models.efficientad.distill import read_teacher
+from models.efficientad.distill import ChannelMoments, read_teacher
 from models.efficientad.images import ImageFolder
 from models.efficientad.model import EfficientADModel, hard_loss, jitter
 from models.efficientad.networks import Autoencoder, pdn
@@ -354,3 +354,15 @@ def test_distill_resumes_to_the_same_teacher(demo_root: Path, tmp_path: Path,
     assert sorted(whole) == sorted(resumed)
     for name, value in whole.items():
         np.testing.assert_allclose(resumed[name], value, atol=1e-5, err_msg=name)
+
+
+def test_channel_moments_equal_numpy() -> None:
+    """Teacher normalisation and distillation targets: per-channel mean/std over batches and positions."""
+    x = np.random.default_rng(0).normal(2.0, 3.0, size=(5, 384, 4, 3)).astype(np.float32)
+    moments = ChannelMoments()
+    moments.add(paddle.to_tensor(x[:2]))
+    moments.add(paddle.to_tensor(x[2:]))
+    mean, std = moments.result()
+    flat = x.transpose(1, 0, 2, 3).reshape(384, -1).astype(np.float64)
+    np.testing.assert_allclose(mean, flat.mean(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(std, flat.std(axis=1), rtol=1e-5)

@@ -112,26 +112,40 @@ def load_weights(network: nn.Layer, arrays: dict[str, np.ndarray], source: str) 
     network.set_state_dict(state)
 
 
+class ChannelMoments:
+    """Per-channel mean and standard deviation of feature batches (N, C, h, w), every position
+    counted, summed in float64."""
+
+    def __init__(self, channels: int = CHANNELS) -> None:
+        self.total = np.zeros(channels)
+        self.squares = np.zeros(channels)
+        self.count = 0
+
+    def add(self, features: paddle.Tensor) -> None:
+        values = features.numpy().astype(np.float64)
+        self.total += values.sum(axis=(0, 2, 3))
+        self.squares += (values * values).sum(axis=(0, 2, 3))
+        self.count += values.shape[0] * values.shape[2] * values.shape[3]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) (C,) float32; std at least 1e-6 (it divides)."""
+        mean = self.total / self.count
+        std = np.sqrt(np.maximum(self.squares / self.count - mean * mean, 0.0))
+        return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+
+
 def channel_stats(extractor: TargetFeatures, images: ImageFolder, count: int, seed: int,
                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (384,) of the targets over ``count`` images drawn without
     replacement from (seed) (0 or more than there are: all), every grid position counted."""
     order = np.random.default_rng([seed, 1]).permutation(len(images))
     order = order[:count] if 0 < count < len(order) else order
-    total = np.zeros(CHANNELS)
-    squares = np.zeros(CHANNELS)
-    positions = 0
+    moments = ChannelMoments()
     with paddle.no_grad():
         for start in tqdm(range(0, len(order), batch_size), desc="target statistics", unit="batch",
                           file=sys.stderr, leave=False):
-            features = extractor(paddle.to_tensor(images.batch(order[start:start + batch_size])))
-            values = features.numpy().astype(np.float64)
-            total += values.sum(axis=(0, 2, 3))
-            squares += (values * values).sum(axis=(0, 2, 3))
-            positions += values.shape[0] * values.shape[2] * values.shape[3]
-    mean = total / positions
-    std = np.sqrt(np.maximum(squares / positions - mean * mean, 0.0))
-    return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
+            moments.add(extractor(paddle.to_tensor(images.batch(order[start:start + batch_size]))))
+    return moments.result()
 
 
 def make_adam(params: list[paddle.Tensor],

@@ -37,7 +37,7 @@ from models.checkpoint import ArraySpec
 from models.components.layers import SeparableResize
 from models.components.static_ops import reduce_sum
 from models.components.trained import TrainedModel, TrainingOptions
-from models.efficientad.distill import make_adam, read_teacher
+from models.efficientad.distill import ChannelMoments, make_adam, read_teacher
 from models.efficientad.images import ImageFolder
 from models.efficientad.networks import CHANNELS, Autoencoder, check_size, pdn, pdn_grid
 
@@ -226,21 +226,15 @@ class EfficientADModel(TrainedModel):
     # -- the fit -----------------------------------------------------------------------------
     def prepare(self, batches: Iterable[Batch]) -> None:
         """The teacher's per-channel mean and std over the training images (every position)."""
-        total = np.zeros(CHANNELS)
-        squares = np.zeros(CHANNELS)
-        positions = 0
+        moments = ChannelMoments()
         with paddle.no_grad():
             for batch in batches:
                 images, paths = unpack_batch(batch)
                 self.check_finite(images, paths, "pixel values")
-                values = self.network.teacher(paddle.to_tensor(images)).numpy().astype(np.float64)
-                total += values.sum(axis=(0, 2, 3))
-                squares += (values * values).sum(axis=(0, 2, 3))
-                positions += values.shape[0] * values.shape[2] * values.shape[3]
-        mean = total / positions
-        std = np.maximum(np.sqrt(np.maximum(squares / positions - mean * mean, 0.0)), 1e-6)
-        self.network.teacher_mean.set_value(mean.reshape(1, -1, 1, 1).astype(np.float32))
-        self.network.teacher_std.set_value(std.reshape(1, -1, 1, 1).astype(np.float32))
+                moments.add(self.network.teacher(paddle.to_tensor(images)))
+        mean, std = moments.result()
+        self.network.teacher_mean.set_value(mean.reshape(1, -1, 1, 1))
+        self.network.teacher_std.set_value(std.reshape(1, -1, 1, 1))
 
     def fit(self, batches: Iterable[Batch]) -> EfficientADModel:
         """The API fit: :meth:`prepare` on ``batches`` (a new fit), then the steps. Call
