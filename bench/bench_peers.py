@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, publish  # noqa: E402
+from bench.report import machine, update_section  # noqa: E402
 from core.inference import Predictor, PredictorOptions  # noqa: E402
 from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
@@ -232,7 +232,9 @@ def main() -> int:
         results.append(measure(arch, args, bandwidth))
         print(f"{arch}: done", file=sys.stderr)
     body = section(results, args, bandwidth, (start_load, os.getloadavg()[0]))
-    publish("bench_peers", body, not args.no_doc)
+    print(body)
+    if not args.no_doc:
+        update_section("bench_peers", body)
     return 0
 
 
