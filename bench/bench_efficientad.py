@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_infer import SOURCE, infer_stages  # noqa: E402
 from bench.bench_methods import spread  # noqa: E402
-from bench.report import machine, publish  # noqa: E402
+from bench.report import machine, update_section  # noqa: E402
 from core.inference import PredictorOptions  # noqa: E402
 from datasets import Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
@@ -166,6 +167,7 @@ def main() -> int:
     if args.run:
         print(json.dumps(run_one(json.loads(args.run))))
         return 0
+    load = os.getloadavg()[0]
     root = Path(args.data_path)
     if args.category == CATEGORY and not (root / CATEGORY).is_dir():
         convert(SOURCE, root)
@@ -192,15 +194,18 @@ def main() -> int:
         f"--{k} {v}" for k, v in vars(args).items() if k not in ("no_doc", "run") and v is not None))
     used = (f"{args.train_images or 'all'} train/good and {args.test_images or 'all'} test images of "
             f"`{args.category}` ({args.data_path})")
-    body = (f"EfficientAD and PUAD on {used}, {args.image_size} px, teacher PDN-"
+    body = (f"## EfficientAD vs PUAD (bench/bench_efficientad.py)\n\nCommand: `{command}` on {machine()}; "
+            f"load average {load:.1f} at the start.\n\n"
+            f"EfficientAD and PUAD on {used}, {args.image_size} px, teacher PDN-"
             f"{args.size.upper()} distilled {args.distill_steps} steps from a random resnet18 "
             f"({distil_seconds:.0f} s, peak {distil_mb:.0f} MB), student/autoencoder {args.steps} steps at "
             f"batch {args.batch_size}; no ImageNet weights or penalty images, so the AUROCs say the chain "
             f"works, not what the paper's weights reach. **Machine loaded** (2 cores shared by up to 8 "
             f"jobs): times are upper bounds. Inference: the fused export as infer.py runs it, batch 1, "
-            f"{THREADS} threads, oneDNN, median over {args.images} images.\n\n"
-            f"```bash\n{command}\n```\n\n{table(reports)}\n\n{machine()}\n")
-    publish(SECTION, body, not args.no_doc)
+            f"{THREADS} threads, oneDNN, median over {args.images} images.\n\n{table(reports)}\n")
+    print(body)
+    if not args.no_doc:
+        update_section(SECTION, body)
     return 0
 
 
