@@ -54,9 +54,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--data_path", default="data/mtd",
                         help="dataset root (the magnetic-tile one is made from ../shared/data if missing)")
     parser.add_argument("--category", default=CATEGORY, help=f"category (default {CATEGORY})")
+    parser.add_argument("--size", default="s", help="PDN size s or m (default s)")
     parser.add_argument("--steps", type=int, default=100, help="student/autoencoder steps (default 100)")
     parser.add_argument("--distill_steps", type=int, default=100, help="teacher steps (default 100)")
-    parser.add_argument("--size", default="s", help="PDN size s or m (default s)")
     parser.add_argument("--image_size", type=int, default=256, help="input side (default 256)")
     parser.add_argument("--batch_size", type=int, default=4, help="images per step (default 4)")
     parser.add_argument("--images", type=int, default=30, help="timed test images (default 30)")
@@ -203,11 +203,11 @@ def main() -> int:
             f"works, not what the paper's weights reach. **Machine loaded** (2 cores shared by up to 8 "
             f"jobs): times are upper bounds. Inference: the fused export as infer.py runs it, batch 1, "
             f"{THREADS} threads, oneDNN, median over {args.images} images.\n\n{table(reports)}\n")
-    print(body)
     if not args.no_doc:
         update_section(SECTION, body)
+    print(body)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
