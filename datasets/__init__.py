@@ -22,8 +22,10 @@ from datasets.mvtec import (
     list_samples,
     resolve_categories,
 )
+from datasets.validation import validation_split
 
 __all__ = [
+    "validation_split",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "MVTEC_CATEGORIES",

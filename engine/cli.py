@@ -93,9 +93,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         if field.type in (bool, "bool"):
             options.add_argument(f"--{name}", action="store_true", default=None, help=_option_help(owners))
         else:
-            kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
-            options.add_argument(f"--{name}", type=field.metadata.get("parse") or kind, default=None,
+            options.add_argument(f"--{name}", type=_option_type(field), default=None,
                                  help=_option_help(owners))
+
+
+def _option_type(field: dataclasses.Field) -> Any:
+    """The argparse type of a method option: its ``parse``, else its field type."""
+    kind = {"int": int, "float": float, "str": str}.get(str(field.type), type(field.default))
+    return field.metadata.get("parse") or kind
+
+
+def name_fields() -> dict[str, dataclasses.Field]:
+    """The options that name run folders (``name_fields``) besides k: ``--size``, ``--variant``, ..."""
+    return {name: owners[0][1] for name, owners in method_option_fields().items()
+            if name != "k" and any(name in METHODS[method].Options.name_fields for method, _ in owners)}
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -151,6 +162,9 @@ def add_identity_args(parser: argparse.ArgumentParser, size_flags: tuple[str, ..
     group.add_argument("--resize", type=image_side, default=None, help="resize side of the checkpoint")
     group.add_argument(*size_flags, type=image_side, default=None,
                        help="network input side of the checkpoint")
+    for name, field in name_fields().items():
+        group.add_argument(f"--{name}", type=_option_type(field), default=None,
+                           help=f"{name} of the checkpoint (names its folder, as in train.py)")
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, save_path_help: str, category_help: str) -> None:
@@ -176,6 +190,10 @@ def expected_identity(args: argparse.Namespace, side: str = "crop_size") -> dict
             wanted[key] = getattr(args, key)
     if args.k is not None and (not args.method or "k" in method_class(args.method).Options.name_fields):
         wanted["k"] = args.k  # a method without k (patchcore) ignores --k, as train.py does
+    for name in name_fields():
+        if getattr(args, name, None) is not None and (not args.method or
+                                                      name in method_class(args.method).Options.name_fields):
+            wanted[name] = getattr(args, name)
     if args.resize is not None:
         wanted["resize"] = args.resize
     if (getattr(args, side) or args.resize) is not None:
@@ -188,9 +206,8 @@ def checkpoint_folder(model_path: str | None, save_path: str | None,
     """``model_path`` (a folder or a .npz) or train.py's SAVE_PATH/<method>_<arch>_<k>."""
     if model_path:
         return Path(model_path)
-    fields = {name: getattr(args, name, None) for name in method_option_fields()}  # --k, --variant ...
-    fields["arch"] = args.arch or "resnet18"
-    config = model_config(args.method or "ortho", strict=False, **fields)
+    given = {name: getattr(args, name, None) for name in method_option_fields()}  # --k, --size, ...
+    config = model_config(args.method or "ortho", strict=False, arch=args.arch or "resnet18", **given)
     return Path(save_path or DEFAULT_SAVE_PATH) / config.run_name
 
 

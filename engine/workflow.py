@@ -26,7 +26,16 @@ from tqdm import tqdm
 from core.distributed import Collective, World
 from core.errors import CheckpointError, ConfigError
 from core.runtime import Runtime
-from datasets import AnomalyDataset, BatchLoader, Preprocess, Sample, denormalize, list_samples, shard_indices
+from datasets import (
+    AnomalyDataset,
+    BatchLoader,
+    Preprocess,
+    Sample,
+    denormalize,
+    list_samples,
+    shard_indices,
+    validation_split,
+)
 from datasets.mvtec_loco import is_loco
 from deploy.visualize import four_panel, save_png
 from engine.evaluate import ScoredSet, loco_metrics, metrics, score_batches
@@ -173,8 +182,13 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
         raise ConfigError("--resume and --save_every work in a single process; drop them or "
                           "run without paddle.distributed.launch")
     samples = list_samples(plan.data.root, category, "train")
+    validation = None
+    if method_class(plan.config.method).holds_out_validation:
+        samples, validation = validation_split(plan.data.root, category, samples, plan.config.seed)
     digest = samples_digest(samples)
     model = _start(plan, category, runtime, digest)
+    if model.n_train == 0:
+        model.prepare(with_progress(plan.data.loader(samples), len(samples), f"prepare {category}"))
     shard = np.asarray(shard_indices(len(samples), world.rank, world.size), dtype=np.int64)
     first_epoch, done = model.fit_position()
     saved = model.n_train
@@ -199,7 +213,13 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
     if not world.is_main:
         return None
     model.finalize()
-    picked = calibration_indices(len(samples), plan.calib_images)
+    if validation is not None:  # the threshold comes from the validation images
+        held = plan.data.loader(validation)
+        model.fit_validation(with_progress(plan.data.loader(samples), len(samples), f"train {category}"),
+                             with_progress(held, len(validation), f"validation {category}"))
+        samples, picked = validation, list(range(len(validation)))
+    else:
+        picked = calibration_indices(len(samples), plan.calib_images)
     calib = plan.data.loader(samples, picked)
     model.calibrate(with_progress(calib, len(picked), f"threshold {category}"))
     return model

@@ -16,6 +16,7 @@ from core.errors import ConfigError
 from core.runtime import Runtime
 from models.base import AnomalyModel, MethodOptions, ModelConfig, load_checkpoint
 from models.cutpaste import CutPasteModel
+from models.efficientad import EfficientADModel, PuadModel
 from models.ortho import OrthoModel
 from models.padim import PadimModel
 from models.patchcore import PatchCoreModel
@@ -78,7 +79,7 @@ def load_plugins(names: str) -> None:
                               "module name or PYTHONPATH") from exc
 
 
-for _cls in (OrthoModel, PadimModel, SpadeModel, PatchCoreModel, CutPasteModel):
+for _cls in (OrthoModel, PadimModel, SpadeModel, PatchCoreModel, CutPasteModel, EfficientADModel, PuadModel):
     register_method(_cls)
 load_plugins(os.environ.get(PLUGINS_ENV, ""))
 

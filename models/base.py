@@ -178,10 +178,14 @@ class AnomalyModel(ABC):
 
     method: ClassVar[str]
     layers: ClassVar[tuple[str, ...]] = ("layer1", "layer2", "layer3")
+    """The backbone layers the method reads; () = no pretrained trunk (EfficientAD: its teacher)."""
+    holds_out_validation: ClassVar[bool] = False
+    """True: the fit keeps normal validation images apart (validation/good, else a seeded share of
+    train/good, datasets.validation_split) and hands them to :meth:`fit_validation`."""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     """The method's options class (fields, defaults, checks)."""
 
-    def __init__(self, config: ModelConfig, trunk: ResNetTrunk, runtime: Runtime | None) -> None:
+    def __init__(self, config: ModelConfig, trunk: ResNetTrunk | None, runtime: Runtime | None) -> None:
         self.config = config
         self.trunk = trunk
         self.runtime = runtime or Runtime()
@@ -216,7 +220,7 @@ class AnomalyModel(ABC):
             raise ConfigError(f"--method {cls.method} takes {cls.Options.__name__}, not "
                               f"{type(config.options).__name__}; build the config with model_config()")
         config.options.check()
-        trunk = build_trunk(config.arch, cls.layers, config.pretrained, config.seed)
+        trunk = build_trunk(config.arch, cls.layers, config.pretrained, config.seed) if cls.layers else None
         model = cls(config, trunk, runtime)
         model._init_random(np.random.default_rng(config.seed))
         return model
@@ -295,6 +299,15 @@ class AnomalyModel(ABC):
     def progress(self) -> dict[str, float]:
         """Figures the fit's progress bar shows after each batch (a trained method: its loss)."""
         return {}
+
+    def prepare(self, batches: Iterable[Batch]) -> None:  # noqa: B027  (a hook)
+        """Called once before the first step of a new fit with the training images (EfficientAD
+        takes its teacher's channel statistics); nothing here, and ``batches`` is not read."""
+
+    def fit_validation(self, train: Iterable[Batch], validation: Iterable[Batch]) -> None:  # noqa: B027
+        """Called after :meth:`finalize` when :attr:`holds_out_validation`: the training and the
+        held-out validation images (normal), e.g. to normalise maps; then the threshold is taken
+        on the validation images."""
 
     def fit(self, batches: Iterable[Batch]) -> AnomalyModel:
         """Fit on image batches (arrays or loader dicts), then finalise.
@@ -375,7 +388,7 @@ class AnomalyModel(ABC):
         Checks first that the trunk weights are finite: a NaN weight would otherwise vanish in a
         ReLU and give silently wrong scores.
         """
-        for name, tensor in self.trunk.state_dict().items():
+        for name, tensor in (self.trunk.state_dict() if self.trunk is not None else {}).items():
             if not np.isfinite(tensor.numpy()).all():
                 raise CheckpointError(
                     f"backbone weight {name} contains NaN or inf (weights: {self.config.pretrained}); "
@@ -403,7 +416,7 @@ class AnomalyModel(ABC):
 
         ``extra`` adds JSON-able fields to the metadata (e.g. the resume position of a fit).
         """
-        trunk_arrays = self.trunk.weight_arrays()
+        trunk_arrays = self.trunk.weight_arrays() if self.trunk is not None else {}
         meta = {
             **self.config.to_meta(),
             "stage": "final" if self.fitted else "fit",
@@ -430,13 +443,14 @@ class AnomalyModel(ABC):
         except (KeyError, ValueError, TypeError) as exc:
             raise CheckpointError(f"{path}: checkpoint is incomplete ({exc}); train it again") from exc
         check_arrays(path, arrays, specs)
-        trunk = ResNetTrunk(config.arch, cls.layers)
+        trunk = ResNetTrunk(config.arch, cls.layers) if cls.layers else None
         trunk_arrays = {
             name[len(_TRUNK_PREFIX):]: value
             for name, value in arrays.items()
             if name.startswith(_TRUNK_PREFIX)
         }
-        trunk.load_weight_arrays(trunk_arrays, source=path, digest=meta.get("backbone_sha256"))
+        if trunk is not None:
+            trunk.load_weight_arrays(trunk_arrays, source=path, digest=meta.get("backbone_sha256"))
         model = cls(config, trunk, runtime)
         model.threshold = meta.get("threshold")
         model.score_min = meta.get("score_min")

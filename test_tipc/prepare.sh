@@ -10,6 +10,8 @@
 #                         a symbolic link to the mode's training dataset, lite or whole below
 #   train_infer_img_dir (line 12) and the inference --input_file (line 48)
 #                         (./test_tipc/data/infer_data): the mode's inference images, flat
+#   --teacher FILE of the train line (EfficientAD, PUAD): a PDN distilled from a random resnet18
+#                         on the mode's training images (models.efficientad.distill, 100 steps)
 #   infer_model (line 37, whole_infer only; ./test_tipc/data/whole_model/<model_name>):
 #                         a model fitted by the config's train line on the whole data and
 #                         exported there by its export line. Delete the folder to refit.
@@ -194,6 +196,24 @@ prepare_whole_model() {
     log "fitted and exported ${infer_model}"
 }
 
+# The teacher a train line names (--teacher FILE: EfficientAD, PUAD), distilled once from a random
+# resnet18 (--pretrained none: offline) on the mode's training images, at the train line's --resize.
+prepare_teacher() {
+    local teacher size arch side
+    teacher=$(word_after --teacher "${train_words[@]}") || return 0
+    if [[ -f ${teacher} ]]; then
+        log "teacher ${teacher} already distilled (delete it to distil again)"
+        return 0
+    fi
+    size=$(word_after --size "${train_words[@]}") || size=s
+    arch=$(word_after --arch "${train_words[@]}") || arch=resnet18
+    side=$(word_after --resize "${train_words[@]}") || side=256
+    mkdir -p "$(dirname "${teacher}")"
+    run_step "distilling the teacher" "${teacher%.npz}.log" "${python}" -m models.efficientad.distill \
+        --images "${data_path}/${category}/train" --arch "${arch}" --pretrained none --size "${size}" \
+        --image_size "${side}" --steps 100 --batch_size 4 --norm_images 0 --out "${teacher}"
+}
+
 case ${MODE} in
     lite_train_lite_infer)
         build_lite
@@ -208,10 +228,12 @@ case ${MODE} in
         build_whole
         link_train_data "${DATA}/whole/magnetic_tile"
         infer_images "${DATA}/whole/magnetic_tile/test" "${WHOLE_INFER_PER_FOLDER}"
+        prepare_teacher
         prepare_whole_model ;;
     whole_train_whole_infer)
         build_whole
         link_train_data "${DATA}/whole/magnetic_tile"
         infer_images "${DATA}/whole/magnetic_tile/test" "${WHOLE_INFER_PER_FOLDER}" ;;
 esac
+[[ ${MODE} == whole_infer ]] || prepare_teacher
 log "ready"

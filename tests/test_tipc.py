@@ -30,7 +30,7 @@ TIPC = ROOT / "test_tipc"
 COMMON = TIPC / "common_func.sh"
 MODES = ("lite_train_lite_infer", "lite_train_whole_infer", "whole_infer", "whole_train_whole_infer")
 METHOD_OF = {"OrthoAD": "ortho", "PaDiM": "padim", "SPADE": "spade", "PatchCore": "patchcore",
-             "CutPaste": "cutpaste"}
+             "CutPaste": "cutpaste", "EfficientAD": "efficientad", "PUAD": "puad"}
 CONFIGS = {name: (method, TIPC / "configs" / name / "train_infer_python.txt")
            for name, method in METHOD_OF.items()}
 
@@ -76,6 +76,9 @@ OUR_KEYS = {
     45: "--precision", 46: "--model_file", 47: "--input_file", 48: "--save_path",
     49: "--enable_benchmark", 50: "null",
 }
+
+STEP_KEY = {"EfficientAD": "--steps", "PUAD": "--steps"}
+"""Configs whose line 7 (the standard driver's per-mode epoch line) gives the step budget."""
 
 needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not installed")
 
@@ -341,6 +344,8 @@ def test_config_is_in_the_standard_layout(model):
         assert line == "##" if text == "##" else (line.startswith("=====") and text in line)
     for index, key in OUR_KEYS.items():
         line = text_lines[index]
+        if index == 6:  # the per-mode training length: a step budget for the trained methods
+            key = STEP_KEY.get(model, key)
         assert std_key(line) == key, f"line {index + 1}"
         assert line.count(":") == 1, f"line {index + 1}: a second ':' would cut the value"
         per_mode = any(f"{m}=" in std_value(line) for m in MODES)

@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from core.resample import nearest_indices, smoothing_matrix
+from core.resample import bilinear_matrix, nearest_indices, smoothing_matrix
 from models.components.static_ops import non_negative, reduce_sum, sqrt
 
 
@@ -55,29 +55,48 @@ class ToRows(nn.Layer):
         return paddle.transpose(paddle.flatten(z, start_axis=2), [0, 2, 1])
 
 
-class SmoothUpsample(nn.Layer):
-    """Bilinear upsampling of (N, 1, h, w) distance maps to (N, 1, H, W) followed by a Gaussian blur.
+class SeparableResize(nn.Layer):
+    """(N, C, h, w) maps -> (N, C, H, W) as ``rows @ X @ cols^T`` per map, ``rows`` (H, h) and
+    ``cols`` (W, w) fixed matrices (a bilinear resize, a blur, or both).
 
-    Both steps are linear along each axis, so the layer computes ``A_h @ D @ A_w^T`` with
-    ``A = blur @ bilinear`` of shape (H, h) and (W, w): one pair of small matmuls. Both are plain
-    2-D products over the stacked maps: under oneDNN (Paddle 3.3) the broadcast ``A_h @ D`` of a
-    2-D by a 4-D tensor gives NaN or crashes for batches of more than one image.
+    Both products are plain 2-D matmuls over the stacked maps: under oneDNN (Paddle 3.3) the
+    broadcast ``rows @ X`` of a 2-D by a 4-D tensor gives NaN or crashes for batches of more than
+    one image, and a PIR graph holding ``F.interpolate`` fails there.
     """
 
-    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int], sigma: float) -> None:
+    def __init__(self, rows: np.ndarray, cols: np.ndarray) -> None:
         super().__init__()
-        self.size_in, self.size_out = tuple(size_in), tuple(size_out)
-        rows = smoothing_matrix(size_in[0], size_out[0], sigma)
-        cols_t = smoothing_matrix(size_in[1], size_out[1], sigma).T
+        self.size_in = (rows.shape[1], cols.shape[1])
+        self.size_out = (rows.shape[0], cols.shape[0])
         self.register_buffer("rows", paddle.to_tensor(rows), persistable=True)
-        self.register_buffer("cols_t", paddle.to_tensor(np.ascontiguousarray(cols_t)), persistable=True)
+        self.register_buffer("cols_t", paddle.to_tensor(np.ascontiguousarray(cols.T)), persistable=True)
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
         (h, w), (height, width) = self.size_in, self.size_out
-        wide = paddle.reshape(x, [-1, w]) @ self.cols_t  # (N h, W)
+        channels = x.shape[1]
+        wide = paddle.reshape(x, [-1, w]) @ self.cols_t  # (N C h, W)
         wide = paddle.reshape(paddle.transpose(paddle.reshape(wide, [-1, h, width]), [1, 0, 2]), [h, -1])
-        tall = paddle.reshape(self.rows @ wide, [height, -1, width])  # (H, N, W)
-        return paddle.transpose(tall, [1, 0, 2]).unsqueeze(1)
+        tall = paddle.reshape(self.rows @ wide, [height, -1, width])  # (H, N C, W)
+        return paddle.reshape(paddle.transpose(tall, [1, 0, 2]), [-1, channels, height, width])
+
+
+def bilinear_resize(size_in: tuple[int, int], size_out: tuple[int, int]) -> SeparableResize:
+    """``F.interpolate(mode="bilinear", align_corners=False)`` from ``size_in`` to ``size_out`` as
+    fixed matrices (exports under oneDNN)."""
+    return SeparableResize(bilinear_matrix(size_in[0], size_out[0]).astype(np.float32),
+                           bilinear_matrix(size_in[1], size_out[1]).astype(np.float32))
+
+
+class SmoothUpsample(SeparableResize):
+    """Bilinear upsampling of (N, 1, h, w) distance maps to (N, 1, H, W) followed by a Gaussian blur.
+
+    Both steps are linear along each axis, so the layer computes ``A_h @ D @ A_w^T`` with
+    ``A = blur @ bilinear`` of shape (H, h) and (W, w): one pair of small matmuls.
+    """
+
+    def __init__(self, size_in: tuple[int, int], size_out: tuple[int, int], sigma: float) -> None:
+        super().__init__(smoothing_matrix(size_in[0], size_out[0], sigma),
+                         smoothing_matrix(size_in[1], size_out[1], sigma))
 
 
 def factor_blocks(inv_cov: np.ndarray, blocks: int) -> list[np.ndarray] | None:

@@ -166,7 +166,8 @@ class TrainedModel(AnomalyModel):
         """One optimizer step on a batch of normal images (B, 3, S, S) float32."""
         images = np.asarray(images, dtype=np.float32)
         self.check_finite(images, paths, "pixel values")
-        self.trunk.eval()  # the pretrained trunk is frozen: batch norm keeps its statistics
+        if self.trunk is not None:
+            self.trunk.eval()  # the pretrained trunk is frozen: batch norm keeps its statistics
         self.network.train()
         figures = self.loss(paddle.to_tensor(images))
         loss, *others = figures if isinstance(figures, tuple) else (figures,)
