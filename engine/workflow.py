@@ -174,6 +174,8 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
     samples = list_samples(plan.data.root, category, "train")
     digest = samples_digest(samples)
     model = _start(plan, category, runtime, digest)
+    picked = calibration_indices(len(samples), plan.calib_images)
+    model.keep_for_calibration([str(samples[i].path) for i in picked])
     shard = np.asarray(shard_indices(len(samples), world.rank, world.size), dtype=np.int64)
     first_epoch, done = model.fit_position()
     saved = model.n_train
@@ -198,7 +200,6 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
     if not world.is_main:
         return None
     model.finalize()
-    picked = calibration_indices(len(samples), plan.calib_images)
     calib = plan.data.loader(samples, picked)
     model.calibrate(with_progress(calib, len(picked), f"threshold {category}"))
     return model
