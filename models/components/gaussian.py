@@ -333,17 +333,28 @@ class _Union:
         triangles are the factors (their strict upper triangles hold leftovers: read each as a
         lower-triangular matrix only, e.g. as the upper factor L^T of its transpose).
 
-        Each factor is LAPACK ``dpotrf`` in place on the transposed (Fortran-ordered) view.
+        With s2_f the raw scatter of part f, s1_f its shifted sum, n_f its count and d_f its mean
+        minus the union's, ``(n - 1) (S' - eps basis basis^T) = sum_f s2_f + v_f v_f^T - u_f u_f^T``
+        with u_f = s1_f / sqrt(n_f), v_f = sqrt(n_f) d_f; the rank-one terms of all parts are one
+        ``dsyr2k`` per position (``(a b^T + b a^T) / 2`` with a = v - u, b = v + u), then LAPACK
+        ``dpotrf``, both in place on the transposed (Fortran-ordered) view: few passes over memory.
         """
-        lower = None
-        for part, mean in zip(self.parts, self.means, strict=True):
-            scatter = part.scatter_lower(start, stop)
-            scatter += part.count * outer(mean[start:stop] - self.mean[start:stop])
-            lower = scatter if lower is None else np.add(lower, scatter, out=lower)
-        lower /= self.count - 1
-        lower += self.regulariser
-        for matrix in lower:
-            factor, info = lapack.dpotrf(matrix.T, lower=0, overwrite_a=1, clean=0)
+        parts = [(part, mean) for part, mean in zip(self.parts, self.means, strict=True) if part.count]
+        lower = np.array(parts[0][0]._raw_lower(start, stop), order="C")
+        for part, _ in parts[1:]:
+            lower += part._raw_lower(start, stop)
+        scale = 1.0 / (self.count - 1)
+        lower *= scale
+        if self.basis is None:
+            lower[:, np.arange(lower.shape[1]), np.arange(lower.shape[1])] += self.eps
+        else:
+            lower += self.regulariser
+        u = np.stack([part.s1[start:stop] / np.sqrt(part.count) for part, _ in parts], axis=2)
+        v = np.stack([np.sqrt(part.count) * (mean[start:stop] - self.mean[start:stop])
+                      for part, mean in parts], axis=2)  # (c, k, parts)
+        for matrix, minus, plus in zip(lower, v - u, v + u, strict=True):
+            updated = blas.dsyr2k(0.5 * scale, minus, plus, beta=1.0, c=matrix.T, lower=0, overwrite_c=1)
+            factor, info = lapack.dpotrf(updated, lower=0, overwrite_a=1, clean=0)
             if not np.shares_memory(factor, matrix):
                 matrix.T[...] = factor
             if info:
