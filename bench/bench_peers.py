@@ -256,6 +256,7 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
 def fit_section(results: list[dict], args: argparse.Namespace, loads: tuple) -> str:
     """The docs/benchmarks.md section of ``--fit_only``."""
     images = f" --fit_images {args.fit_images}" if args.fit_images is not None else ""
+    notes: list[str] = []
     lines = [
         "## Fit against anomalib's PaDiM (bench/bench_peers.py --fit_only)", "",
         f"Command: `python bench/bench_peers.py --fit_only --configs {' '.join(args.configs)}{images}` "
@@ -273,7 +274,6 @@ def fit_section(results: list[dict], args: argparse.Namespace, loads: tuple) -> 
         "anomalib / ours (wall) | (CPU) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    notes = []
     for r in results:
         mine, peer = r["ours"], r["peers"]
         wall = sum(v[0] for v in mine.values())
