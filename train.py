@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.save_pic and not args.eval:
         raise ConfigError("--save_pic True draws the test images that --eval scores: add --eval")
+    if args.plots and not args.eval:
+        raise ConfigError("--plots draws the test scores that --eval computes: add --eval")
     world = current_world()
     data = data_plan_from(args)
     plan = fit_plan_from(args, data)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,13 +23,15 @@ from deploy.export import export_model
 from deploy.visualize import heat_overlay, outline_overlay
 from engine.workflow import calibration_indices
 from models import METHODS, AnomalyModel, build_model, model_config
+from models.components.trained import TrainedModel
 
 __all__ = ["METHODS", "AnomalyModel", "ToolkitError"]  # re-exported for the page
 
 ARCHS = ("resnet18", "resnet50", "wide_resnet50_2")
 CALIB_IMAGES = 200
-Progress = Callable[[int, int], None]
-"""Called with (images done, images in all) while fitting."""
+Progress = Callable[[int, int, str], None]
+"""Called with (images done, images in all, a note: the epoch and a trained method's last loss)
+while fitting."""
 
 
 @dataclass
@@ -42,6 +45,8 @@ class FitSettings:
     pretrained: str = "imagenet"
     seed: int = 0
     batch_size: int = 8
+    options: dict[str, Any] = field(default_factory=dict)
+    """Further method options by field name (a trained method's ``epochs``, ``lr``, ...)."""
 
 
 @dataclass
@@ -93,29 +98,46 @@ def upload_samples(paths: Sequence[str | Path]) -> list[Sample]:
     return [Sample(check_image(p), 0, "good", None) for p in paths]
 
 
+def planned_images(model: AnomalyModel, count: int, batch_size: int) -> int:
+    """Images a fit of ``count`` training images in batches of ``batch_size`` visits: every epoch's,
+    or those of a trained method's step budget (full epochs, then the budget's last batches)."""
+    budget = model.max_steps if isinstance(model, TrainedModel) else None
+    if budget is None:
+        return model.epochs * count
+    full, rest = divmod(budget, -(-count // batch_size))
+    return full * count + min(rest * batch_size, count)
+
+
 def fit(samples: Sequence[Sample], settings: FitSettings, progress: Progress,
         category: str = "") -> AnomalyModel:
     """A model of ``category`` fitted on ``samples``, calibrated on (up to 200 of) them.
 
-    Runs the model's epochs (one for the statistics methods) in its epoch order, as train.py does;
-    ``progress`` is called after every batch with the images done over all epochs. ``settings.k``
+    Runs the model's epochs (one for the statistics methods) in its epoch order, as train.py does,
+    and stops when a trained method's step budget is spent; ``progress`` is called after every
+    batch with the images done over the whole fit and a note (epoch, last loss). ``settings.k``
     is skipped for a method without ``k``."""
     config = model_config(settings.method, strict=False, k=settings.k, arch=settings.arch,
                           image_size=settings.image_size, resize=settings.image_size,
-                          pretrained=settings.pretrained, seed=settings.seed)
+                          pretrained=settings.pretrained, seed=settings.seed, **settings.options)
     model = build_model(config)
     model.category = category
     dataset = AnomalyDataset(list(samples), Preprocess(resize=settings.image_size))
-    total = model.epochs * len(dataset)
+    total = planned_images(model, len(dataset), settings.batch_size)
     done = 0
-    progress(done, total)
+    progress(done, total, "")
     for epoch in range(model.epochs):
         order = model.epoch_order(len(dataset), epoch).tolist()
         for batch in BatchLoader(dataset, settings.batch_size, num_workers=0, indices=order):
             model.partial_fit(batch["images"], batch["paths"])
             done += len(batch["paths"])
-            progress(done, total)
+            note = [f"epoch {epoch + 1}"] if model.epochs > 1 else []
+            note += [f"{name} {value:.4g}" for name, value in model.progress().items()]
+            progress(done, total, ", ".join(note))
+            if model.fit_done():
+                break
         model.end_epoch()
+        if model.fit_done():
+            break
     model.finalize()
     picked = calibration_indices(len(dataset), CALIB_IMAGES)
     model.calibrate(BatchLoader(dataset, settings.batch_size, num_workers=0, indices=picked))

@@ -86,8 +86,8 @@ def run_fit(root: str, category: str | None, uploads: list[str] | None, method: 
     settings = toolkit.FitSettings(method=method, arch=arch, k=int(k) if k else None,
                                    image_size=int(size), pretrained=pretrained.strip() or "imagenet")
 
-    def report(done: int, total: int) -> None:
-        progress((done, total), desc="fitting", unit="images")
+    def report(done: int, total: int, note: str) -> None:
+        progress((done, total), desc=f"fitting ({note})" if note else "fitting", unit="images")
 
     model = toolkit.fit(samples, settings, report, category=name)
     status = (f"Fitted **{model.config.run_name}** on {len(samples)} good images of "

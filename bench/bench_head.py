@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_infer import SIZE, SOURCE, THREADS, fit  # noqa: E402
-from bench.report import machine, publish  # noqa: E402
+from bench.report import machine, update_section  # noqa: E402
 from core.inference import Predictor, PredictorOptions  # noqa: E402
 from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image  # noqa: E402
@@ -142,9 +142,9 @@ def main() -> int:
         rows = errors(scorers, root)
     body = "\n".join([
         "## Mahalanobis head: full matrices vs Cholesky factor blocks (bench/bench_head.py)", "",
-        f"`python bench/bench_head.py --data_path {args.data_path} --images {args.images} "
-        f"--fit_images {args.fit_images}`", "",
-        f"{machine()}; **machine loaded** (load average {load:.1f} on 2 cores at the start, other "
+        f"Command: `python bench/bench_head.py --data_path {args.data_path} --images {args.images} "
+        f"--fit_images {args.fit_images}` on {machine()}; **machine loaded** (load average {load:.1f} "
+        "on 2 cores at the start, other "
         "helpers' jobs): latencies are noisy, compare them only within this table (the graphs took "
         f"turns on each input). resnet18 (random init), k=100, {SIZE} px, ortho fitted on "
         f"{args.fit_images} magnetic-tile training images; fused graphs in Paddle Inference + oneDNN, "
@@ -152,7 +152,9 @@ def main() -> int:
         "the whole test set (load-independent).", "",
         table(times, rows, scorers),
     ])
-    publish(SECTION, body, not args.no_doc)
+    print(body)
+    if not args.no_doc:
+        update_section(SECTION, body)
     return 0
 
 

@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, publish  # noqa: E402
+from bench.report import machine, update_section  # noqa: E402
 from core.inference import Predictor, PredictorOptions  # noqa: E402
 from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
@@ -305,10 +305,11 @@ def main() -> int:
         results.append(measure(arch, args, bandwidth))
         print(f"{arch}: done", file=sys.stderr)
     loads = (start_load, os.getloadavg()[0])
-    if args.fit_only:
-        publish("bench_peers_fit", fit_section(results, args, loads), not args.no_doc)
-        return 0
-    publish("bench_peers", section(results, args, bandwidth, loads), not args.no_doc)
+    name, body = (("bench_peers_fit", fit_section(results, args, loads)) if args.fit_only
+                  else ("bench_peers", section(results, args, bandwidth, loads)))
+    print(body)
+    if not args.no_doc:
+        update_section(name, body)
     return 0
 
 

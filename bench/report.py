@@ -8,6 +8,8 @@ import platform
 import re
 from pathlib import Path
 
+from core.io import atomic_write_text
+
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 HEADER = (
     "# Benchmarks\n\nFigures written by the scripts in bench/; "
@@ -25,20 +27,14 @@ def machine() -> str:
 
 
 def update_section(name: str, body: str) -> None:
-    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
+    """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``.
+
+    ``body`` is the benchmark's Markdown: its heading, the ``Command: `...` on <machine()>`` line
+    and the figures. Every bench script writes docs/benchmarks.md through this function only.
+    """
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
     text = DOC.read_text() if DOC.exists() else HEADER
     block = f"{start}\n{body.rstrip()}\n{end}"
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else f"{text.rstrip()}\n\n{block}\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_name(f".{DOC.name}.tmp")
-    tmp.write_text(text if text.endswith("\n") else text + "\n")
-    os.replace(tmp, DOC)
-
-
-def publish(name: str, body: str, write: bool) -> None:
-    """Print a benchmark's section and, when ``write``, put it into docs/benchmarks.md."""
-    print(body)
-    if write:
-        update_section(name, body)
+    atomic_write_text(DOC, text if text.endswith("\n") else text + "\n")

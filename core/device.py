@@ -25,7 +25,9 @@ def check_gpu(index: int = 0) -> None:
         )
     count = paddle.device.cuda.device_count()
     if index >= count:
-        raise ConfigError(f"GPU {index} was requested but this machine has {count} GPU(s)")
+        choice = f"pick gpu:0 to gpu:{count - 1} (--device / --gpu_id) or " if count else ""
+        raise ConfigError(f"GPU {index} was requested but this machine has {count} GPU(s); "
+                          f"{choice}run on the CPU (--device cpu / --use_gpu False)")
 
 
 def select_device(spec: str) -> str:

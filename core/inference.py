@@ -29,17 +29,6 @@ class PredictorOptions:
     min_subgraph_size: int = 3
     max_batch_size: int = 1
 
-    def describe(self) -> dict[str, object]:
-        """The settings as a flat dict (for logs and benchmark reports)."""
-        return {
-            "device": f"gpu:{self.gpu_id}" if self.use_gpu else "cpu",
-            "cpu_threads": self.cpu_threads,
-            "enable_mkldnn": self.enable_mkldnn and not self.use_gpu,
-            "use_tensorrt": self.use_tensorrt,
-            "precision": self.precision,
-            "gpu_mem_mb": self.gpu_mem if self.use_gpu else 0,
-        }
-
 
 _PRECISIONS = {"fp32": "Float32", "fp16": "Half"}
 

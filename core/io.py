@@ -15,11 +15,14 @@ into the same folder removes those whose process is no longer running
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from core.errors import ConfigError
 
 STALE_NAME = re.compile(r"^\.(?P<target>.+)\.(?:tmp|export|partial)-(?P<pid>\d{1,10})(?:-\w+)?(?:\.old)?$")
 
@@ -81,15 +84,31 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the whole new one."""
+def cannot_write(path: str | Path, exc: OSError, option: str) -> str:
+    """The one line saying why ``path`` could not be written and how to fix it (``option`` names
+    the argument that chose the place, e.g. ``--save_path``)."""
+    full = exc.errno == errno.ENOSPC
+    reason = "disk full" if full else exc.strerror or str(exc)
+    kept = " (the previous file is kept)" if os.path.exists(path) else ""
+    fix = f"free space or pass another {option}" if full else f"pass a writable {option}"
+    return f"{path}: cannot write it: {reason}{kept}; {fix}"
+
+
+def atomic_write_text(path: str | Path, text: str, option: str = "output folder") -> None:
+    """Write ``text`` to ``path`` so that readers see the old file or the whole new one.
+
+    A write that fails (full disk, no permission) raises one ConfigError naming ``path`` and
+    ``option``, the argument that chose the folder; the previous file is left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(path.parent)
     tmp = temp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path.parent)
         tmp.write_text(text)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError(cannot_write(path, exc, option)) from exc
     finally:
         if tmp.exists():
             tmp.unlink()

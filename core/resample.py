@@ -44,8 +44,11 @@ def _reflect(index: np.ndarray, size: int) -> np.ndarray:
 def gaussian_blur_matrix(size: int, sigma: float, truncate: float = 4.0) -> np.ndarray:
     """Matrix (size, size) of a 1-D Gaussian filter as ``scipy.ndimage.gaussian_filter1d`` applies it.
 
-    Kernel radius ``int(truncate * sigma + 0.5)``, normalised weights, "reflect" borders.
+    Kernel radius ``int(truncate * sigma + 0.5)``, normalised weights, "reflect" borders. A sigma
+    that is not a finite number > 0 raises ValueError (it would give a matrix of NaN or zeros).
     """
+    if not 0 < sigma < np.inf:
+        raise ValueError(f"blur sigma must be a finite number > 0, got {sigma}")
     radius = int(truncate * sigma + 0.5)
     offsets = np.arange(-radius, radius + 1)
     weights = np.exp(-0.5 * (offsets / sigma) ** 2)

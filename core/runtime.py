@@ -36,6 +36,7 @@ class Runtime:
     enable_mkldnn: bool = True
 
     def predictor_options(self) -> PredictorOptions:
+        """The Paddle Inference options of this runtime (device, threads, oneDNN)."""
         kind, index = parse_device(self.device)
         return PredictorOptions(
             use_gpu=kind == "gpu",
@@ -51,7 +52,7 @@ class Runtime:
 
 
 def run_chunked(run: RunFn, images: np.ndarray, chunk: int) -> Chunks:
-    """Run ``run`` on consecutive slices of ``chunk`` images (0 = all at once).
+    """Run ``run`` on consecutive slices of ``chunk`` images (N, 3, S, S) (0 = all at once).
 
     Yields (slice of the batch, outputs of that slice), so callers consume results without the
     batch-sized concatenation.

@@ -22,7 +22,6 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-
 def run_main(main: Callable[[list[str] | None], int]) -> None:
     """Run a script's main; a ToolkitError becomes one ``error:`` line and exit status 2."""
     try:

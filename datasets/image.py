@@ -92,13 +92,12 @@ def read_image(path: str | Path) -> np.ndarray:
     return np.repeat(gray[:, :, None], 3, axis=2)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a ground-truth mask of any mode: True where any colour channel is > 0.
-
-    Alpha channels are ignored; for palette images the stored palette index is the value.
+def read_mask_values(path: str | Path) -> np.ndarray:
+    """Read a mask's values: the largest colour channel of each pixel (alpha ignored; for palette
+    images the stored palette index). MVTec LOCO's masks store a defect type's grey value.
 
     Returns:
-        bool array of shape (H, W).
+        non-negative integer array (H, W) (uint8, or wider for 16/32-bit masks).
 
     Raises:
         InputError: naming the mask file when it cannot be read.
@@ -108,8 +107,39 @@ def read_mask(path: str | Path) -> np.ndarray:
     if im.mode in _ALPHA_MODES:
         values = values[:, :, :-1]
     if values.ndim == 3:
-        return np.any(values > 0, axis=2)
-    return values > 0
+        values = values.max(axis=2)
+    return values.astype(np.uint8) if values.dtype == bool else values
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a ground-truth mask of any mode: True where any colour channel is > 0.
+
+    A folder (MVTec LOCO: one PNG per defect of an image) gives the union of the ``*.png``
+    masks in it, which must share one size.
+
+    Returns:
+        bool array of shape (H, W).
+
+    Raises:
+        InputError: naming the mask file when it cannot be read, a folder without PNG masks, or
+            masks of different sizes in one folder.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return read_mask_values(path) > 0
+    files = sorted(p for p in path.glob("*.png") if not p.name.startswith("."))
+    if not files:
+        raise InputError(f"{path}: mask folder holds no .png masks; put the image's defect masks "
+                         "there or remove the folder")
+    union = read_mask(files[0])
+    for file in files[1:]:
+        mask = read_mask(file)
+        if mask.shape != union.shape:
+            raise InputError(f"{file}: mask is {mask.shape[1]}x{mask.shape[0]} but {files[0].name} "
+                             f"beside it is {union.shape[1]}x{union.shape[0]}; give every mask of "
+                             "an image the image's size")
+        union |= mask
+    return union
 
 
 _NORMALISED = (

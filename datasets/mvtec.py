@@ -5,6 +5,8 @@ Layout of one category under a dataset root::
     <root>/<category>/train/good/*.png              defect-free training images
     <root>/<category>/test/<defect or good>/*.png   test images, one folder per defect type
     <root>/<category>/ground_truth/<defect>/<stem>_mask.png   masks of the defective images
+    <root>/<category>/ground_truth/<defect>/<stem>/*.png      or a folder of masks, one per defect
+                                                              (MVTec LOCO; see datasets.mvtec_loco)
 
 Hidden files and folders (name starting with ``.``, e.g. macOS ``._x.png``) are ignored.
 """
@@ -144,7 +146,8 @@ def list_samples(root: str | Path, category: str, split: str) -> list[Sample]:
 
     Train: train/good images. Test: every sub-folder of test/ sorted by name, images sorted by
     file name; a defective image's mask is ``ground_truth/<defect>/<stem>_mask.png`` if that file
-    exists, else None.
+    exists, else the folder ``ground_truth/<defect>/<stem>/`` (MVTec LOCO: one PNG per defect,
+    read as their union) if that exists, else None.
 
     Raises:
         InputError: naming the folder that is missing or holds no images.
@@ -172,8 +175,11 @@ def list_samples(root: str | Path, category: str, split: str) -> list[Sample]:
             if defect == "good":
                 samples.append(Sample(path, 0, defect, None))
                 continue
-            mask = base / "ground_truth" / defect / f"{path.stem}_mask.png"
-            samples.append(Sample(path, 1, defect, mask if mask.is_file() else None))
+            truth = base / "ground_truth" / defect
+            mask = truth / f"{path.stem}_mask.png"
+            if not mask.is_file():
+                mask = truth / path.stem
+            samples.append(Sample(path, 1, defect, mask if mask.exists() else None))
     return samples
 
 

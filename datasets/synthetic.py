@@ -44,13 +44,13 @@ VERSION = 1  # bump when the images change, so old generated folders are rebuilt
 LOW, HIGH = 40, 215  # grey-level range of defect-free images
 
 
-def _rng(seed: int, *key: str | int) -> np.random.Generator:
+def seeded_rng(seed: int, *key: str | int) -> np.random.Generator:
     """A generator determined by ``seed`` and ``key`` (strings hashed with crc32)."""
     words = [zlib.crc32(k.encode()) if isinstance(k, str) else k for k in key]
     return np.random.default_rng([seed, *words])
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+def smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """float64 (size, size) noise with unit-ish std, smooth over ``size / cells`` pixels."""
     coarse = Image.fromarray(rng.standard_normal((cells, cells)).astype(np.float32))
     return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC), np.float64)
@@ -62,7 +62,7 @@ def _tiles(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     phase = rng.uniform(-0.4, 0.4)
     stripes = np.sin(2 * np.pi * x / (size / 8) + phase)
     grey = 128 + rng.uniform(-6, 6) + rng.uniform(32, 40) * stripes
-    grey = grey + 12 * _smooth_noise(rng, size, 8) + rng.normal(0, 2, (size, size))
+    grey = grey + 12 * smooth_noise(rng, size, 8) + rng.normal(0, 2, (size, size))
     margin = size // 10
     region = np.zeros((size, size), bool)
     region[margin:-margin, margin:-margin] = True
@@ -125,11 +125,11 @@ def render(
         the defect; identical unless ``folder`` is a defect type.
     """
     background = _tiles if category == "tiles" else _disc
-    grey, region = background(_rng(seed, category, folder, index), size)
+    grey, region = background(seeded_rng(seed, category, folder, index), size)
     clean = np.clip(np.rint(grey), LOW, HIGH)
     grey = clean.copy()
     if folder in DEFECTS:
-        defect_rng = _rng(seed, category, folder, index, "defect")
+        defect_rng = seeded_rng(seed, category, folder, index, "defect")
         shape = (_scratch if folder == "scratch" else _spot)(defect_rng, region)
         shift = -110 if grey[shape].mean() >= 128 else 110
         if folder == "scratch":

@@ -13,9 +13,17 @@ import numpy as np
 
 from core.errors import InputError
 from core.io import atomic_write_text
-from engine.metrics import pro_auc, roc_auc
+from datasets import AnomalyDataset
+from datasets.mvtec_loco import ANOMALY_TYPES, defect_regions, read_defects_config
+from engine.metrics import pro_auc, roc_auc, spro_auc
 
 COLUMNS = ("category", "image_auroc", "pixel_auroc", "pro")
+LOCO_COLUMNS = (*COLUMNS, "image_auroc_logical", "image_auroc_structural", "spro_logical",
+                "spro_structural", "spro")
+"""results.csv on an MVTec LOCO root: image AUROC of good vs logical and vs structural anomalies
+(``image_auroc`` is good vs both), and sPRO of each type and of both (FPR limit 0.05)."""
+SPRO_FPR_LIMIT = 0.05
+_TYPE_NAMES = dict(zip(ANOMALY_TYPES, ("logical", "structural"), strict=True))
 
 
 @dataclass
@@ -77,11 +85,52 @@ def metrics(scored: ScoredSet, category: str, eval_pro: bool, rule: str) -> dict
     return row
 
 
+def loco_metrics(dataset: AnomalyDataset, scored: ScoredSet, category_dir: Path, eval_spro: bool,
+                 rule: str) -> dict[str, Any]:
+    """The MVTec LOCO columns of one category (None where not computable).
+
+    ``dataset`` (its samples and preprocessing) is the test split ``scored`` holds, in order.
+    Image AUROC per anomaly type: the good images against that type's. sPRO (with ``eval_spro``):
+    each defect mask of ``category_dir/ground_truth`` is a region with its saturation area from
+    defects_config.json; the FPR is over the pixels of the good test images.
+    """
+    row: dict[str, Any] = dict.fromkeys(LOCO_COLUMNS[len(COLUMNS):])
+    folders = np.array([sample.defect for sample in dataset.samples])
+    good = scored.labels == 0
+    picks = {name: good | (folders == kind) for kind, name in _TYPE_NAMES.items()}
+    for name, chosen in picks.items():
+        if good.any() and np.count_nonzero(chosen) > np.count_nonzero(good):
+            row[f"image_auroc_{name}"] = roc_auc(scored.labels[chosen], scored.scores[chosen], rule=rule)
+    defective = np.flatnonzero(~good)
+    if not eval_spro or not good.any() or defective.size == 0:
+        return row
+    if any(dataset.samples[i].mask_path is None for i in defective):
+        print(f"{category_dir.name}: some defective test images have no masks; sPRO skipped", file=sys.stderr)
+        return row
+    config = read_defects_config(category_dir)
+    regions = {int(i): defect_regions(dataset.samples[i].mask_path, config, dataset.preprocess)
+               for i in defective}
+    for column, chosen in (("spro_logical", picks["logical"]), ("spro_structural", picks["structural"]),
+                           ("spro", np.ones_like(good))):
+        index = np.flatnonzero(chosen)
+        kept = [(position, region, saturation) for position, i in enumerate(index)
+                for region, saturation in regions.get(int(i), [])]
+        if kept:
+            normal = np.broadcast_to(good[index, None, None], (index.size, *scored.maps.shape[1:]))
+            row[column] = spro_auc(scored.maps[index], normal, kept, SPRO_FPR_LIMIT)
+    return row
+
+
+def _columns(rows: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """LOCO_COLUMNS when a row has them (an MVTec LOCO category), else COLUMNS."""
+    return LOCO_COLUMNS if any(LOCO_COLUMNS[-1] in row for row in rows) else COLUMNS
+
+
 def with_mean(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The rows plus a last row ``mean`` (mean of each metric over the rows that have it)."""
     mean: dict[str, Any] = {"category": "mean"}
-    for column in COLUMNS[1:]:
-        values = [row[column] for row in rows if row[column] is not None]
+    for column in _columns(rows)[1:]:
+        values = [row[column] for row in rows if row.get(column) is not None]
         mean[column] = float(np.mean(values)) if values else None
     return [*rows, mean]
 
@@ -93,16 +142,19 @@ def _cell(value: Any, digits: int) -> str:
 
 
 def render_csv(rows: Sequence[dict[str, Any]]) -> str:
-    """CSV text: header ``category,image_auroc,pixel_auroc,pro`` and one line per row."""
-    lines = [",".join(COLUMNS)]
-    lines += [",".join(_cell(row[c], 6) for c in COLUMNS) for row in rows]
+    """CSV text: header ``category,image_auroc,pixel_auroc,pro`` (plus the LOCO_COLUMNS when a row
+    has them) and one line per row."""
+    columns = _columns(rows)
+    lines = [",".join(columns)]
+    lines += [",".join(_cell(row.get(c), 6) for c in columns) for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The same table as Markdown, 4 decimals."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(row[c], 4) or "-" for c in COLUMNS) + " |" for row in rows]
+    columns = _columns(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c), 4) or "-" for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -1,10 +1,12 @@
-"""Exact threshold-free anomaly-detection metrics: ROC curve, ROC AUC and PRO AUC.
+"""Exact threshold-free anomaly-detection metrics: ROC curve, ROC AUC, PRO AUC and sPRO AUC.
 
 Every metric sorts the scores once (O(N log N)), computes in float64 and evaluates the curves at
 every distinct score, merging tied scores into a single curve point.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -135,6 +137,11 @@ def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return regions, count
 
 
+def _check_limit(fpr_limit: float) -> None:
+    if not 0.0 < fpr_limit <= 1.0:
+        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+
+
 def _integrate_to(x: np.ndarray, y: np.ndarray, limit: float) -> float:
     """Trapezoid area under (x, y), x (P,) non-decreasing from 0, over [0, limit].
 
@@ -187,7 +194,55 @@ def pro_auc(masks: np.ndarray, scores: np.ndarray, fpr_limit: float = 0.3) -> fl
     The curve, starting at (0, 0), is integrated over [0, fpr_limit] by the trapezoid rule
     (interpolated at ``fpr_limit``) and divided by ``fpr_limit``; the result lies in [0, 1].
     """
-    if not 0.0 < fpr_limit <= 1.0:
-        raise ValueError(f"fpr_limit must be in (0, 1], got {fpr_limit}")
+    _check_limit(fpr_limit)
     fpr, pro = pro_curve(masks, scores)
     return _integrate_to(fpr, pro, fpr_limit) / fpr_limit
+
+
+def spro_curve(scores: np.ndarray, normal: np.ndarray,
+               regions: Sequence[tuple[int, np.ndarray, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """The saturated per-region-overlap curve (MVTec LOCO) with one point per distinct score.
+
+    scores: float (N, H, W) anomaly maps; normal: bool or 0/1 (N, H, W), the pixels whose
+    false-positive rate is the x axis (MVTec LOCO: every pixel of the good images); regions: one
+    ``(image index, region (H, W) bool or 0/1, saturation area s > 0)`` per defect (regions may
+    overlap). Lowering the threshold through every distinct score, x is the share of normal pixels
+    at or above it and y the mean over all regions of min(region pixels at or above it / s, 1).
+    With s = the region's area, y is the per-region overlap of :func:`pro_curve`.
+    Returns ``(fpr, spro)``, both float64 (D + 1,), starting at (0, 0) and ending at fpr 1.
+    """
+    normal = _binary(normal, "normal")
+    if normal.ndim != 3:
+        raise ValueError(f"normal must have shape (N, H, W), got {normal.shape}")
+    flat = _finite_scores(scores, normal.shape).ravel()
+    n_normal = np.count_nonzero(normal)
+    if n_normal == 0 or not regions:
+        raise ValueError("sPRO needs normal pixels and at least one defect region")
+    order, ends = _descending(flat)
+    del flat  # per-pixel arrays are freed as soon as possible to bound peak memory
+    rank = np.empty(order.size, dtype=np.int64)
+    rank[order] = np.arange(order.size)
+    pixels = normal.shape[1] * normal.shape[2]
+    positions, gains = [], []
+    for image, region, saturation in regions:
+        inside = np.flatnonzero(_binary(region, "region"))
+        if np.shape(region) != normal.shape[1:] or inside.size == 0 or not saturation > 0:
+            raise ValueError(f"a region must be a non-empty {normal.shape[1:]} mask with saturation > 0")
+        # the k-th pixel of the region to pass the threshold raises its overlap min(k / s, 1) by
+        # min(k, s) - min(k - 1, s), over s
+        ranked = np.sort(rank[image * pixels + inside])
+        positions.append(ranked)
+        gains.append(np.clip(saturation - np.arange(ranked.size), 0.0, 1.0) / (saturation * len(regions)))
+    del rank
+    gain = np.bincount(np.concatenate(positions), weights=np.concatenate(gains), minlength=order.size)
+    fpr = _from_origin(np.cumsum(normal.ravel()[order])[ends], n_normal)
+    return fpr, _from_origin(np.cumsum(gain)[ends], 1.0)
+
+
+def spro_auc(scores: np.ndarray, normal: np.ndarray, regions: Sequence[tuple[int, np.ndarray, float]],
+             fpr_limit: float = 0.05) -> float:
+    """Normalised area under :func:`spro_curve` (same arguments) up to ``fpr_limit`` (MVTec LOCO's
+    0.05), trapezoid rule interpolated at the limit, divided by it; in [0, 1]."""
+    _check_limit(fpr_limit)
+    fpr, spro = spro_curve(scores, normal, regions)
+    return _integrate_to(fpr, spro, fpr_limit) / fpr_limit

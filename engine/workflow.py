@@ -27,8 +27,9 @@ from core.distributed import Collective, World
 from core.errors import CheckpointError, ConfigError
 from core.runtime import Runtime
 from datasets import AnomalyDataset, BatchLoader, Preprocess, Sample, denormalize, list_samples, shard_indices
+from datasets.mvtec_loco import is_loco
 from deploy.visualize import four_panel, save_png
-from engine.evaluate import ScoredSet, metrics, score_batches
+from engine.evaluate import ScoredSet, loco_metrics, metrics, score_batches
 from engine.plots import write_plots
 from models import AnomalyModel, ModelConfig, build_model, load_model, method_class
 
@@ -185,12 +186,12 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
         with closing(with_progress(plan.data.loader(samples, order), len(order), desc, world.is_main,
                                    model.progress)) as batches:
             for batch in batches:
+                if model.fit_done():  # checked first: a fit state may be saved at the budget's last step
+                    break
                 model.partial_fit(batch["images"], batch["paths"])
                 if plan.save_every and model.n_train - saved >= plan.save_every:
                     model.save(str(plan.fit_state(category)), extra={"train_images_sha256": digest})
                     saved = model.n_train
-                if model.fit_done():
-                    break
         model.end_epoch()
         done = 0
         if model.fit_done():
@@ -266,4 +267,7 @@ def evaluate_category(plan: EvalPlan, category: str, model: AnomalyModel,
     if plan.plots:
         written = write_plots(out, category, scored, model.threshold)
         print(f"wrote {', '.join(str(p) for p in written)}")
-    return metrics(scored, category, plan.pro, plan.rule)
+    row = metrics(scored, category, plan.pro, plan.rule)
+    if is_loco(plan.data.root / category):  # MVTec LOCO: per-type AUROC and sPRO columns
+        row |= loco_metrics(dataset, scored, plan.data.root / category, plan.pro, plan.rule)
+    return row

@@ -140,6 +140,9 @@ def config_from_meta(path: str, meta: dict[str, Any], options: type[MethodOption
         raise CheckpointError(f"{path}: metadata image_size={config.image_size}, "
                               f"resize={config.resize}: need 1 <= image_size <= resize <= {MAX_SIDE}; "
                               "the file was changed or is damaged: train it again")
+    if not 0 < config.sigma < np.inf:
+        raise CheckpointError(f"{path}: metadata sigma={config.sigma}: the blur needs a finite number > 0; "
+                              "the file was changed or is damaged: train it again")
     for name in ("threshold", "category", "stage"):
         value, wanted = meta.get(name), {"threshold": (int, float, type(None)), "category": (str,),
                                          "stage": (str,)}[name]

@@ -6,7 +6,6 @@ never runs code from it.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import zipfile
@@ -16,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from core.errors import CheckpointError
-from core.io import remove_stale_temporaries, temp_path
+from core.io import cannot_write, remove_stale_temporaries, temp_path
 
 FORMAT_VERSION = 1
 SUFFIX = ".npz"
@@ -36,11 +35,7 @@ def write_npz(path: str, meta: dict[str, Any], arrays: dict[str, np.ndarray]) ->
             np.savez(f, **payload)
         os.replace(tmp, path)
     except OSError as exc:
-        full = exc.errno == errno.ENOSPC
-        reason = "disk full" if full else exc.strerror or str(exc)
-        kept = " (the previous file is kept)" if os.path.exists(path) else ""
-        fix = "free space or pass another --save_path" if full else "pass a writable --save_path"
-        raise CheckpointError(f"{path}: cannot write it: {reason}{kept}; {fix}") from exc
+        raise CheckpointError(cannot_write(path, exc, "--save_path")) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 
 from datasets.synthetic import generate
+from models import METHODS
+
+TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +29,16 @@ def images_dir(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     for path in [*sorted((test / "good").glob("*.png"))[:2], *sorted((test / "spot").glob("*.png"))]:
         shutil.copy(path, folder / f"{path.parent.name}_{path.name}")
     return folder
+
+
+@pytest.fixture
+def toy_registered():
+    """The test-only trained method ``toyae`` (tests/toy_method.py) registered in this process
+    (removed again afterwards); train.py subprocesses register it through ORTHOAD_PLUGINS."""
+    sys.path.insert(0, str(TESTS))
+    import toy_method
+
+    METHODS.setdefault("toyae", toy_method.ToyAutoencoder)
+    yield toy_method.ToyAutoencoder
+    METHODS.pop("toyae")
+    sys.path.remove(str(TESTS))

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 
 from models import Runtime, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCREENSHOTS_ENV = "ORTHOAD_SCREENSHOTS"
+
+
+def screenshot_dir(tmp_path: Path) -> Path:
+    """Where a test saves the README's pictures: docs/screenshots when ORTHOAD_SCREENSHOTS=1 asks to
+    refresh them, else ``tmp_path`` (a plain test run leaves the source tree untouched)."""
+    if os.environ.get(SCREENSHOTS_ENV) == "1":
+        folder = ROOT / "docs" / "screenshots"
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    return tmp_path
 
 
 def rel_close(actual, expected, rtol):

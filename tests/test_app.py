@@ -22,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import screenshot_dir
 from PIL import Image
 
 from core.errors import InputError
+from core.runtime import Runtime
 from core.scores import normalized_score
 from datasets import AnomalyDataset, BatchLoader, Preprocess, denormalize, list_samples, read_image
 from datasets.synthetic import generate
@@ -32,7 +34,6 @@ from deploy.visualize import heat_overlay
 from models import build_model, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SCREENSHOT = ROOT / "docs" / "screenshots" / "app.png"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 K = 32
@@ -168,9 +169,9 @@ def test_app_in_chromium(browser, app_root, tmp_path):
         assert displayed.shape == heat.shape
         assert np.abs(displayed.astype(int) - heat.astype(int)).max() <= 2
 
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOT))
-        assert SCREENSHOT.stat().st_size > 10_000
+        screenshot = screenshot_dir(tmp_path) / "app.png"
+        browser.save_screenshot(str(screenshot))
+        assert screenshot.stat().st_size > 10_000
 
         browser.find_element(By.ID, "export").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#download a[href]"))
@@ -191,3 +192,55 @@ def test_app_in_chromium(browser, app_root, tmp_path):
             proc.wait()
         log.close()
         print((tmp_path / "app.log").read_text()[-3000:])
+
+
+def test_screenshots_stay_out_of_the_source_tree(tmp_path, monkeypatch):
+    monkeypatch.delenv("ORTHOAD_SCREENSHOTS", raising=False)
+    assert screenshot_dir(tmp_path) == tmp_path
+    monkeypatch.setenv("ORTHOAD_SCREENSHOTS", "0")
+    assert screenshot_dir(tmp_path) == tmp_path
+    monkeypatch.setenv("ORTHOAD_SCREENSHOTS", "1")
+    assert screenshot_dir(tmp_path) == ROOT / "docs" / "screenshots"
+
+
+def test_fit_runs_a_trained_method_like_train_py_and_reports_its_progress(toy_registered, demo_root):
+    """The toy trained method (tests/toy_method.py) through the app's fit: every epoch, in the
+    workflow's order (the same losses as engine.workflow.fit_category, train.py's path), progress
+    over all epochs with the epoch and the last loss in its note."""
+    from engine.workflow import DataPlan, FitPlan, fit_category
+
+    toolkit = pytest.importorskip("app.toolkit")
+    options = {"epochs": 2, "lr": 0.01}
+    settings = toolkit.FitSettings(method="toyae", image_size=64, pretrained="none", batch_size=4,
+                                   options=options)
+    calls = []
+    model = toolkit.fit(toolkit.train_samples(demo_root, "tiles"), settings,
+                        lambda *call: calls.append(call), category="tiles")
+    assert [(done, total) for done, total, _ in calls] == [(0, 16), (4, 16), (8, 16), (12, 16), (16, 16)]
+    assert calls[0][2] == ""
+    assert calls[1][2] == f"epoch 1, loss {model.losses[0]:.4g}"
+    assert calls[4][2] == f"epoch 2, loss {model.losses[3]:.4g}"
+    assert len(model.losses) == 4 and model.fitted and model.threshold is not None
+
+    config = model_config("toyae", image_size=64, resize=64, pretrained="none", **options)
+    plan = FitPlan(DataPlan(demo_root, Preprocess(64), batch_size=4, num_workers=0), config)
+    reference = fit_category(plan, "tiles", Runtime(engine="dynamic"))
+    np.testing.assert_allclose(model.losses, reference.losses, rtol=1e-6)
+    assert model.threshold == pytest.approx(reference.threshold, rel=1e-5)
+
+
+def test_fit_stops_when_a_step_budget_is_spent(toy_registered, demo_root):
+    """--steps 3 with 2 steps per epoch (8 images, batches of 4): one epoch and one step, 12 images."""
+    toolkit = pytest.importorskip("app.toolkit")
+    settings = toolkit.FitSettings(method="toyae", image_size=64, pretrained="none", batch_size=4,
+                                   options={"steps": 3})
+    calls = []
+
+    def progress(done: int, total: int, note: str) -> None:
+        calls.append((done, total))
+        if len(calls) > 10:
+            raise AssertionError(f"the fit went on past its step budget: {calls}")
+
+    model = toolkit.fit(toolkit.train_samples(demo_root, "tiles"), settings, progress, category="tiles")
+    assert calls == [(0, 12), (4, 12), (8, 12), (12, 12)]
+    assert len(model.losses) == 3 and model.n_train == 12 and model.fitted

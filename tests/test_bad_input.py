@@ -247,6 +247,7 @@ def test_tampered_checkpoint_is_one_line(method: str, tmp_path: Path, images_dir
         "float size": ({}, {"image_size": 1e9}, "metadata field image_size is 1000000000.0"),
         "huge size": ({}, {"image_size": 10**9, "resize": 10**9}, "image_size=1000000000"),
         "threshold": ({}, {"threshold": "high"}, "metadata field threshold"),
+        "sigma": ({}, {"sigma": -4.0}, "metadata sigma=-4.0: the blur needs a finite number > 0"),
         "arch": ({}, {"arch": ["resnet18"]}, "metadata field arch"),
         "meta list": ({"__meta__": np.array("[1, 2]")}, {}, "metadata is not a JSON object"),
         "trunk dtype": ({"backbone.stem.0.weight": np.zeros((64, 3, 7, 7), np.int32)}, {},
@@ -385,3 +386,29 @@ def test_disk_full_keeps_the_last_fit_state(demo_root: Path, tmp_path: Path,
     monkeypatch.setattr(models.checkpoint.np, "savez", real_savez)
     assert load_model(str(state)).n_train == 4
     assert sorted(p.name for p in folder.iterdir()) == ["disc.fitstate.npz"]
+
+
+@pytest.mark.bad_input
+def test_disk_full_while_writing_results_keeps_the_previous_table(demo_root: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture) -> None:
+    """eval.py's results.csv hits ENOSPC half-written: one "disk full" line naming it (not a
+    traceback), the table of the run before intact, no temporary left."""
+    argv = ["--data_path", str(demo_root), "--category", "disc", *FAST, "--save_path", str(tmp_path)]
+    assert train.main([*argv, "--eval"]) == 0
+    folder = tmp_path / "ortho_resnet18_16"
+    before = (folder / "results.csv").read_text()
+    real_write = Path.write_text
+
+    def write_text(path: Path, text: str, *args: object, **kwargs: object) -> int:
+        if path.name.startswith(".results.csv.tmp-"):
+            real_write(path, text[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    line = error_line(eval_script.main, argv, capsys)
+    assert f"error: {folder / 'results.csv'}: cannot write it: disk full (the previous file is kept); " \
+           "free space or pass another output folder" in line
+    assert (folder / "results.csv").read_text() == before
+    assert not [p.name for p in folder.iterdir() if ".tmp-" in p.name]

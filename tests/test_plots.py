@@ -83,20 +83,37 @@ def test_write_plots_skips_what_cannot_be_drawn(tmp_path, capsys):
     assert "ROC plot skipped" in err and "PRO plot skipped" in err
 
 
-def test_eval_plots_writes_pngs_beside_results(demo_root, tmp_path):
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def test_train_and_eval_plots_write_the_same_pngs_beside_results(demo_root, tmp_path):
+    """train.py --eval --plots draws from the model it just fitted, eval.py --plots from the saved
+    checkpoint: the same pictures (pixel for pixel but for anti-aliasing noise), beside results.csv."""
     common = ["--data_path", str(demo_root), "--category", "tiles", "--resize", "64",
               "--pretrained", "none", "--engine", "dynamic", "--num_workers", "0"]
     models = tmp_path / "models"
-    fit = subprocess.run([sys.executable, "train.py", *common, "--save_path", str(models)],
-                         cwd=ROOT, capture_output=True, text=True)
+    fit = _run("train.py", *common, "--save_path", str(models), "--eval", "--plots")
     assert fit.returncode == 0, fit.stderr
+    trained = models / "ortho_resnet18_100"
     report = tmp_path / "report"
-    run = subprocess.run([sys.executable, "eval.py", *common, "--model_path",
-                          str(models / "ortho_resnet18_100"), "--save_path", str(report), "--plots"],
-                         cwd=ROOT, capture_output=True, text=True)
+    run = _run("eval.py", *common, "--model_path", str(trained), "--save_path", str(report), "--plots")
     assert run.returncode == 0, run.stderr
     out = report / "ortho_resnet18_100"  # eval.py --save_path: SAVE_PATH/<run_name>/
-    assert (out / "results.csv").is_file()
+    assert (out / "results.csv").read_text() == (trained / "results.csv").read_text()
     for kind in ("roc", "pro", "hist"):
-        assert _is_png(out / f"tiles_{kind}.png"), kind
-        assert str(out / f"tiles_{kind}.png") in run.stdout
+        for folder, proc in ((out, run), (trained, fit)):
+            assert _is_png(folder / f"tiles_{kind}.png"), (folder, kind)
+            assert str(folder / f"tiles_{kind}.png") in proc.stdout
+        with Image.open(out / f"tiles_{kind}.png") as a, Image.open(trained / f"tiles_{kind}.png") as b:
+            a, b = np.asarray(a.convert("RGB")), np.asarray(b.convert("RGB"))
+        assert a.shape == b.shape and (a != b).any(axis=-1).mean() < 1e-3, kind
+
+
+@pytest.mark.bad_input
+def test_train_plots_without_eval_stops(demo_root, tmp_path):
+    run = _run("train.py", "--data_path", str(demo_root), "--category", "tiles", "--pretrained", "none",
+               "--save_path", str(tmp_path), "--plots")
+    assert run.returncode == 2
+    assert "error: --plots draws the test scores that --eval computes: add --eval" in run.stderr
+    assert not any(tmp_path.iterdir())  # stopped before fitting

@@ -3,6 +3,7 @@ method (tests/toy_method.py: a 1x1-conv autoencoder, Adam, learning rate halved 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,11 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import CheckpointError
 from core.runtime import Runtime
 from datasets import Preprocess, list_samples
 from engine.workflow import DataPlan, FitPlan, train_category
-from models import METHODS, build_model, load_model, model_config
-from models.checkpoint import read_npz
+from models import build_model, load_model, model_config
+from models.checkpoint import read_npz, write_npz
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
@@ -41,18 +43,6 @@ def uninterrupted(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     proc = train(demo_root, out)
     assert proc.returncode == 0, proc.stderr
     return out / "toyae_resnet18_small" / "tiles.npz", proc.stderr
-
-
-@pytest.fixture
-def toy_registered():
-    """The toy method registered in this process too (removed again afterwards)."""
-    sys.path.insert(0, str(TESTS))
-    import toy_method
-
-    METHODS.setdefault("toyae", toy_method.ToyAutoencoder)
-    yield toy_method.ToyAutoencoder
-    METHODS.pop("toyae")
-    sys.path.remove(str(TESTS))
 
 
 def test_train_py_trains_the_plugin_method_and_the_loss_goes_down(uninterrupted):
@@ -168,3 +158,58 @@ def test_progress_shows_the_last_step_figures(toy_registered, demo_root):
     images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     model.partial_fit(images)
     assert model.progress() == {"loss": model.losses[-1]}
+
+
+@pytest.mark.bad_input
+def test_a_changed_fit_state_names_the_array_at_load(toy_registered, tmp_path):
+    """Network weights or optimizer moments that are not finite, of another shape or another type
+    are refused at load with the array's name, before a step can use them."""
+    config = model_config("toyae", epochs=1, pretrained="none", image_size=64, resize=64)
+    model = build_model(config)
+    model.partial_fit(np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32))
+    model.save(str(tmp_path / "state.npz"))
+    meta, arrays = read_npz(str(tmp_path / "state.npz"))
+    moment = "opt.0.weight:moment1_0"
+    changes = {
+        "net.0.weight": (np.full_like(arrays["net.0.weight"], np.nan),
+                         "network weight 0.weight is not all finite floats"),
+        moment: (np.zeros(3, np.float32),
+                 f"optimizer state {moment} has shape (3,), its parameter (4, 64, 1, 1)"),
+        "opt.2.bias:moment2_0": (np.full_like(arrays["opt.2.bias:moment2_0"], np.inf),
+                                 "optimizer state opt.2.bias:moment2_0 is not all finite floats"),
+        "opt.9.weight:moment1_0": (arrays[moment], "optimizer state opt.9.weight:moment1_0 belongs to no"),
+    }
+    for name, (value, message) in changes.items():
+        path = tmp_path / f"changed-{len(message)}.npz"
+        write_npz(str(path), meta, {**arrays, name: value})
+        with pytest.raises(CheckpointError) as info:
+            load_model(str(path))
+        assert str(info.value).startswith(f"{path}: checkpoint is incomplete ("), info.value
+        assert message in str(info.value) and str(info.value).endswith("train it again")
+    assert load_model(str(tmp_path / "state.npz")).losses == model.losses
+
+
+def test_a_fit_state_saved_at_the_step_budget_resumes_without_another_step(toy_registered, demo_root,
+                                                                            tmp_path, monkeypatch):
+    """--steps 3 with a fit state after every step, interrupted while calibrating: the fit state
+    holds all 3 steps, and --resume finishes it without a 4th step (the same weights as a fit
+    that was not interrupted)."""
+    data = DataPlan(demo_root, Preprocess(64), batch_size=BATCH, num_workers=0)
+    config = model_config("toyae", steps=3, pretrained="none", image_size=64, resize=64)
+    whole = train_category(FitPlan(data, config, tmp_path / "whole"), "tiles", Runtime(engine="dynamic"))
+    plan = FitPlan(data, config, tmp_path / "cut", save_every=BATCH)
+
+    def killed(self, batches):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(toy_registered, "calibrate", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train_category(plan, "tiles", Runtime(engine="dynamic"))
+    _, state = read_npz(str(plan.fit_state("tiles")))
+    assert len(state["train_losses"]) == 3
+    monkeypatch.undo()
+    resumed = train_category(dataclasses.replace(plan, resume=True), "tiles", Runtime(engine="dynamic"))
+    assert resumed.losses == whole.losses and len(resumed.losses) == 3
+    final = whole.network.state_dict()
+    for name, value in resumed.network.state_dict().items():
+        np.testing.assert_allclose(value.numpy(), final[name].numpy(), rtol=1e-6, err_msg=name)

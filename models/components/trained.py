@@ -76,6 +76,13 @@ def restore_optimizer(optimizer: paddle.optimizer.Optimizer, network: nn.Layer,
     for key, value in arrays.items():
         if key.startswith(_OPT):
             path, suffix = key[len(_OPT):].split(":", 1)
+            if path not in params:
+                raise ValueError(f"optimizer state {key} belongs to no network parameter")
+            shape = tuple(params[path].shape)
+            if value.shape != shape and value.size != 1:  # moments: the parameter's shape; powers: (1,)
+                raise ValueError(f"optimizer state {key} has shape {value.shape}, its parameter {shape}")
+            if value.dtype.kind != "f" or not np.isfinite(value).all():
+                raise ValueError(f"optimizer state {key} is not all finite floats")
             state[f"{params[path].name}_{suffix}"] = paddle.to_tensor(value)
     if _SCHEDULE in arrays:
         state["LR_Scheduler"] = json.loads(str(arrays[_SCHEDULE]))
@@ -220,9 +227,11 @@ class TrainedModel(AnomalyModel):
         for name, tensor in self.network.state_dict().items():
             if name not in weights:
                 raise KeyError(f"network weight {name}")
-            if tuple(weights[name].shape) != tuple(tensor.shape) or not np.isfinite(weights[name]).all():
+            if tuple(weights[name].shape) != tuple(tensor.shape):
                 raise ValueError(f"network weight {name} has shape {weights[name].shape}, this "
-                                 f"configuration needs {tuple(tensor.shape)}, or is not finite")
+                                 f"configuration needs {tuple(tensor.shape)}")
+            if weights[name].dtype.kind != "f" or not np.isfinite(weights[name]).all():
+                raise ValueError(f"network weight {name} is not all finite floats")
         self.network.set_state_dict({name: paddle.to_tensor(value) for name, value in weights.items()})
         self.n_train = int(arrays["n_train"])
         self.losses = arrays["train_losses"].tolist()
