@@ -176,7 +176,8 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
     digest = samples_digest(samples)
     model = _start(plan, category, runtime, digest)
     picked = calibration_indices(len(samples), plan.calib_images)
-    model.keep_for_calibration([str(samples[i].path) for i in picked])
+    if world.is_main:  # only the main process calibrates
+        model.keep_for_calibration([str(samples[i].path) for i in picked])
     shard = np.asarray(shard_indices(len(samples), world.rank, world.size), dtype=np.int64)
     first_epoch, done = model.fit_position()
     saved = model.n_train
