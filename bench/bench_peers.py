@@ -305,11 +305,16 @@ def main() -> int:
         results.append(measure(arch, args, bandwidth))
         print(f"{arch}: done", file=sys.stderr)
     loads = (start_load, os.getloadavg()[0])
-    name, body = (("bench_peers_fit", fit_section(results, args, loads)) if args.fit_only
-                  else ("bench_peers", section(results, args, bandwidth, loads)))
+    if args.fit_only:
+        body = fit_section(results, args, loads)
+        print(body)
+        if not args.no_doc:
+            update_section("bench_peers_fit", body)
+        return 0
+    body = section(results, args, bandwidth, loads)
     print(body)
     if not args.no_doc:
-        update_section(name, body)
+        update_section("bench_peers", body)
     return 0
 
 
