@@ -6,8 +6,8 @@ For each k: random fold statistics (two accumulators sharing a triangle store, 2
 - batched ``numpy.linalg.inv`` of the (P, k, k) covariances with OpenBLAS's default threads and
   with one thread (issue #11 item 13; the earlier finalize also converted the scatter back from
   the fitting basis and built the mean a second time);
-- :func:`models.components.gaussian.gaussian_of` (Cholesky, triangular inversion, float32 product of the
-  inverse factors, slices on 1 or 2 threads of one BLAS thread each);
+- :func:`models.components.gaussian.gaussian_of` (the folds' rank-one terms as one ``dsyr2k``, Cholesky
+  ``dpotrf`` and LAPACK's inverse ``dpotri``, in place; slices on 1 or 2 threads of one BLAS thread each);
 - :func:`models.components.gaussian.squared_distances` for 100 images (the out-of-fold threshold's solve).
 Wall and process CPU seconds; results printed and written to docs/benchmarks.md.
 """
@@ -72,7 +72,7 @@ def rows_for(k: int, positions: int) -> list[str]:
                 part.threads = threads
             gaussian_of(parts, 0.01)
 
-        cases.append((f"gaussian_of (Cholesky + dtrtri + float32 product), {threads} thread(s)", run))
+        cases.append((f"gaussian_of (dsyr2k + dpotrf + dpotri), {threads} thread(s)", run))
     cases.append(("squared_distances of 100 images, one fold, 2 threads",
                   lambda: squared_distances(parts[:1], 0.01, None, queries)))
     rows = []

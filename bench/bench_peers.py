@@ -48,12 +48,15 @@ from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import export_model  # noqa: E402
+from engine.workflow import calibration_indices  # noqa: E402
 from models import build_model, model_config  # noqa: E402
 
 SIZE, THREADS, BATCH = 256, 2, 32
 PEER_PACKAGES = ("torch", "torchvision", "anomalib[core]", "openvino", "onnxruntime", "onnx", "onnxscript")
 CONFIGS = {"resnet18": (100, 0), "wide_resnet50_2": (300, 100)}
 """backbone: (k, training images; 0 = all)."""
+LOADED = (" (**machine loaded**: other jobs shared the 2 cores, so wall times are inflated; "
+          "compare CPU seconds)")
 SOURCE = ROOT.parent / "shared" / "data" / "magnetic_tile"
 WORKER = ROOT / "bench" / "peer_worker.py"
 
@@ -70,6 +73,9 @@ def parse_args() -> argparse.Namespace:
                         help="training images for both fits (default: all for resnet18, 100 for wrn50)")
     parser.add_argument("--images", type=int, default=30, help="timed test images (default 30)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed test images first (default 5)")
+    parser.add_argument("--fit_only", action="store_true",
+                        help="time the fits only: ours as train.py runs it (fit pass, threshold, "
+                             "inverse covariances) against anomalib's fit; section bench_peers_fit")
     parser.add_argument("--no_doc", action="store_true", help="print only, leave docs/ alone")
     return parser.parse_args()
 
@@ -138,7 +144,34 @@ def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, fo
             "statistics_bytes": statistics}
 
 
-def peers(venv: Path, arch: str, k: int, arrays: dict[str, Path], warmup: int, folder: Path) -> dict:
+def our_fit(arch: str, k: int, train: np.ndarray) -> dict[str, tuple[float, float]]:
+    """(wall, CPU) seconds of our PaDiM fit as train.py runs it, phase by phase: the fit pass
+    (the training images named as files, the calibration images' features kept), the threshold
+    from up to 200 of them (train.py's default) and the inverse covariances (formed on save)."""
+    config = model_config("padim", arch=arch, k=k, image_size=SIZE, resize=SIZE, pretrained="none", seed=0)
+    model = build_model(config, Runtime(cpu_threads=THREADS))
+    names = [f"train/{i:04d}.png" for i in range(len(train))]
+    picked = calibration_indices(len(train), 200)
+    model.keep_for_calibration([names[i] for i in picked])
+
+    def batches(indices: list[int]) -> list[dict]:
+        return [{"images": np.stack([train[i] for i in indices[first : first + BATCH]]),
+                 "paths": [names[i] for i in indices[first : first + BATCH]]}
+                for first in range(0, len(indices), BATCH)]
+
+    phases, mark = {}, (time.perf_counter(), time.process_time())
+    for phase, work in (("fit", lambda: model.fit(batches(list(range(len(train)))))),
+                        ("threshold", lambda: model.calibrate(batches(picked))),
+                        ("inverse", lambda: model.inv_cov)):
+        work()
+        now = (time.perf_counter(), time.process_time())
+        phases[phase] = (now[0] - mark[0], now[1] - mark[1])
+        mark = now
+    return phases
+
+
+def peers(venv: Path, arch: str, k: int, arrays: dict[str, Path], warmup: int, folder: Path,
+          fit_only: bool = False) -> dict:
     """anomalib's figures from bench/peer_worker.py run by the peer venv's python."""
     python = venv / "bin" / "python"
     if not python.exists():
@@ -146,7 +179,7 @@ def peers(venv: Path, arch: str, k: int, arrays: dict[str, Path], warmup: int, f
                          "python bench/bench_peers.py --setup")
     spec = {"backbone": arch, "n_features": k, "threads": THREADS, "warmup": warmup,
             "train": str(arrays["train"]), "test": str(arrays["test"]),
-            "out": str(folder / "peers.json"), "folder": str(folder)}
+            "out": str(folder / "peers.json"), "folder": str(folder), "fit_only": fit_only}
     (folder / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run([str(python), str(WORKER), str(folder / "spec.json")], cwd=ROOT,
                          capture_output=True, text=True, check=False)
@@ -168,8 +201,11 @@ def measure(arch: str, args: argparse.Namespace, bandwidth: float) -> dict:
         np.save(arrays["train"], train)
         np.save(arrays["test"], test)
         del train
-        peer = peers(Path(args.venv), arch, k, arrays, args.warmup, folder)
-        mine = ours(arch, k, np.load(arrays["train"], mmap_mode="r"), test, args.warmup, folder)
+        peer = peers(Path(args.venv), arch, k, arrays, args.warmup, folder, args.fit_only)
+        train = np.load(arrays["train"], mmap_mode="r")
+        if args.fit_only:
+            return {"arch": arch, "k": k, "ours": our_fit(arch, k, train), "peers": peer}
+        mine = ours(arch, k, train, test, args.warmup, folder)
     limit = float(np.median(mine["trunk_ms"])) + 1000.0 * mine["statistics_bytes"] / bandwidth
     return {"arch": arch, "k": k, "ours": mine, "peers": peer, "limit_ms": limit}
 
@@ -217,6 +253,43 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
     return "\n".join(lines)
 
 
+def fit_section(results: list[dict], args: argparse.Namespace, loads: tuple) -> str:
+    """The docs/benchmarks.md section of ``--fit_only``."""
+    images = f" --fit_images {args.fit_images}" if args.fit_images is not None else ""
+    notes: list[str] = []
+    lines = [
+        "## Fit against anomalib's PaDiM (bench/bench_peers.py --fit_only)", "",
+        f"Command: `python bench/bench_peers.py --fit_only --configs {' '.join(args.configs)}{images}` "
+        f"(after `--setup`) on {machine()}; load average {loads[0]:.1f} at the start, "
+        f"{loads[1]:.1f} at the end{LOADED if max(loads) > 2.5 else ''}.",
+        "",
+        f"{SIZE} px magnetic-tile training images held in memory (the same preprocessed arrays on both "
+        f"sides), random-initialised backbones, {THREADS} threads, batches of {BATCH}. Ours: PaDiM as "
+        "train.py runs it (fit pass with the calibration images' features kept, threshold from up "
+        "to 200 of them scored out of fold, inverse covariances); anomalib: PadimModel's training "
+        "forward and fit() (mean, covariance and its inverse), without Lightning's loop. Seconds, "
+        "wall / process CPU.",
+        "",
+        "| backbone, k, images | ours: fit pass | threshold | inverse | ours: total | anomalib fit | "
+        "anomalib / ours (wall) | (CPU) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mine, peer = r["ours"], r["peers"]
+        wall = sum(v[0] for v in mine.values())
+        cpu = sum(v[1] for v in mine.values())
+        cells = [f"{mine[p][0]:.1f} / {mine[p][1]:.1f}" for p in ("fit", "threshold", "inverse")]
+        failed = " (failed)" if peer.get("fit_error") else ""
+        lines.append(f"| {r['arch']}, k={r['k']}, {peer['train_images']} | {' | '.join(cells)} | "
+                     f"{wall:.1f} / {cpu:.1f} | {peer['fit_seconds']:.1f} / {peer['fit_cpu_seconds']:.1f}"
+                     f"{failed} | {peer['fit_seconds'] / wall:.2f} | {peer['fit_cpu_seconds'] / cpu:.2f} |")
+        if peer.get("fit_error"):
+            notes.append(f"{r['arch']}: anomalib's fit raised `{peer['fit_error']}` after the time shown "
+                         "(its float32 covariance + 0.01 I inverted by torch.linalg.inv).")
+    lines += ["", *[f"- {note}" for note in notes], f"- Peers: torch {results[0]['peers']['torch']}."]
+    return "\n".join(lines)
+
+
 def main() -> int:
     args = parse_args()
     if args.setup:
@@ -226,12 +299,19 @@ def main() -> int:
     if not (root / CATEGORY).is_dir():
         convert(SOURCE, root)
     start_load = os.getloadavg()[0]
-    bandwidth = copy_bandwidth()
+    bandwidth = 0.0 if args.fit_only else copy_bandwidth()
     results = []
     for arch in args.configs:
         results.append(measure(arch, args, bandwidth))
         print(f"{arch}: done", file=sys.stderr)
-    body = section(results, args, bandwidth, (start_load, os.getloadavg()[0]))
+    loads = (start_load, os.getloadavg()[0])
+    if args.fit_only:
+        body = fit_section(results, args, loads)
+        print(body)
+        if not args.no_doc:
+            update_section("bench_peers_fit", body)
+        return 0
+    body = section(results, args, bandwidth, loads)
     print(body)
     if not args.no_doc:
         update_section("bench_peers", body)

@@ -43,17 +43,20 @@ def subset(data_path: str, count: int, where: Path) -> str:
     return str(where)
 
 
-def cases(data_path: str, scratch: Path) -> dict[str, list[str]]:
-    """Name -> train.py arguments."""
-    data = ["--data_path", data_path, "--category", "magnetic_tile", "--pretrained", "none"]
+def cases(data_path: str, scratch: Path, images: int) -> dict[str, list[str]]:
+    """Name -> train.py arguments; ``images`` training images for the magnetic-tile runs (0 = all)."""
+    root = data_path if not images else subset(data_path, images, scratch / f"mtd{images}")
+    count = images or len(list((Path(data_path) / "magnetic_tile" / "train" / "good").iterdir()))
+    data = ["--data_path", root, "--category", "magnetic_tile", "--pretrained", "none"]
     small = ["--data_path", subset(data_path, 100, scratch / "mtd100"), "--category",
              "magnetic_tile", "--pretrained", "none"]
     return {
-        "padim wide_resnet50_2 k=300, 762 images": [*data, "--method", "padim", *WIDE],
+        f"padim wide_resnet50_2 k=300, {count} images": [*data, "--method", "padim", *WIDE],
         "padim wide_resnet50_2 k=300, 100 images": [*small, "--method", "padim", *WIDE],
-        "ortho wide_resnet50_2 k=300, 762 images": [*data, "--method", "ortho", *WIDE],
-        "padim resnet18 k=100, 762 images": [*data, "--method", "padim"],
-        "ortho resnet18 k=100, 762 images": [*data, "--method", "ortho"],
+        f"ortho wide_resnet50_2 k=300, {count} images": [*data, "--method", "ortho", *WIDE],
+        "ortho wide_resnet50_2 k=300, 100 images": [*small, "--method", "ortho", *WIDE],
+        f"padim resnet18 k=100, {count} images": [*data, "--method", "padim"],
+        f"ortho resnet18 k=100, {count} images": [*data, "--method", "ortho"],
         "quick start (demo data, --eval --eval_PRO)": ["--pretrained", "none", "--eval", "--eval_PRO"],
     }
 
@@ -71,29 +74,34 @@ def row(name: str, result: dict) -> str:
     phases = result["phases"]
     cells = [f"{phases[p]['wall_s']:.1f} / {phases[p]['cpu_s']:.1f}" if p in phases else "–"
              for p in PHASES]
-    post = sum(phases[p]["wall_s"] for p in POST if p in phases)
+    post_wall = sum(phases[p]["wall_s"] for p in POST if p in phases)
+    post_cpu = sum(phases[p]["cpu_s"] for p in POST if p in phases)
     peak = max(p["peak_rss_mb"] for p in phases.values())
-    return (f"| {name} | {' | '.join(cells)} | {result['total_wall_s']:.1f} | "
-            f"{100 * post / result['total_wall_s']:.0f}% | {peak:.0f} |")
+    return (f"| {name} | {' | '.join(cells)} | {result['total_wall_s']:.1f} / "
+            f"{result['total_cpu_s']:.1f} | {100 * post_wall / result['total_wall_s']:.0f}% / "
+            f"{100 * post_cpu / result['total_cpu_s']:.0f}% | {peak:.0f} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data_path", default="data/mtd")
     parser.add_argument("--only", nargs="*", default=None, help="run only cases whose name contains these")
+    parser.add_argument("--images", type=int, default=0,
+                        help="magnetic-tile training images of the large runs (default 0: all 762)")
     args = parser.parse_args()
     load = os.getloadavg()[0]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         scratch = Path(tmp)
-        for index, (name, train_args) in enumerate(cases(args.data_path, scratch).items()):
+        for index, (name, train_args) in enumerate(cases(args.data_path, scratch, args.images).items()):
             if args.only and not any(part in name for part in args.only):
                 continue
             result = run(train_args, scratch / f"out{index}")
             rows.append(row(name, result))
             print(rows[-1], flush=True)
     load_end = os.getloadavg()[0]
-    command = " ".join(["python bench/bench_train.py", *(f'--only "{o}"' for o in args.only or [])])
+    command = " ".join(["python bench/bench_train.py", *([f"--images {args.images}"] if args.images else []),
+                        *(f'--only "{o}"' for o in args.only or [])])
     body = "\n".join([
         "## train.py phase by phase (bench/bench_train.py)",
         "",
@@ -104,7 +112,7 @@ def main() -> None:
         "training images scored out of fold, checkpoint written); each run in its own process.",
         "",
         "| run | fit pass s (wall / CPU) | finalize s | threshold s | inverse s | save s | "
-        "whole run wall s | finalize + threshold + inverse | peak RSS MB |",
+        "whole run s (wall / CPU) | finalize + threshold + inverse (of wall / of CPU) | peak RSS MB |",
         "|---|---|---|---|---|---|---|---|---|",
         *rows,
     ])

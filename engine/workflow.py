@@ -189,6 +189,9 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
     model = _start(plan, category, runtime, digest)
     if model.n_train == 0:
         model.prepare(with_progress(plan.data.loader(samples), len(samples), f"prepare {category}"))
+    picked = calibration_indices(len(samples), plan.calib_images)
+    if world.is_main:  # only the main process calibrates
+        model.keep_for_calibration([str(samples[i].path) for i in picked])
     shard = np.asarray(shard_indices(len(samples), world.rank, world.size), dtype=np.int64)
     first_epoch, done = model.fit_position()
     saved = model.n_train
@@ -218,8 +221,6 @@ def fit_category(plan: FitPlan, category: str, runtime: Runtime | None = None,
         model.fit_validation(with_progress(plan.data.loader(samples), len(samples), f"train {category}"),
                              with_progress(held, len(validation), f"validation {category}"))
         samples, picked = validation, list(range(len(validation)))
-    else:
-        picked = calibration_indices(len(samples), plan.calib_images)
     calib = plan.data.loader(samples, picked)
     model.calibrate(with_progress(calib, len(picked), f"threshold {category}"))
     return model

@@ -372,6 +372,11 @@ class AnomalyModel(ABC):
         self.score_min = float(min(s.min() for s in scores))
         return self.threshold
 
+    def keep_for_calibration(self, paths: Sequence[str]) -> None:
+        """Told before the fit which training images (by path) :meth:`calibrate` will score, so a
+        method may keep what it needs of them from the fit's own pass. Here: nothing is kept."""
+        del paths
+
     def calibration_scores(self, batches: Iterable[Batch]) -> Iterator[np.ndarray]:
         """Image scores (B,) of each batch that :meth:`calibrate` takes the threshold from.
 

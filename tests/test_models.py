@@ -20,9 +20,13 @@ from scipy import ndimage
 import models.ortho.model as ortho_module
 from core.errors import CheckpointError, ConfigError, InputError
 from core.resample import nearest_indices
+from datasets import Preprocess, list_samples
+from engine.workflow import DataPlan, FitPlan, calibration_indices, fit_category
 from models import Runtime, build_model, load_model, model_config
+from models.components import gaussian_model
 from models.components.backbone import ResNetTrunk, build_trunk, layer_grid, read_pdparams
 from models.components.gaussian import GaussianAccumulator, gaussian_of, squared_distances
+from models.components.gaussian_model import GaussianModel
 from models.components.projection import ChannelSubset, ProjectedEmbedding
 from models.ortho import semi_orthogonal
 from models.ortho.model import identity_first_basis
@@ -513,6 +517,78 @@ def test_calibrate_takes_highest_out_of_fold_score(fitted, train_images, tmp_pat
     loaded = load_model(path, runtime=dynamic())
     assert loaded.threshold == threshold
     np.testing.assert_allclose(loaded.calibrate([train_images]), in_sample, rtol=1e-6)
+
+
+def named_batches(images_, cut=10):
+    """Loader-like batches of ``images_`` with paths ``good/000.png`` ... (two batches)."""
+    names = [f"good/{i:03d}.png" for i in range(len(images_))]
+    return names, [{"images": images_[:cut], "paths": names[:cut]},
+                   {"images": images_[cut:], "paths": names[cut:]}]
+
+
+def counting_embed(model, monkeypatch):
+    """Make ``model.embed`` count the images it embeds; returns the list of counts."""
+    counts, original = [], model.embed
+    monkeypatch.setattr(model, "embed", lambda x: (counts.append(len(x)), original(x))[1])
+    return counts
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_calibration_from_kept_features_equals_embedding_again(method, train_images, monkeypatch):
+    names, batches = named_batches(train_images)
+    plain = new_model(method).fit(batches)
+    expected = np.sort(np.concatenate(list(plain.calibration_scores(batches))))
+    model = new_model(method)
+    model.keep_for_calibration(names[3:20])  # the others are embedded again by the threshold
+    model.fit(batches)
+    counts = counting_embed(model, monkeypatch)
+    scores = np.sort(np.concatenate(list(model.calibration_scores(batches))))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)
+    assert sum(counts) == 24 - 17
+    assert model._kept is None  # the temporary file is gone once the threshold is set
+    # a second calibration (nothing kept any more) embeds every image and agrees
+    counts.clear()
+    np.testing.assert_allclose(np.sort(np.concatenate(list(model.calibration_scores(batches)))),
+                               expected, rtol=1e-5)
+    assert sum(counts) == 24
+
+
+def test_kept_features_fall_back_to_embedding_when_the_disk_fails(train_images, monkeypatch, capsys):
+    names, batches = named_batches(train_images)
+    expected = new_model("ortho").fit(batches).calibrate(batches)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(gaussian_model.tempfile, "TemporaryFile", full_disk)
+    model = new_model("ortho")
+    model.keep_for_calibration(names)
+    model.fit(batches)
+    assert "could not be kept on disk" in capsys.readouterr().err
+    counts = counting_embed(model, monkeypatch)
+    np.testing.assert_allclose(model.calibrate(batches), expected, rtol=1e-5)
+    assert sum(counts) == 24
+
+
+def test_train_category_runs_the_backbone_once_per_image(demo_root, tmp_path, monkeypatch):
+    """The threshold's calibration images are scored from the fit pass's features."""
+    plan = FitPlan(DataPlan(demo_root, Preprocess(64), batch_size=3, num_workers=0),
+                   config("padim"), tmp_path, calib_images=5)
+    embedded = []
+    original = GaussianModel.embed
+
+    def embed(self, x):
+        embedded.append(len(x))
+        return original(self, x)
+
+    monkeypatch.setattr(GaussianModel, "embed", embed)
+    model = fit_category(plan, "tiles", dynamic())
+    assert sum(embedded) == model.n_train == 8
+    monkeypatch.setattr(GaussianModel, "embed", original)
+    again = new_model("padim").fit(plan.data.loader(list_samples(demo_root, "tiles", "train")))
+    picked = calibration_indices(8, 5)
+    loader = plan.data.loader(list_samples(demo_root, "tiles", "train"), picked)
+    np.testing.assert_allclose(model.threshold, again.calibrate(loader), rtol=1e-5)
 
 
 @pytest.mark.bad_input

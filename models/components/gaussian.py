@@ -142,7 +142,7 @@ class GaussianAccumulator:
 
     def scatter_lower(self, start: int, stop: int) -> np.ndarray:
         """M2 of positions start:stop, (c, k, k) float64; only the lower triangle is meaningful."""
-        lower = np.array(self._raw_lower(start, stop))
+        lower = np.array(self._raw_lower(start, stop), order="C")
         if self.count:
             lower -= outer(self.s1[start:stop]) / self.count
         return lower
@@ -329,31 +329,56 @@ class _Union:
         self.regulariser = eps * (np.eye(dims) if basis is None else basis @ basis.T)
 
     def factors(self, start: int, stop: int) -> np.ndarray:
-        """Cholesky factors L (c, k, k) float64 of S' at positions start:stop."""
-        lower = None
-        for part, mean in zip(self.parts, self.means, strict=True):
-            scatter = part.scatter_lower(start, stop)
-            scatter += part.count * outer(mean[start:stop] - self.mean[start:stop])
-            lower = scatter if lower is None else np.add(lower, scatter, out=lower)
-        lower /= self.count - 1
-        lower += self.regulariser
-        try:
-            return np.linalg.cholesky(lower)
-        except np.linalg.LinAlgError as exc:
-            raise ConfigError(f"--eps {self.eps}: a covariance plus eps*I is not positive definite "
-                              "(too few or too similar training images for k); pass a larger "
-                              "--eps (default 0.01) or a smaller --k") from exc
+        """Cholesky factors L of S' at positions start:stop: (c, k, k) float64 whose lower
+        triangles are the factors (their strict upper triangles hold leftovers: read each as a
+        lower-triangular matrix only, e.g. as the upper factor L^T of its transpose).
+
+        With s2_f the raw scatter of part f, s1_f its shifted sum, n_f its count and d_f its mean
+        minus the union's, ``(n - 1) (S' - eps basis basis^T) = sum_f s2_f + v_f v_f^T - u_f u_f^T``
+        with u_f = s1_f / sqrt(n_f), v_f = sqrt(n_f) d_f; the rank-one terms of all parts are one
+        ``dsyr2k`` per position (``(a b^T + b a^T) / 2`` with a = v - u, b = v + u), then LAPACK
+        ``dpotrf``, both in place on the transposed (Fortran-ordered) view: few passes over memory.
+        """
+        parts = [(part, mean) for part, mean in zip(self.parts, self.means, strict=True) if part.count]
+        lower = np.array(parts[0][0]._raw_lower(start, stop), order="C")
+        for part, _ in parts[1:]:
+            lower += part._raw_lower(start, stop)
+        scale = 1.0 / (self.count - 1)
+        lower *= scale
+        if self.basis is None:
+            lower[:, np.arange(lower.shape[1]), np.arange(lower.shape[1])] += self.eps
+        else:
+            lower += self.regulariser
+        u = np.stack([part.s1[start:stop] / np.sqrt(part.count) for part, _ in parts], axis=2)
+        v = np.stack([np.sqrt(part.count) * (mean[start:stop] - self.mean[start:stop])
+                      for part, mean in parts], axis=2)  # (c, k, parts)
+        for matrix, minus, plus in zip(lower, v - u, v + u, strict=True):
+            updated = blas.dsyr2k(0.5 * scale, minus, plus, beta=1.0, c=matrix.T, lower=0, overwrite_c=1)
+            factor, info = lapack.dpotrf(updated, lower=0, overwrite_a=1, clean=0)
+            if not np.shares_memory(factor, matrix):
+                matrix.T[...] = factor
+            if info:
+                raise ConfigError(f"--eps {self.eps}: a covariance plus eps*I is not positive definite "
+                                  "(too few or too similar training images for k); pass a larger "
+                                  "--eps (default 0.01) or a smaller --k")
+        return lower
 
     def inverse(self, start: int, stop: int, out: np.ndarray) -> None:
-        """Inverse covariance of z at positions start:stop into ``out`` (c, k, k) float32."""
+        """Inverse covariance of z at positions start:stop into ``out`` (c, k, k) float32.
+
+        Without a basis: LAPACK ``dpotri`` on each factor (float64, in place). With one:
+        H = L^-1 basis (``dtrsm``), then H^T H as a float32 ``ssyrk`` (half a full product). Both
+        give one triangle, mirrored at the end.
+        """
         factors = self.factors(start, stop)
         for i, factor in enumerate(factors):
             if self.basis is None:
-                half, _ = lapack.dtrtri(factor, lower=1)
+                inverse, _ = lapack.dpotri(factor.T, lower=0, overwrite_c=1)
+                out[i] = np.triu(inverse).T  # the inverse's lower triangle
             else:
-                half = blas.dtrsm(1.0, factor, self.basis, lower=1)
-            half = half.astype(np.float32)
-            np.matmul(half.T, half, out=out[i])
+                half = blas.dtrsm(1.0, factor.T, self.basis, lower=0, trans_a=1).astype(np.float32)
+                out[i] = blas.ssyrk(1.0, half, trans=1, lower=1)
+        out += np.tril(out, -1).transpose(0, 2, 1)
 
 
 def gaussian_of(parts: Sequence[GaussianAccumulator], eps: float,
@@ -397,7 +422,7 @@ def squared_distances(parts: Sequence[GaussianAccumulator], eps: float, basis: n
         factors = union.factors(start, stop)
         diffs = features[:, start:stop, :] - union.mean[start:stop]  # (N, c, k) float64
         for i, factor in enumerate(factors):
-            whitened = blas.dtrsm(1.0, factor, diffs[:, i, :].T, lower=1)  # (k, N)
+            whitened = blas.dtrsm(1.0, factor.T, diffs[:, i, :].T, lower=0, trans_a=1)  # L^-1 d: (k, N)
             out[:, start + i] = np.einsum("kn,kn->n", whitened, whitened)
 
     over_slices(solve, first.positions, first.dims, first.threads)
