@@ -37,7 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import load_note, machine, update_section  # noqa: E402
 from core.runtime import compile_layer  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
@@ -121,10 +121,8 @@ def main() -> int:
 
     lines = [
         "## PatchCore scoring time by part (bench/bench_bank.py)", "",
-        f"Command: `python bench/bench_bank.py --images {args.images}{weights}` on {machine()}; load average "
-        f"{load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (**machine loaded**: the machine "
-        "was shared with other jobs, so wall times are inflated; compare the process CPU times, "
-        f"before and after within this run). PatchCore, resnet18 ({weights.strip() or 'random init'}), "
+        f"Command: `python bench/bench_bank.py --images {args.images}{weights}` on {machine()}; "
+        f"{load_note(load, os.getloadavg()[0])}. PatchCore, resnet18 ({weights.strip() or 'random init'}), "
         "256 px, 2 threads, bank of "
         f"{len(bank):,} x {bank.shape[1]} real patch features (coreset ratio 1 on {FIT_IMAGES} "
         "training images: the size of the ratio-0.1 bank of all 762); medians over "

@@ -42,7 +42,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import load_note, machine, update_section  # noqa: E402
 from core.inference import Predictor, PredictorOptions  # noqa: E402
 from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
@@ -55,8 +55,6 @@ SIZE, THREADS, BATCH = 256, 2, 32
 PEER_PACKAGES = ("torch", "torchvision", "anomalib[core]", "openvino", "onnxruntime", "onnx", "onnxscript")
 CONFIGS = {"resnet18": (100, 0), "wide_resnet50_2": (300, 100)}
 """backbone: (k, training images; 0 = all)."""
-LOADED = (" (**machine loaded**: other jobs shared the 2 cores, so wall times are inflated; "
-          "compare CPU seconds)")
 SOURCE = ROOT.parent / "shared" / "data" / "magnetic_tile"
 WORKER = ROOT / "bench" / "peer_worker.py"
 
@@ -216,9 +214,7 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         "## Against anomalib's PaDiM (bench/bench_peers.py)", "",
         f"Command: `python bench/bench_peers.py --configs {' '.join(args.configs)}"
         f"{'' if args.fit_images is None else f' --fit_images {args.fit_images}'} --images "
-        f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}. **The machine was "
-        f"shared with other jobs** (load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the "
-        "end), so the figures are noisy and compare sides only within this run.", "",
+        f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}; {load_note(*loads)}.", "",
         f"{SIZE} px magnetic-tile images, random-initialised backbones, batch 1, {THREADS} threads; "
         f"median ms per image over {args.images} test images after {args.warmup} warm-up images, the "
         "same preprocessed images for every side. Numpy copy bandwidth (read + write): "
@@ -260,8 +256,7 @@ def fit_section(results: list[dict], args: argparse.Namespace, loads: tuple) -> 
     lines = [
         "## Fit against anomalib's PaDiM (bench/bench_peers.py --fit_only)", "",
         f"Command: `python bench/bench_peers.py --fit_only --configs {' '.join(args.configs)}{images}` "
-        f"(after `--setup`) on {machine()}; load average {loads[0]:.1f} at the start, "
-        f"{loads[1]:.1f} at the end{LOADED if max(loads) > 2.5 else ''}.",
+        f"(after `--setup`) on {machine()}; {load_note(*loads)}.",
         "",
         f"{SIZE} px magnetic-tile training images held in memory (the same preprocessed arrays on both "
         f"sides), random-initialised backbones, {THREADS} threads, batches of {BATCH}. Ours: PaDiM as "

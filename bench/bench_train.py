@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import load_note, machine, update_section  # noqa: E402
 
 WIDE = ["--arch", "wide_resnet50_2", "--k", "300"]
 PHASES = ("fit", "finalize", "threshold", "inverse", "save")
@@ -105,9 +105,7 @@ def main() -> None:
     body = "\n".join([
         "## train.py phase by phase (bench/bench_train.py)",
         "",
-        f"Command: `{command}` on {machine()}; load average {load:.1f} at the "
-        f"start, {load_end:.1f} at the end (the machine was shared with other jobs: wall times "
-        "are inflated, CPU seconds less so).",
+        f"Command: `{command}` on {machine()}; {load_note(load, load_end)}.",
         "Random-initialised backbones, 256 px, default settings (2 CPU threads, threshold from 200 "
         "training images scored out of fold, checkpoint written); each run in its own process.",
         "",

@@ -26,6 +26,20 @@ def machine() -> str:
             f"{datetime.date.today().isoformat()}")
 
 
+BUSY_LOAD = 2.5
+"""A load average above this on the 2 cores means other jobs ran beside the benchmark (the
+benchmark itself runs up to 2 threads)."""
+
+
+def load_note(start: float, end: float) -> str:
+    """``load average S at the start, E at the end`` and whether other jobs shared the machine."""
+    text = f"load average {start:.1f} at the start, {end:.1f} at the end"
+    if max(start, end) > BUSY_LOAD:
+        return (text + " (**machine loaded**: other jobs shared the cores, so wall times are inflated; "
+                "compare process CPU times, and sides only within this run)")
+    return text + " (no other jobs ran)"
+
+
 def update_section(name: str, body: str) -> None:
     """Replace (or append) the section between ``<!-- name:start -->`` and ``<!-- name:end -->``.
 
