@@ -315,12 +315,17 @@ class AnomalyModel(ABC):
         ``batches`` is iterated once per epoch, so a trained method needs a re-iterable (a list or
         a BatchLoader); a resumed model continues at its :meth:`fit_position`'s epoch.
         """
-        for _ in range(self.fit_position()[0], self.epochs):
+        for epoch in range(self.fit_position()[0], self.epochs):
+            steps = 0
             for batch in batches:
                 images, paths = unpack_batch(batch)
                 self.partial_fit(images, paths)
+                steps += 1
                 if self.fit_done():
                     break
+            if steps == 0:
+                raise InputError(f"--method {self.method}: epoch {epoch + 1} got no batches; pass a "
+                                 "re-iterable (a list or a BatchLoader) of at least one batch")
             self.end_epoch()
             if self.fit_done():
                 break

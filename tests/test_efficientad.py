@@ -366,3 +366,49 @@ def test_channel_moments_equal_numpy() -> None:
     flat = x.transpose(1, 0, 2, 3).reshape(384, -1).astype(np.float64)
     np.testing.assert_allclose(mean, flat.mean(axis=1), rtol=1e-5)
     np.testing.assert_allclose(std, flat.std(axis=1), rtol=1e-5)
+
+
+@pytest.mark.bad_input
+def test_missing_teacher_file_names_the_distill_command(demo_root: Path, tmp_path: Path) -> None:
+    line = error_line(run(tmp_path, "train.py", "--method", "efficientad", "--teacher", tmp_path / "none.npz",
+                          "--data_path", demo_root, "--category", "tiles", "--resize", SIZE, "--steps", 1))
+    assert "none.npz: no such file; distil one with: python -m models.efficientad.distill" in line
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("damage", ["std", "losses", "optimizer"])
+def test_distill_resume_refuses_a_damaged_state(demo_root: Path, tmp_path: Path, damage: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """--resume on a distillation state whose target std, step losses or optimizer moments were
+    changed stops with one line naming the state file, not a traceback."""
+    args = ["--arch", "resnet18", "--pretrained", "none", "--images", str(demo_root / "tiles" / "train"),
+            "--image_size", str(SIZE), "--steps", "4", "--batch_size", "2", "--norm_images", "4",
+            "--save_every", "2", "--out", str(tmp_path / "t.npz")]
+    draw, calls = ImageFolder.draw, []
+
+    def interrupted(self: ImageFolder, rng: np.random.Generator, count: int) -> np.ndarray:
+        calls.append(count)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return draw(self, rng, count)
+
+    monkeypatch.setattr(ImageFolder, "draw", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        distill.main(args)
+    monkeypatch.setattr(ImageFolder, "draw", draw)
+    state = tmp_path / "t.fitstate.npz"
+    meta, arrays = read_npz(str(state))
+    if damage == "std":
+        arrays["std"] = np.zeros_like(arrays["std"])
+    elif damage == "losses":
+        del arrays["losses"]
+    else:
+        moment = next(name for name in arrays if name.startswith("opt.") and ":" in name)
+        arrays[moment.replace(moment.split(":")[0], "opt.no.such.param")] = arrays.pop(moment)
+    write_npz(str(state), meta, arrays)
+    proc = run(tmp_path, "-m models.efficientad.distill", *args, "--resume")
+    line = error_line(proc)
+    assert "t.fitstate.npz" in line and "delete it to start over" in line
+    expected = {"std": "mean/std must be 384 finite values (std > 0)", "losses": "no finite step losses",
+                "optimizer": "the optimizer state does not fit the network"}[damage]
+    assert expected in line

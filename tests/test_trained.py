@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.errors import CheckpointError
+from core.errors import CheckpointError, InputError
 from core.runtime import Runtime
 from datasets import Preprocess, list_samples
 from engine.workflow import DataPlan, FitPlan, train_category
@@ -213,3 +213,13 @@ def test_a_fit_state_saved_at_the_step_budget_resumes_without_another_step(toy_r
     final = whole.network.state_dict()
     for name, value in resumed.network.state_dict().items():
         np.testing.assert_allclose(value.numpy(), final[name].numpy(), rtol=1e-6, err_msg=name)
+
+
+@pytest.mark.bad_input
+def test_fit_refuses_a_pass_without_batches(toy_registered):
+    """A generator is spent after the first epoch: the second would make no step (and a step budget
+    would never be reached), so fit stops with one line instead of looping."""
+    config = model_config("toyae", epochs=2, pretrained="none", image_size=64, resize=64)
+    images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    with pytest.raises(InputError, match="epoch 2 got no batches; pass a re-iterable"):
+        build_model(config).fit(iter([images]))

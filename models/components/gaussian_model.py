@@ -258,6 +258,9 @@ class GaussianModel(AnomalyModel):
         checkpoint, or a fold with fewer than 2 images) the full model scores them.
         """
         if any(fold.count < 2 for fold in self.folds):
+            if self._kept is not None:  # not read: release the temporary file now
+                self._kept.close()
+                self._kept = None
             yield from super().calibration_scores(batches)
             return
         kept = self._kept or KeptFeatures(())

@@ -243,7 +243,9 @@ class BankSearch(nn.Layer):
         if self.head:
             bounds = HeadBounds(turned.astype(np.float32), self.head)
             self.register_buffer("bounds", paddle.to_tensor(bounds.lifted), persistable=True)
-            self.radius, self.margin = bounds.radius, bounds.margin
+            # the graph forms |q|^2 and |q_t| in float32 (numpy: float64): widen the margin by their rounding
+            self.radius = bounds.radius
+            self.margin = bounds.margin + rounding_margin(2 * self.dims)
         self.slices = [(s, min(s + slice_rows, self.size)) for s in range(0, self.size, slice_rows)]
 
     def center(self, queries: paddle.Tensor) -> paddle.Tensor:

@@ -217,7 +217,7 @@ class TrainedModel(AnomalyModel):
     def network_weights(self) -> dict[str, paddle.Tensor]:
         """The network's parameters and buffers by path, without the trunk's: a network may hold
         the trunk to train it (CutPaste), and the trunk is saved once, as the backbone."""
-        trunk = {id(tensor) for tensor in self.trunk.state_dict().values()}
+        trunk = set() if self.trunk is None else {id(tensor) for tensor in self.trunk.state_dict().values()}
         return {name: tensor for name, tensor in self.network.state_dict().items() if id(tensor) not in trunk}
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -239,8 +239,8 @@ class TrainedModel(AnomalyModel):
                                  f"configuration needs {tuple(tensor.shape)}")
             if weights[name].dtype.kind != "f" or not np.isfinite(weights[name]).all():
                 raise ValueError(f"network weight {name} is not all finite floats")
-        for name, tensor in self.network_weights().items():
-            tensor.set_value(weights[name])
+        for name, tensor in self.network_weights().items():  # set_value needs the tensor's own dtype
+            tensor.set_value(weights[name].astype(tensor.numpy().dtype, copy=False))
         self.n_train = int(arrays["n_train"])
         self.losses = arrays["train_losses"].tolist()
         if fitted:

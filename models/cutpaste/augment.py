@@ -22,6 +22,8 @@ import math
 
 import numpy as np
 
+from models.components.color import adjust
+
 VARIANTS = ("normal", "scar", "3way", "union")
 CLASSES = {"normal": 2, "scar": 2, "3way": 3, "union": 2}
 """Classes the classifier tells apart: original vs augmented (3way: original, cutpaste, scar)."""
@@ -31,12 +33,6 @@ ASPECT = 0.3
 SCAR_WIDTH = (2.0, 16.0)
 SCAR_LENGTH = (10.0, 25.0)
 SCAR_ROTATION = (-45.0, 45.0)
-_GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-
-
-def _gray(image: np.ndarray) -> np.ndarray:
-    """Luma (1, H, W) of an RGB image (3, H, W)."""
-    return np.tensordot(_GRAY, image, axes=1)[None]
 
 
 def _rgb_to_hsv(image: np.ndarray) -> np.ndarray:
@@ -76,14 +72,7 @@ def color_jitter(image: np.ndarray, rng: np.random.Generator, strength: float = 
         if step == 3:
             out = shift_hue(out, rng.uniform(-strength, strength))
             continue
-        factor = np.float32(rng.uniform(1 - strength, 1 + strength))
-        if step == 0:
-            base = np.zeros_like(out)
-        elif step == 1:
-            base = np.full_like(out, _gray(out).mean())
-        else:
-            base = _gray(out)
-        out = np.clip(factor * out + (1 - factor) * base, 0.0, 1.0)
+        out = adjust(out, int(step), rng.uniform(1 - strength, 1 + strength))
     return out.astype(np.float32)
 
 

@@ -31,12 +31,12 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from core.errors import ConfigError, InputError
-from core.normalization import IMAGENET_MEAN, IMAGENET_STD
 from core.resample import gaussian_blur_matrix
 from core.script import int_at_least, positive_float, positive_int
 from models.base import Batch, ModelConfig, option, unpack_batch
 from models.checkpoint import ArraySpec
 from models.components.backbone import layer_channels
+from models.components.color import to_inputs, to_pixels
 from models.components.density import GaussianDensity
 from models.components.layers import SmoothUpsample
 from models.components.static_ops import reduce_sum, sqrt
@@ -46,8 +46,6 @@ from models.cutpaste.augment import CLASSES, VARIANTS, training_batch
 HEAD_WIDTH, PROJECTION = 512, 128
 DENSITY_ROWS = 20000
 """At most this many patch embeddings (a seeded subset) fit a patch-level model's Gaussian."""
-_MEAN = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
-_STD = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
 
 
 @dataclass(frozen=True)
@@ -202,12 +200,12 @@ class CutPasteModel(TrainedModel):
     def loss(self, images: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         step = len(self.losses)
         rng = np.random.default_rng([self.config.seed, step])
-        pixels = images.numpy() * _STD + _MEAN
+        pixels = to_pixels(images.numpy())
         samples, labels = training_batch(np.clip(pixels, 0.0, 1.0), self.options.variant, rng,
                                          self.options.patch_size)
         for param in self.trunk.parameters():
             param.stop_gradient = step < self.options.freeze_backbone
-        logits = self.network(paddle.to_tensor((samples - _MEAN) / _STD))
+        logits = self.network(paddle.to_tensor(to_inputs(samples)))
         target = paddle.to_tensor(labels)
         accuracy = paddle.mean((paddle.argmax(logits, axis=1) == target).astype("float32"))
         return F.cross_entropy(logits, target), accuracy

@@ -78,10 +78,25 @@ class Teacher:
     meta: dict
 
 
+TEACHER_FIX = "distil one with: python -m models.efficientad.distill --images DIR --arch ARCH"
+
+
+def target_stats(arrays: dict[str, np.ndarray], source: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
+    """The targets' channel mean and std (384,) float32 stored in ``arrays``; CheckpointError
+    naming ``source`` unless both are finite and std > 0."""
+    stats = [np.asarray(arrays.get(name, np.zeros(0)), dtype=np.float32) for name in ("mean", "std")]
+    if any(s.shape != (CHANNELS,) or not np.isfinite(s).all() for s in stats) or not (stats[1] > 0).all():
+        raise CheckpointError(f"{source}: mean/std must be {CHANNELS} finite values (std > 0); "
+                              f"the file was changed; {fix}")
+    return stats[0], stats[1]
+
+
 def read_teacher(path: str) -> Teacher:
     """The teacher at ``path`` (a file this module wrote); CheckpointError naming it otherwise."""
+    fix = TEACHER_FIX
+    if not Path(path).is_file():
+        raise CheckpointError(f"--teacher {path}: no such file; {fix}")
     meta, arrays = read_npz(path)
-    fix = "distil one with: python -m models.efficientad.distill --images DIR --arch ARCH"
     if meta.get("kind") != KIND:
         raise CheckpointError(f"--teacher {path}: not an EfficientAD teacher file; {fix}")
     if meta.get("stage") != "final":
@@ -93,11 +108,8 @@ def read_teacher(path: str) -> Teacher:
                               f"are not a PDN size and backbone; the file was changed; {fix}")
     network = pdn(size)
     load_weights(network, arrays, f"--teacher {path}")
-    stats = [np.asarray(arrays.get(name, np.zeros(0)), dtype=np.float32) for name in ("mean", "std")]
-    if any(s.shape != (CHANNELS,) or not np.isfinite(s).all() for s in stats) or not (stats[1] > 0).all():
-        raise CheckpointError(f"--teacher {path}: mean/std must be {CHANNELS} finite values (std > 0); "
-                              f"the file was changed; {fix}")
-    return Teacher(size, meta["arch"], network, stats[0], stats[1], meta)
+    mean, std = target_stats(arrays, f"--teacher {path}", fix)
+    return Teacher(size, meta["arch"], network, mean, std, meta)
 
 
 def load_weights(network: nn.Layer, arrays: dict[str, np.ndarray], source: str) -> None:
@@ -208,8 +220,17 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckpointError(f"{state_path}: made with other {', '.join(changed)}; pass the same "
                                   "arguments to resume, or delete it to start over")
         load_weights(network, arrays, str(state_path))
-        restore_optimizer(optimizer, network, arrays)
-        mean, std, losses = arrays["mean"], arrays["std"], arrays["losses"].tolist()
+        restart = "delete it to start over"
+        mean, std = target_stats(arrays, str(state_path), restart)
+        losses_array = arrays.get("losses")
+        if losses_array is None or losses_array.ndim != 1 or not np.isfinite(losses_array).all():
+            raise CheckpointError(f"{state_path}: no finite step losses (the file was changed); {restart}")
+        try:
+            restore_optimizer(optimizer, network, arrays)
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{state_path}: the optimizer state does not fit the network ({exc}); "
+                                  f"{restart}") from exc
+        losses = losses_array.tolist()
         print(f"resuming after step {len(losses)} from {state_path}", file=sys.stderr)
     else:
         if args.resume:

@@ -34,6 +34,7 @@ from core.resample import bilinear_matrix
 from core.script import non_negative_int, positive_float, positive_int
 from models.base import Batch, ModelConfig, option, unpack_batch
 from models.checkpoint import ArraySpec
+from models.components.color import adjust, to_inputs, to_pixels
 from models.components.layers import SeparableResize
 from models.components.static_ops import reduce_sum
 from models.components.trained import TrainedModel, TrainingOptions
@@ -45,9 +46,6 @@ QUANTILES = (0.9, 0.995)
 HARD_QUANTILE = 0.999
 JITTER = (0.8, 1.2)
 PAD = 4
-_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32).reshape(1, 3, 1, 1)
-_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32).reshape(1, 3, 1, 1)
-_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float32).reshape(1, 3, 1, 1)
 DISTILL_COMMAND = "python -m models.efficientad.distill --images DIR --arch ARCH --pretrained imagenet|PATH"
 
 
@@ -75,21 +73,11 @@ def jitter(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The autoencoder's augmentation of ImageNet-normalised images (B, 3, S, S): per image one of
     brightness, contrast or saturation, by a factor drawn from U(0.8, 1.2), on [0, 1] pixels
     (clipped), as torchvision's adjust_* do; returned normalised again."""
-    pixels = images * _STD + _MEAN
-    out = np.empty_like(pixels)
+    pixels = to_pixels(images)
     kinds = rng.integers(0, 3, size=len(images))
     factors = rng.uniform(*JITTER, size=len(images)).astype(np.float32)
-    for i, (kind, factor) in enumerate(zip(kinds, factors, strict=True)):
-        image = pixels[i:i + 1]
-        grey = (image * _GREY).sum(axis=1, keepdims=True)
-        if kind == 0:
-            base = np.zeros_like(image)  # brightness: blend with black
-        elif kind == 1:
-            base = np.full_like(image, grey.mean())  # contrast: with the mean grey level
-        else:
-            base = np.broadcast_to(grey, image.shape)  # saturation: with the grey image
-        out[i:i + 1] = np.clip(factor * image + (1 - factor) * base, 0.0, 1.0)
-    return ((out - _MEAN) / _STD).astype(np.float32)
+    out = [adjust(image, int(kind), f) for image, kind, f in zip(pixels, kinds, factors, strict=True)]
+    return to_inputs(np.stack(out))
 
 
 def hard_loss(distance: paddle.Tensor) -> paddle.Tensor:
