@@ -21,10 +21,11 @@ from datasets import AnomalyDataset, Preprocess, list_samples
 from engine.workflow import DataPlan, FitPlan, train_category
 from models import build_model, load_model, model_config
 from models.checkpoint import read_npz
+from models.components.color import to_inputs, to_pixels
 from models.cutpaste import CutPasteModel
 from models.cutpaste import model as cutpaste_model
 from models.cutpaste.augment import training_batch
-from models.cutpaste.model import _MEAN, _STD, coverage_matrix, patch_index
+from models.cutpaste.model import coverage_matrix, patch_index
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE, BATCH = 32, 2
@@ -48,10 +49,10 @@ def script(name: str, *args: object, cwd: Path = ROOT) -> subprocess.CompletedPr
 def fixed_batch_loss(model: CutPasteModel, images: np.ndarray) -> float:
     """Cross-entropy of the network on one fixed augmented batch of ``images`` (batch statistics,
     as in training: the running ones of a few steps are far from them)."""
-    samples, labels = training_batch(images * _STD + _MEAN, model.options.variant, np.random.default_rng(99))
+    samples, labels = training_batch(to_pixels(images), model.options.variant, np.random.default_rng(99))
     model.network.train()
     with paddle.no_grad():
-        logits = model.network(paddle.to_tensor((samples - _MEAN) / _STD))
+        logits = model.network(paddle.to_tensor(to_inputs(samples)))
     return float(F.cross_entropy(logits, paddle.to_tensor(labels)).numpy())
 
 
