@@ -327,14 +327,15 @@ def test_medium_size(demo_root: Path, tmp_path: Path) -> None:
     assert_served_matches_dynamic(model, test, tmp_path)
 
 
-def test_distill_resumes_to_the_same_teacher(demo_root: Path, tmp_path: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    """A distillation interrupted (Ctrl-C) at step 3 of 4, with a state saved after step 2, ends
-    with --resume at the weights of an uninterrupted run (within 1e-5)."""
-    args = ["--arch", "resnet18", "--pretrained", "none", "--images", str(demo_root / "tiles" / "train"),
+def distill_args(demo_root: Path) -> list[str]:
+    """A 4-step distillation on the demo's training images that saves its state every 2 steps."""
+    return ["--arch", "resnet18", "--pretrained", "none", "--images", str(demo_root / "tiles" / "train"),
             "--image_size", str(SIZE), "--steps", "4", "--batch_size", "2", "--norm_images", "4",
             "--save_every", "2"]
-    assert distill.main([*args, "--out", str(tmp_path / "whole.npz")]) == 0
+
+
+def interrupt_distill(args: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run distill.main(args) and stop it with Ctrl-C when it draws its third batch (step 3)."""
     draw, calls = ImageFolder.draw, []
 
     def interrupted(self: ImageFolder, rng: np.random.Generator, count: int) -> np.ndarray:
@@ -345,8 +346,17 @@ def test_distill_resumes_to_the_same_teacher(demo_root: Path, tmp_path: Path,
 
     monkeypatch.setattr(ImageFolder, "draw", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        distill.main([*args, "--out", str(tmp_path / "half.npz")])
+        distill.main(args)
     monkeypatch.setattr(ImageFolder, "draw", draw)
+
+
+def test_distill_resumes_to_the_same_teacher(demo_root: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A distillation interrupted (Ctrl-C) at step 3 of 4, with a state saved after step 2, ends
+    with --resume at the weights of an uninterrupted run (within 1e-5)."""
+    args = distill_args(demo_root)
+    assert distill.main([*args, "--out", str(tmp_path / "whole.npz")]) == 0
+    interrupt_distill([*args, "--out", str(tmp_path / "half.npz")], monkeypatch)
     assert read_npz(str(tmp_path / "half.fitstate.npz"))[0]["steps"] == 2
     assert distill.main([*args, "--out", str(tmp_path / "half.npz"), "--resume"]) == 0
     assert not (tmp_path / "half.fitstate.npz").exists()
@@ -381,21 +391,8 @@ def test_distill_resume_refuses_a_damaged_state(demo_root: Path, tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """--resume on a distillation state whose target std, step losses or optimizer moments were
     changed stops with one line naming the state file, not a traceback."""
-    args = ["--arch", "resnet18", "--pretrained", "none", "--images", str(demo_root / "tiles" / "train"),
-            "--image_size", str(SIZE), "--steps", "4", "--batch_size", "2", "--norm_images", "4",
-            "--save_every", "2", "--out", str(tmp_path / "t.npz")]
-    draw, calls = ImageFolder.draw, []
-
-    def interrupted(self: ImageFolder, rng: np.random.Generator, count: int) -> np.ndarray:
-        calls.append(count)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return draw(self, rng, count)
-
-    monkeypatch.setattr(ImageFolder, "draw", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        distill.main(args)
-    monkeypatch.setattr(ImageFolder, "draw", draw)
+    args = [*distill_args(demo_root), "--out", str(tmp_path / "t.npz")]
+    interrupt_distill(args, monkeypatch)
     state = tmp_path / "t.fitstate.npz"
     meta, arrays = read_npz(str(state))
     if damage == "std":
