@@ -18,6 +18,7 @@ from core.errors import CheckpointError
 from datasets import AnomalyDataset, Preprocess, list_samples, validation_split
 from models import load_model, model_config
 from models.checkpoint import read_npz, write_npz
+from models.components.backbone import build_trunk
 from models.efficientad import distill
 from models.efficientad.distill import ChannelMoments, read_teacher
 from models.efficientad.images import ImageFolder
@@ -409,3 +410,26 @@ def test_distill_resume_refuses_a_damaged_state(demo_root: Path, tmp_path: Path,
     expected = {"std": "mean/std must be 384 finite values (std > 0)", "losses": "no finite step losses",
                 "optimizer": "the optimizer state does not fit the network"}[damage]
     assert expected in line
+
+
+def test_distill_from_a_paddle_vision_weight_file(demo_root: Path, tmp_path: Path) -> None:
+    """The teacher's targets come from the backbone the user gives: a file written the way Paddle's
+    own ImageNet weights are (``paddle.save(paddle.vision.models.resnet18().state_dict())``),
+    through the distill command; its target statistics are those of that backbone, not of a
+    random one."""
+    paddle.seed(5)
+    weights = tmp_path / "resnet18.pdparams"
+    paddle.save(paddle.vision.models.resnet18().state_dict(), str(weights))
+    out = tmp_path / "pdn_s.npz"
+    images = demo_root / "tiles" / "train"
+    ok(run(ROOT, "-m models.efficientad.distill", "--arch", "resnet18", "--pretrained", weights,
+           "--images", images, "--image_size", SIZE, "--steps", 1, "--batch_size", 2,
+           "--norm_images", 4, "--out", out))
+    teacher = distill.read_teacher(str(out))
+    extractor = distill.TargetFeatures(build_trunk("resnet18", ("layer2", "layer3"), str(weights), 0), SIZE)
+    mean, std = distill.channel_stats(extractor, ImageFolder(str(images), SIZE, "--images"), 4, 0, 2)
+    np.testing.assert_allclose(teacher.mean, mean, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(teacher.std, std, rtol=1e-4, atol=1e-6)
+    random = distill.TargetFeatures(build_trunk("resnet18", ("layer2", "layer3"), "none", 0), SIZE)
+    other, _ = distill.channel_stats(random, ImageFolder(str(images), SIZE, "--images"), 4, 0, 2)
+    assert not np.allclose(other, mean, rtol=1e-2)
