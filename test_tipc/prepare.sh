@@ -11,7 +11,8 @@
 #   train_infer_img_dir (line 12) and the inference --input_file (line 48)
 #                         (./test_tipc/data/infer_data): the mode's inference images, flat
 #   --teacher FILE of the train line (EfficientAD, PUAD): a PDN distilled from a random resnet18
-#                         on the mode's training images (models.efficientad.distill, 100 steps)
+#                         on the mode's training images (models.efficientad.distill, 100 steps;
+#                         10 in lite_train_lite_infer)
 #   infer_model (line 37, whole_infer only; ./test_tipc/data/whole_model/<model_name>):
 #                         a model fitted by the config's train line on the whole data and
 #                         exported there by its export line. Delete the folder to refit.
@@ -199,10 +200,11 @@ prepare_whole_model() {
 # The teacher a train line names (--teacher FILE: EfficientAD, PUAD), distilled once from a random
 # resnet18 (--pretrained none: offline) on the mode's training images, at the train line's --resize.
 prepare_teacher() {
-    local teacher size arch side
+    local teacher size arch side steps=100
     teacher=$(word_after --teacher "${train_words[@]}") || return 0
-    if [[ -f ${teacher} ]]; then
-        log "teacher ${teacher} already distilled (delete it to distil again)"
+    [[ ${MODE} == lite_train_lite_infer ]] && steps=10  # the lite chain only has to run
+    if [[ -f ${teacher} && $(cat "${teacher%.npz}.steps" 2>/dev/null) == "${steps}" ]]; then
+        log "teacher ${teacher} already distilled in ${steps} steps (delete it to distil again)"
         return 0
     fi
     size=$(word_after --size "${train_words[@]}") || size=s
@@ -211,7 +213,8 @@ prepare_teacher() {
     mkdir -p "$(dirname "${teacher}")"
     run_step "distilling the teacher" "${teacher%.npz}.log" "${python}" -m models.efficientad.distill \
         --images "${data_path}/${category}/train" --arch "${arch}" --pretrained none --size "${size}" \
-        --image_size "${side}" --steps 100 --batch_size 4 --norm_images 0 --out "${teacher}"
+        --image_size "${side}" --steps "${steps}" --batch_size 4 --norm_images 0 --out "${teacher}" \
+        && echo "${steps}" > "${teacher%.npz}.steps"
 }
 
 case ${MODE} in
