@@ -316,19 +316,19 @@ class AnomalyModel(ABC):
         a BatchLoader); a resumed model continues at its :meth:`fit_position`'s epoch.
         """
         for epoch in range(self.fit_position()[0], self.epochs):
+            if self.fit_done():  # checked before each step, as the workflow does: a model saved at
+                break            # its budget's last step takes no further step
             steps = 0
             for batch in batches:
+                if self.fit_done():
+                    break
                 images, paths = unpack_batch(batch)
                 self.partial_fit(images, paths)
                 steps += 1
-                if self.fit_done():
-                    break
             if steps == 0:
                 raise InputError(f"--method {self.method}: epoch {epoch + 1} got no batches; pass a "
                                  "re-iterable (a list or a BatchLoader) of at least one batch")
             self.end_epoch()
-            if self.fit_done():
-                break
         self.finalize()
         return self
 

@@ -223,3 +223,17 @@ def test_fit_refuses_a_pass_without_batches(toy_registered):
     images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
     with pytest.raises(InputError, match="epoch 2 got no batches; pass a re-iterable"):
         build_model(config).fit(iter([images]))
+
+
+def test_fit_at_a_spent_budget_takes_no_further_step(toy_registered):
+    """AnomalyModel.fit on a model whose step budget is already spent (a fit state saved at the
+    budget's last step) finalises without another optimizer step, as the workflow does."""
+    config = model_config("toyae", epochs=3, steps=2, pretrained="none", image_size=64, resize=64)
+    model = build_model(config)
+    images = np.random.default_rng(0).random((2, 3, 64, 64), dtype=np.float32)
+    model.partial_fit(images)
+    model.partial_fit(images)
+    model.fit([images, images])
+    assert len(model.losses) == 2 and model.fitted
+    fresh = build_model(config).fit([images, images, images])
+    assert len(fresh.losses) == 2
