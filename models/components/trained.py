@@ -99,7 +99,7 @@ class TrainedModel(AnomalyModel):
     Options = TrainingOptions
     schedule_per: ClassVar[str] = "epoch"
     progress_names: ClassVar[tuple[str, ...]] = ("loss",)
-    """What :meth:`step` returns besides the loss is shown on the progress bar under these names."""
+    """Names of the figures :meth:`loss` returns (the loss first), shown on the progress bar."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -231,7 +231,8 @@ class TrainedModel(AnomalyModel):
 
     def _restore(self, arrays: dict[str, np.ndarray], fitted: bool) -> None:
         weights = {name[len(_NET):]: value for name, value in arrays.items() if name.startswith(_NET)}
-        for name, tensor in self.network_weights().items():
+        tensors = self.network_weights()
+        for name, tensor in tensors.items():
             if name not in weights:
                 raise KeyError(f"network weight {name}")
             if tuple(weights[name].shape) != tuple(tensor.shape):
@@ -239,8 +240,8 @@ class TrainedModel(AnomalyModel):
                                  f"configuration needs {tuple(tensor.shape)}")
             if weights[name].dtype.kind != "f" or not np.isfinite(weights[name]).all():
                 raise ValueError(f"network weight {name} is not all finite floats")
-        for name, tensor in self.network_weights().items():  # set_value needs the tensor's own dtype
-            tensor.set_value(weights[name].astype(tensor.numpy().dtype, copy=False))
+        for name, tensor in tensors.items():  # set_value needs the tensor's own dtype ("paddle.float32")
+            tensor.set_value(weights[name].astype(str(tensor.dtype).rsplit(".", 1)[-1], copy=False))
         self.n_train = int(arrays["n_train"])
         self.losses = arrays["train_losses"].tolist()
         if fitted:
