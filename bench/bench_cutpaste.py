@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_methods import peak_rss_mb, spawn, spread  # noqa: E402
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import load_note, machine, update_section  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples  # noqa: E402
 from engine.evaluate import metrics, score_batches  # noqa: E402
 from models import Runtime, build_model, model_config  # noqa: E402
@@ -134,6 +135,7 @@ def main() -> None:
         where = f"patch {args.patch_size} px, stride {args.patch_stride}"
         runs += [{**base, **patch, "variant": "untrained", "label": f"untrained, {where}, same density"},
                  {**base, **patch, "variant": "3way", "label": f"3way, {where}"}]
+    load = os.getloadavg()[0]
     results = []
     for spec in runs:
         results.append(spawn(spec, __file__, "label"))
@@ -143,7 +145,7 @@ def main() -> None:
     lines = [
         "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)",
         "",
-        f"Command: `{command}` on {machine()}.",
+        f"Command: `{command}` on {machine()}; {load_note(load, os.getloadavg()[0])}.",
         *([args.note, ""] if args.note else []),
         f"resnet18 from random initialisation (seed 0), {args.size} px, {args.batch_size} images per step "
         f"before augmentation, backbone not frozen, SGD lr 0.03 with a cosine schedule over the steps "

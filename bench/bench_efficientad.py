@@ -14,7 +14,8 @@ root whose evaluation reports them, every per-type image AUROC column, e.g. MVTe
 and structural ones), then the fused export timed as infer.py runs it (Paddle Inference, oneDNN,
 batch 1, 2 threads, ``--images`` test images after 3 untimed). PaDiM (resnet18 random, k=100) is
 fitted and exported the same way for the latency comparison. Prints a Markdown table and writes
-it to docs/benchmarks.md (section bench_efficientad) unless ``--no_doc``.
+it to docs/benchmarks.md (section bench_efficientad, or bench_efficientad_<category> for another
+category) unless ``--no_doc``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_infer import SOURCE, infer_stages  # noqa: E402
 from bench.bench_methods import spread  # noqa: E402
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import load_note, machine, update_section  # noqa: E402
 from core.inference import PredictorOptions  # noqa: E402
 from datasets import Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
@@ -195,16 +196,15 @@ def main() -> int:
     used = (f"{args.train_images or 'all'} train/good and {args.test_images or 'all'} test images of "
             f"`{args.category}` ({args.data_path})")
     body = (f"## EfficientAD vs PUAD (bench/bench_efficientad.py)\n\nCommand: `{command}` on {machine()}; "
-            f"load average {load:.1f} at the start.\n\n"
+            f"{load_note(load, os.getloadavg()[0])}.\n\n"
             f"EfficientAD and PUAD on {used}, {args.image_size} px, teacher PDN-"
             f"{args.size.upper()} distilled {args.distill_steps} steps from a random resnet18 "
             f"({distil_seconds:.0f} s, peak {distil_mb:.0f} MB), student/autoencoder {args.steps} steps at "
             f"batch {args.batch_size}; no ImageNet weights or penalty images, so the AUROCs say the chain "
-            f"works, not what the paper's weights reach. **Machine loaded** (2 cores shared by up to 8 "
-            f"jobs): times are upper bounds. Inference: the fused export as infer.py runs it, batch 1, "
-            f"{THREADS} threads, oneDNN, median over {args.images} images.\n\n{table(reports)}\n")
+            f"works, not what the paper's weights reach. Inference: the fused export as infer.py runs it, "
+            f"batch 1, {THREADS} threads, oneDNN, median over {args.images} images.\n\n{table(reports)}\n")
     if not args.no_doc:
-        update_section(SECTION, body)
+        update_section(SECTION if args.category == CATEGORY else f"{SECTION}_{args.category}", body)
     print(body)
     return 0
 
