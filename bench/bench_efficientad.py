@@ -128,6 +128,7 @@ def distil(args: argparse.Namespace, root: Path, out: Path) -> tuple[float, floa
                     "--pretrained", "none", "--images", str(root / args.category / "train"),
                     "--size", args.size, "--image_size", str(args.image_size), "--steps",
                     str(args.distill_steps), "--batch_size", "8", "--norm_images", "200",
+                    "--cpu_threads", str(THREADS),
                     "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
     return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 

@@ -30,6 +30,12 @@ def check_gpu(index: int = 0) -> None:
                           f"{choice}run on the CPU (--device cpu / --use_gpu False)")
 
 
+def set_cpu_threads(count: int) -> None:
+    """Threads of eager Paddle's CPU kernels (oneDNN, MKL) in this process: Paddle starts with one,
+    so training on the CPU left every other core idle until this was called."""
+    paddle.base.core.set_num_threads(count)
+
+
 def select_device(spec: str) -> str:
     """Validate ``spec``, make it Paddle's current device and return Paddle's name for it."""
     kind, index = parse_device(spec)

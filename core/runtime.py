@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from core.device import parse_device
+from core.device import parse_device, set_cpu_threads
 from core.errors import ConfigError
 from core.inference import Predictor, PredictorOptions
 
@@ -28,12 +28,20 @@ ENGINES = ("inference", "dynamic")
 
 @dataclass
 class Runtime:
-    """Where and how the layers run: ``engine`` is "inference" or "dynamic"."""
+    """Where and how the layers run: ``engine`` is "inference" or "dynamic".
+
+    ``cpu_threads`` is the predictor's thread count and, on the CPU, also that of eager Paddle
+    (training and the dynamic engine), set for the whole process when the runtime is made.
+    """
 
     engine: str = "inference"
     device: str = "cpu"
     cpu_threads: int = 2
     enable_mkldnn: bool = True
+
+    def __post_init__(self) -> None:
+        if parse_device(self.device)[0] == "cpu":
+            set_cpu_threads(self.cpu_threads)
 
     def predictor_options(self) -> PredictorOptions:
         """The Paddle Inference options of this runtime (device, threads, oneDNN)."""

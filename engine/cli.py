@@ -117,7 +117,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                        help="inference: Paddle Inference predictor (fast, default); "
                             "dynamic: eager Paddle")
     group.add_argument("--cpu_threads", type=positive_int, default=min(os.cpu_count() or 1, 8),
-                       help="CPU math threads of the predictor")
+                       help="CPU threads of the predictor and of training (default: the cores, at most 8)")
     group.add_argument("--enable_mkldnn", type=str2bool, default=True,
                        help="use oneDNN on the CPU (default True)")
 

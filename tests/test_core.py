@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -65,3 +68,17 @@ def test_blur_matrix_refuses_a_sigma_without_a_kernel(sigma):
     """sigma 0 gave a matrix of NaN, a negative one a matrix of zeros (every map 0)."""
     with pytest.raises(ValueError, match="blur sigma must be a finite number > 0"):
         gaussian_blur_matrix(8, sigma)
+
+
+def test_a_cpu_runtime_gives_eager_paddle_its_threads():
+    """Paddle's own OpenMP runtime starts at one thread; a CPU Runtime sets it to ``cpu_threads``
+    (eager training and the dynamic engine ran on one core of many before)."""
+    library = Path(paddle.__file__).parent / "libs" / "libiomp5.so"
+    if not library.is_file():
+        pytest.skip(f"this Paddle build has no {library.name}")
+    code = ("import ctypes, paddle\nfrom core.runtime import Runtime\n"
+            f"omp = ctypes.CDLL({str(library)!r})\nbefore = omp.omp_get_max_threads()\n"
+            "Runtime(engine='dynamic', cpu_threads=3)\nprint(before, omp.omp_get_max_threads())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.stdout.split() == ["1", "3"]

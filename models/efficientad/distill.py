@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ import paddle
 from paddle import nn
 from tqdm import tqdm
 
+from core.device import select_device, set_cpu_threads
 from core.errors import CheckpointError, ConfigError, InputError
 from core.script import non_negative_int, positive_int, run_main
 from models.checkpoint import read_npz, write_npz
@@ -189,6 +191,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--save_every", type=non_negative_int, default=1000,
                         help="save the resumable state every N steps, 0 = never (default 1000)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.fitstate.npz")
+    parser.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
+    parser.add_argument("--cpu_threads", type=positive_int, default=min(os.cpu_count() or 1, 8),
+                        help="CPU threads (default: the cores, at most 8)")
     parser.add_argument("--out", default=None,
                         help="teacher file (default output/teachers/pdn_<size>_<arch>.npz)")
     return parser.parse_args(argv)
@@ -200,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     check_size(args.size)
     if args.image_size < 64 or args.image_size % 16:
         raise ConfigError(f"--image_size {args.image_size}: use a multiple of 16, at least 64")
+    if select_device(args.device) == "cpu":
+        set_cpu_threads(args.cpu_threads)
     out = Path(args.out or f"output/teachers/pdn_{args.size}_{args.arch}.npz")
     state_path = out.with_name(out.stem + ".fitstate.npz")
     images = ImageFolder(args.images, args.image_size, "--images")
