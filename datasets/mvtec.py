@@ -124,7 +124,7 @@ class Sample:
     mask_path: Path | None
 
 
-def _images(folder: Path, hint: str) -> list[Path]:
+def image_files(folder: Path, hint: str) -> list[Path]:
     """Image files directly in ``folder``, sorted by file name; none -> InputError with ``hint``."""
     files = []
     if folder.is_dir():
@@ -156,7 +156,7 @@ def list_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     base = Path(root) / category
     if split == "train":
         hint = "put the defect-free training images there"
-        return [Sample(p, 0, "good", None) for p in _images(base / "train" / "good", hint)]
+        return [Sample(p, 0, "good", None) for p in image_files(base / "train" / "good", hint)]
     if split != "test":
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     test_dir = base / "test"
@@ -171,7 +171,7 @@ def list_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     samples = []
     for folder in folders:
         defect = folder.name
-        for path in _images(folder, "put test images there or remove the folder"):
+        for path in image_files(folder, "put test images there or remove the folder"):
             if defect == "good":
                 samples.append(Sample(path, 0, defect, None))
                 continue

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from core.errors import InputError
-from datasets.mvtec import Sample, _images
+from datasets.mvtec import Sample, image_files
 
 VALIDATION_SHARE = 0.15
 MIN_IMAGES = 2
@@ -32,8 +32,8 @@ def validation_split(root: str | Path, category: str, train: Sequence[Sample],
     """
     folder = Path(root) / category / "validation" / "good"
     if folder.is_dir():
-        validation = [Sample(p, 0, "good", None) for p in _images(folder, "put normal validation images "
-                                                                          "there or remove the folder")]
+        hint = "put normal validation images there or remove the folder"
+        validation = [Sample(p, 0, "good", None) for p in image_files(folder, hint)]
         if len(validation) < MIN_IMAGES:
             raise InputError(f"{folder}: holds {len(validation)} image; the map normalisation needs at "
                              f"least {MIN_IMAGES}: add images or remove the folder")
