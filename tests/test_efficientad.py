@@ -20,11 +20,11 @@ from models import load_model, model_config
 from models.checkpoint import read_npz, write_npz
 from models.components.backbone import build_trunk
 from models.efficientad import distill
-from models.efficientad.distill import ChannelMoments, read_teacher
 from models.efficientad.images import ImageFolder
 from models.efficientad.model import EfficientADModel, hard_loss, jitter
 from models.efficientad.networks import Autoencoder, pdn
 from models.efficientad.puad import PuadModel
+from models.efficientad.teacher import ChannelMoments, read_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 64
@@ -425,7 +425,7 @@ def test_distill_from_a_paddle_vision_weight_file(demo_root: Path, tmp_path: Pat
     ok(run(ROOT, "-m models.efficientad.distill", "--arch", "resnet18", "--pretrained", weights,
            "--images", images, "--image_size", SIZE, "--steps", 1, "--batch_size", 2,
            "--norm_images", 4, "--out", out))
-    teacher = distill.read_teacher(str(out))
+    teacher = read_teacher(str(out))
     extractor = distill.TargetFeatures(build_trunk("resnet18", ("layer2", "layer3"), str(weights), 0), SIZE)
     mean, std = distill.channel_stats(extractor, ImageFolder(str(images), SIZE, "--images"), 4, 0, 2)
     np.testing.assert_allclose(teacher.mean, mean, rtol=1e-4, atol=1e-6)

@@ -11,8 +11,7 @@ teacher file). The PDN is
 trained to regress them (mean squared error, Adam 1e-4, weight decay 1e-5, ``--batch_size`` images
 drawn from (seed, step), so a resumed run draws the same batches).
 
-The teacher file is an npz (no pickle, see models.checkpoint): its weights ``net.*``, the target
-``mean``/``std`` (384,) and metadata (size, arch, pretrained, image_size, steps). While it trains,
+The teacher file is described in models.efficientad.teacher (an npz, no pickle). While it trains,
 ``<out>.fitstate.npz`` holds the weights and the Adam state every ``--save_every`` steps.
 """
 
@@ -22,7 +21,6 @@ import argparse
 import hashlib
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +36,15 @@ from models.components.backbone import ARCHS, build_trunk, check_arch
 from models.components.layers import bilinear_resize
 from models.components.trained import optimizer_arrays, restore_optimizer
 from models.efficientad.images import ImageFolder
-from models.efficientad.networks import CHANNELS, SIZES, check_size, pdn, pdn_grid
-
-KIND = "efficientad_teacher"
-_NET = "net."
+from models.efficientad.networks import CHANNELS, check_size, pdn, pdn_grid
+from models.efficientad.teacher import (
+    KIND,
+    ChannelMoments,
+    load_weights,
+    make_adam,
+    target_stats,
+    teacher_arrays,
+)
 
 
 class TargetFeatures(nn.Layer):
@@ -68,86 +71,6 @@ class TargetFeatures(nn.Layer):
         return self.down(features)
 
 
-@dataclass
-class Teacher:
-    """A distilled teacher: the PDN and the normalisation of its targets (mean, std (384,))."""
-
-    size: str
-    arch: str
-    network: nn.Sequential
-    mean: np.ndarray
-    std: np.ndarray
-    meta: dict
-
-
-TEACHER_FIX = "distil one with: python -m models.efficientad.distill --images DIR --arch ARCH"
-
-
-def target_stats(arrays: dict[str, np.ndarray], source: str, fix: str) -> tuple[np.ndarray, np.ndarray]:
-    """The targets' channel mean and std (384,) float32 stored in ``arrays``; CheckpointError
-    naming ``source`` unless both are finite and std > 0."""
-    stats = [np.asarray(arrays.get(name, np.zeros(0)), dtype=np.float32) for name in ("mean", "std")]
-    if any(s.shape != (CHANNELS,) or not np.isfinite(s).all() for s in stats) or not (stats[1] > 0).all():
-        raise CheckpointError(f"{source}: mean/std must be {CHANNELS} finite values (std > 0); "
-                              f"the file was changed; {fix}")
-    return stats[0], stats[1]
-
-
-def read_teacher(path: str) -> Teacher:
-    """The teacher at ``path`` (a file this module wrote); CheckpointError naming it otherwise."""
-    fix = TEACHER_FIX
-    if not Path(path).is_file():
-        raise CheckpointError(f"--teacher {path}: no such file; {fix}")
-    meta, arrays = read_npz(path)
-    if meta.get("kind") != KIND:
-        raise CheckpointError(f"--teacher {path}: not an EfficientAD teacher file; {fix}")
-    if meta.get("stage") != "final":
-        raise CheckpointError(f"--teacher {path}: an unfinished distillation; finish it with "
-                              "python -m models.efficientad.distill ... --resume")
-    size = meta.get("size")
-    if size not in SIZES or meta.get("arch") not in ARCHS:
-        raise CheckpointError(f"--teacher {path}: metadata size={size!r}, arch={meta.get('arch')!r} "
-                              f"are not a PDN size and backbone; the file was changed; {fix}")
-    network = pdn(size)
-    load_weights(network, arrays, f"--teacher {path}")
-    mean, std = target_stats(arrays, f"--teacher {path}", fix)
-    return Teacher(size, meta["arch"], network, mean, std, meta)
-
-
-def load_weights(network: nn.Layer, arrays: dict[str, np.ndarray], source: str) -> None:
-    """Set ``network``'s weights from ``arrays[net.<name>]``; CheckpointError naming ``source``."""
-    state = {}
-    for name, tensor in network.state_dict().items():
-        value = arrays.get(_NET + name)
-        if value is None or tuple(value.shape) != tuple(tensor.shape) or not np.isfinite(value).all():
-            raise CheckpointError(f"{source}: weight {name} is missing, has another shape than "
-                                  f"{tuple(tensor.shape)} or is not finite; distil the teacher again")
-        state[name] = paddle.to_tensor(np.asarray(value, dtype=np.float32))
-    network.set_state_dict(state)
-
-
-class ChannelMoments:
-    """Per-channel mean and standard deviation of feature batches (N, C, h, w), every position
-    counted, summed in float64."""
-
-    def __init__(self, channels: int = CHANNELS) -> None:
-        self.total = np.zeros(channels)
-        self.squares = np.zeros(channels)
-        self.count = 0
-
-    def add(self, features: paddle.Tensor) -> None:
-        values = features.numpy().astype(np.float64)
-        self.total += values.sum(axis=(0, 2, 3))
-        self.squares += (values * values).sum(axis=(0, 2, 3))
-        self.count += values.shape[0] * values.shape[2] * values.shape[3]
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(mean, std) (C,) float32; std at least 1e-6 (it divides)."""
-        mean = self.total / self.count
-        std = np.sqrt(np.maximum(self.squares / self.count - mean * mean, 0.0))
-        return mean.astype(np.float32), np.maximum(std, 1e-6).astype(np.float32)
-
-
 def channel_stats(extractor: TargetFeatures, images: ImageFolder, count: int, seed: int,
                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and std (384,) of the targets over ``count`` images drawn without
@@ -160,17 +83,6 @@ def channel_stats(extractor: TargetFeatures, images: ImageFolder, count: int, se
                           file=sys.stderr, leave=False):
             moments.add(extractor(paddle.to_tensor(images.batch(order[start:start + batch_size]))))
     return moments.result()
-
-
-def make_adam(params: list[paddle.Tensor],
-              lr: float | paddle.optimizer.lr.LRScheduler) -> paddle.optimizer.Adam:
-    """Adam with the paper's weight decay 1e-5 (L2 added to the gradient, as torch's Adam does)."""
-    return paddle.optimizer.Adam(lr, parameters=params, weight_decay=1e-5)
-
-
-def _arrays(network: nn.Layer, mean: np.ndarray, std: np.ndarray) -> dict[str, np.ndarray]:
-    arrays = {_NET + name: value.numpy() for name, value in network.state_dict().items()}
-    return {**arrays, "mean": mean, "std": std}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -247,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     targets_std = paddle.to_tensor(std.reshape(1, -1, 1, 1))
 
     def save(path: Path, stage: str) -> None:
-        arrays = _arrays(network, mean, std)
+        arrays = teacher_arrays(network, mean, std)
         arrays["losses"] = np.asarray(losses, dtype=np.float64)
         if stage == "fit":
             arrays.update(optimizer_arrays(optimizer, network))

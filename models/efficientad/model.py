@@ -38,9 +38,9 @@ from models.components.color import adjust, to_inputs, to_pixels
 from models.components.layers import SeparableResize
 from models.components.static_ops import reduce_sum
 from models.components.trained import TrainedModel, TrainingOptions
-from models.efficientad.distill import ChannelMoments, make_adam, read_teacher
 from models.efficientad.images import ImageFolder
 from models.efficientad.networks import CHANNELS, Autoencoder, check_size, pdn, pdn_grid
+from models.efficientad.teacher import ChannelMoments, make_adam, read_teacher
 
 QUANTILES = (0.9, 0.995)
 HARD_QUANTILE = 0.999
