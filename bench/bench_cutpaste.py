@@ -24,6 +24,7 @@ import os
 import shlex
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,12 +94,13 @@ def figure(value: float | None, digits: int = 4) -> str:
 
 
 def table(results: list[dict]) -> list[str]:
-    lines = ["| model | steps | steps/s | first / last loss | image AUROC | pixel AUROC | PRO | "
-             "peak RSS MB (training / all) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | steps | training min | steps/s | first / last loss | image AUROC | pixel AUROC | PRO "
+             "| peak RSS MB (training / all) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         patch = bool(r["patch_size"])
         lines.append(
-            f"| {r['label']} | {r['steps']} | {figure(r['steps_per_second'], 3)} | "
+            f"| {r['label']} | {r['steps']} | {r['train_seconds'] / 60:.1f} | "
+            f"{figure(r['steps_per_second'], 3)} | "
             f"{figure(r['first_loss'], 3)} / {figure(r['last_loss'], 3)} | {r['image_auroc']:.4f} | "
             f"{figure(r['pixel_auroc'] if patch else None)} | {figure(r['pro'] if patch else None)} | "
             f"{r['train_peak_rss_mb']:.0f} / {r['peak_rss_mb']:.0f} |")
@@ -116,7 +118,9 @@ def main() -> None:
     parser.add_argument("--patch_stride", type=int, default=32)
     parser.add_argument("--calib_images", type=int, default=0, help="training images of the density (0: all)")
     parser.add_argument("--test_images", type=int, default=0, help="test images scored (0: all)")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each run")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="runs at a time (2 with --threads 1: each run has one of two cores)")
     parser.add_argument("--note", default="", help="said before the table (e.g. that the machine was loaded)")
     parser.add_argument("--write", action="store_true", help="put the section into docs/benchmarks.md")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)
@@ -136,10 +140,12 @@ def main() -> None:
         runs += [{**base, **patch, "variant": "untrained", "label": f"untrained, {where}, same density"},
                  {**base, **patch, "variant": "3way", "label": f"3way, {where}"}]
     load = os.getloadavg()[0]
-    results = []
-    for spec in runs:
-        results.append(spawn(spec, __file__, "label"))
-        print(f"{spec['label']}: {results[-1]}", file=sys.stderr)
+    with ThreadPoolExecutor(args.parallel) as pool:  # the trained runs first: they take longest
+        order = sorted(range(len(runs)), key=lambda i: runs[i]["variant"] == "untrained")
+        futures = {i: pool.submit(spawn, runs[i], __file__, "label") for i in order}
+        results = [futures[i].result() for i in range(len(runs))]
+    for spec, result in zip(runs, results, strict=True):
+        print(f"{spec['label']}: {result}", file=sys.stderr)
     command = " ".join(["python bench/bench_cutpaste.py", *map(shlex.quote, sys.argv[1:])])
     first = results[-1]
     lines = [
@@ -150,7 +156,8 @@ def main() -> None:
         f"resnet18 from random initialisation (seed 0), {args.size} px, {args.batch_size} images per step "
         f"before augmentation, backbone not frozen, SGD lr 0.03 with a cosine schedule over the steps "
         f"that fit in {args.minutes:g} minutes (timed by {PROBE_STEPS} probe steps); eager Paddle, "
-        f"{args.threads} CPU threads. Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
+        f"{args.threads} CPU thread(s) per run, {args.parallel} run(s) at a time, each in its own process. "
+        f"Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
         f"{'all' if not args.calib_images else args.calib_images} training images (threshold out of fold); "
         f"{first['test_images']} test images scored. The image-level models' maps are constant, so "
         "their pixel metrics are not given.",
