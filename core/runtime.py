@@ -24,6 +24,7 @@ from core.inference import Predictor, PredictorOptions
 RunFn = Callable[[np.ndarray], list[np.ndarray]]
 Chunks = Iterator[tuple[slice, list[np.ndarray]]]
 ENGINES = ("inference", "dynamic")
+CPU_THREADS = min(os.cpu_count() or 1, 8)  # the default: the cores, at most 8
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Runtime:
 
     engine: str = "inference"
     device: str = "cpu"
-    cpu_threads: int = 2
+    cpu_threads: int = CPU_THREADS
     enable_mkldnn: bool = True
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from core.device import parse_device, select_device
 from core.distributed import World
-from core.runtime import Runtime
+from core.runtime import CPU_THREADS, Runtime
 from core.script import (
     image_side,
     non_negative_int,
@@ -116,7 +116,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--engine", default="inference", choices=("inference", "dynamic"),
                        help="inference: Paddle Inference predictor (fast, default); "
                             "dynamic: eager Paddle")
-    group.add_argument("--cpu_threads", type=positive_int, default=min(os.cpu_count() or 1, 8),
+    group.add_argument("--cpu_threads", type=positive_int, default=CPU_THREADS,
                        help="CPU threads of the predictor and of training (default: the cores, at most 8)")
     group.add_argument("--enable_mkldnn", type=str2bool, default=True,
                        help="use oneDNN on the CPU (default True)")

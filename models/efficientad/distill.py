@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import sys
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from tqdm import tqdm
 
 from core.device import select_device, set_cpu_threads
 from core.errors import CheckpointError, ConfigError, InputError
+from core.runtime import CPU_THREADS
 from core.script import non_negative_int, positive_int, run_main
 from models.checkpoint import read_npz, write_npz
 from models.components.backbone import ARCHS, build_trunk, check_arch
@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="save the resumable state every N steps, 0 = never (default 1000)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.fitstate.npz")
     parser.add_argument("--device", default="cpu", help="cpu, gpu or gpu:N (default cpu)")
-    parser.add_argument("--cpu_threads", type=positive_int, default=min(os.cpu_count() or 1, 8),
+    parser.add_argument("--cpu_threads", type=positive_int, default=CPU_THREADS,
                         help="CPU threads (default: the cores, at most 8)")
     parser.add_argument("--out", default=None,
                         help="teacher file (default output/teachers/pdn_<size>_<arch>.npz)")
