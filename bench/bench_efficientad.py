@@ -205,7 +205,8 @@ def main() -> int:
             f"works, not what the paper's weights reach. Inference: the fused export as infer.py runs it, "
             f"batch 1, {THREADS} threads, oneDNN, median over {args.images} images.\n\n{table(reports)}\n")
     if not args.no_doc:
-        update_section(SECTION if args.category == CATEGORY else f"{SECTION}_{args.category}", body)
+        section = SECTION if args.category == CATEGORY else f"{SECTION}_{args.category}"
+        update_section(section, body)
     print(body)
     return 0
 
