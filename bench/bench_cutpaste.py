@@ -24,7 +24,7 @@ import os
 import shlex
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,18 +140,29 @@ def main() -> None:
         runs += [{**base, **patch, "variant": "untrained", "label": f"untrained, {where}, same density"},
                  {**base, **patch, "variant": "3way", "label": f"3way, {where}"}]
     load = os.getloadavg()[0]
+    done: dict[int, dict] = {}
     with ThreadPoolExecutor(args.parallel) as pool:  # the trained runs first: they take longest
         order = sorted(range(len(runs)), key=lambda i: runs[i]["variant"] == "untrained")
-        futures = {i: pool.submit(spawn, runs[i], __file__, "label") for i in order}
-        results = [futures[i].result() for i in range(len(runs))]
-    for spec, result in zip(runs, results, strict=True):
-        print(f"{spec['label']}: {result}", file=sys.stderr)
+        futures = {pool.submit(spawn, runs[i], __file__, "label"): i for i in order}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            print(f"{runs[futures[future]]['label']}: {done[futures[future]]}", file=sys.stderr)
+            report = section(args, [done[i] for i in sorted(done)], len(runs), load)
+            if args.write:  # after every run, so a stopped benchmark leaves the rows it measured
+                update_section("bench_cutpaste", report)
+    print(report)
+
+
+def section(args: argparse.Namespace, results: list[dict], total: int, load: float) -> str:
+    """The Markdown section of ``results`` (in run order), marked partial while runs are missing."""
     command = " ".join(["python bench/bench_cutpaste.py", *map(shlex.quote, sys.argv[1:])])
-    first = results[-1]
+    partial = [f"**Partial: {len(results)} of {total} runs finished.**", ""] if len(results) < total else []
     lines = [
         "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)",
         "",
         f"Command: `{command}` on {machine()}; {load_note(load, os.getloadavg()[0])}.",
+        "",
+        *partial,
         *([args.note, ""] if args.note else []),
         f"resnet18 from random initialisation (seed 0), {args.size} px, {args.batch_size} images per step "
         f"before augmentation, backbone not frozen, SGD lr 0.03 with a cosine schedule over the steps "
@@ -159,16 +170,12 @@ def main() -> None:
         f"{args.threads} CPU thread(s) per run, {args.parallel} run(s) at a time, each in its own process. "
         f"Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
         f"{'all' if not args.calib_images else args.calib_images} training images (threshold out of fold); "
-        f"{first['test_images']} test images scored. The image-level models' maps are constant, so "
+        f"{results[0]['test_images']} test images scored. The image-level models' maps are constant, so "
         "their pixel metrics are not given.",
         "",
         *table(results),
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.write:
-        update_section("bench_cutpaste", report)
-
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
