@@ -196,7 +196,8 @@ def main() -> int:
         f"--{k} {v}" for k, v in vars(args).items() if k not in ("no_doc", "run") and v is not None))
     used = (f"{args.train_images or 'all'} train/good and {args.test_images or 'all'} test images of "
             f"`{args.category}` ({args.data_path})")
-    body = (f"## EfficientAD vs PUAD (bench/bench_efficientad.py)\n\nCommand: `{command}` on {machine()}; "
+    body = (f"## EfficientAD vs PUAD on `{args.category}` (bench/bench_efficientad.py)\n\n"
+            f"Command: `{command}` on {machine()}; "
             f"{load_note(load, os.getloadavg()[0])}.\n\n"
             f"EfficientAD and PUAD on {used}, {args.image_size} px, teacher PDN-"
             f"{args.size.upper()} distilled {args.distill_steps} steps from a random resnet18 "
