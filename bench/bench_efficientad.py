@@ -12,10 +12,10 @@ train/good). Each method runs in its own process (``--run``) so that its peak RS
 fit (timed; steps/s counts the optimizer steps alone), image AUROC on the test split (and, on a
 root whose evaluation reports them, every per-type image AUROC column, e.g. MVTec LOCO's logical
 and structural ones), then the fused export timed as infer.py runs it (Paddle Inference, oneDNN,
-batch 1, 2 threads, ``--images`` test images after 3 untimed). PaDiM (resnet18 random, k=100) is
-fitted and exported the same way for the latency comparison. Prints a Markdown table and writes
-it to docs/benchmarks.md (section bench_efficientad, or bench_efficientad_<category> for another
-category) unless ``--no_doc``.
+batch 1, ``--threads`` threads (2), ``--images`` test images after 3 untimed). PaDiM (resnet18
+random, k=100) is fitted and exported the same way for the latency comparison. Prints a Markdown
+table and writes it to docs/benchmarks.md (section bench_efficientad, or
+bench_efficientad_<category> for another category) unless ``--no_doc``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from engine.workflow import DataPlan, EvalPlan, FitPlan, evaluate_category, trai
 from models import Runtime, method_class, model_config  # noqa: E402
 from models.components.trained import TrainedModel  # noqa: E402
 
-THREADS, WARMUP = 2, 3
+WARMUP = 3
 SECTION = "bench_efficientad"
 
 
@@ -65,6 +65,8 @@ def parse_args() -> argparse.Namespace:
                         help="use this many train/good images, spread by name (default 0: all)")
     parser.add_argument("--test_images", type=int, default=0,
                         help="use this many test images, spread by name over all folders (default 0: all)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="CPU threads of training and inference (default 2)")
     parser.add_argument("--no_doc", action="store_true", help="print only, leave docs/ alone")
     parser.add_argument("--run", default=None, help=argparse.SUPPRESS)  # one method, in a child
     return parser.parse_args()
@@ -91,7 +93,7 @@ def run_one(spec: dict) -> dict:
         step_seconds.append(time.perf_counter() - start)
 
     cls.partial_fit = timed_step  # the bench's own timer around the optimizer step
-    runtime = Runtime(engine="inference", cpu_threads=THREADS)
+    runtime = Runtime(engine="inference", cpu_threads=spec["threads"])
     start = time.perf_counter()
     model = train_category(FitPlan(data, config, folder, calib_images=200), category, runtime)
     fit_seconds = time.perf_counter() - start
@@ -99,7 +101,7 @@ def run_one(spec: dict) -> dict:
     row = evaluate_category(EvalPlan(data), category, model)
     export_model(model, folder / "export", "json")
     deployed = DeployedModel.load(folder / "export" / "model.json",
-                                  options=PredictorOptions(cpu_threads=THREADS, enable_mkldnn=True,
+                                  options=PredictorOptions(cpu_threads=spec["threads"], enable_mkldnn=True,
                                                            max_batch_size=1))
     tests = [s.path for s in list_samples(root, category, "test")]
     picked = [tests[i] for i in np.linspace(0, len(tests) - 1, spec["images"] + WARMUP).round().astype(int)]
@@ -128,7 +130,7 @@ def distil(args: argparse.Namespace, root: Path, out: Path) -> tuple[float, floa
                     "--pretrained", "none", "--images", str(root / args.category / "train"),
                     "--size", args.size, "--image_size", str(args.image_size), "--steps",
                     str(args.distill_steps), "--batch_size", "8", "--norm_images", "200",
-                    "--cpu_threads", str(THREADS),
+                    "--cpu_threads", str(args.threads),
                     "--out", str(out)], check=True, cwd=ROOT, capture_output=True)
     return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024.0
 
@@ -179,7 +181,7 @@ def main() -> int:
         teacher = Path(tmp) / "teacher.npz"
         distil_seconds, distil_mb = distil(args, root, teacher)
         base = {"data_path": str(root), "category": args.category, "image_size": args.image_size,
-                "images": args.images}
+                "images": args.images, "threads": args.threads}
         trained = {"teacher": str(teacher), "steps": args.steps, "size": args.size}
         runs = {
             f"efficientad PDN-{args.size.upper()}": {"method": "efficientad", "options": trained},
@@ -204,7 +206,8 @@ def main() -> int:
             f"({distil_seconds:.0f} s, peak {distil_mb:.0f} MB), student/autoencoder {args.steps} steps at "
             f"batch {args.batch_size}; no ImageNet weights or penalty images, so the AUROCs say the chain "
             f"works, not what the paper's weights reach. Inference: the fused export as infer.py runs it, "
-            f"batch 1, {THREADS} threads, oneDNN, median over {args.images} images.\n\n{table(reports)}\n")
+            f"batch 1, {args.threads} thread(s), oneDNN, median over {args.images} images.\n\n"
+            f"{table(reports)}\n")
     if not args.no_doc:
         section = SECTION if args.category == CATEGORY else f"{SECTION}_{args.category}"
         update_section(section, body)
