@@ -275,6 +275,18 @@ def test_distill_without_images(tmp_path: Path) -> None:
 
 
 @pytest.mark.bad_input
+def test_distill_on_a_gpu_with_a_cpu_build(tmp_path: Path) -> None:
+    """The user's command with ``--device gpu`` on a CPU-only Paddle: one line naming the GPU
+    requirements, before any image is read; and no runpy warning (the package does not import the
+    distill module the command runs)."""
+    proc = run(tmp_path, "-m models.efficientad.distill", "--device", "gpu", "--images", tmp_path / "none",
+               "--pretrained", "none", "--arch", "resnet18")
+    line = error_line(proc)
+    assert "CPU-only" in line and "requirements-gpu.txt" in line
+    assert "RuntimeWarning" not in proc.stderr and "found in sys.modules" not in proc.stderr
+
+
+@pytest.mark.bad_input
 def test_too_few_training_images_for_validation(teacher: Path, demo_root: Path, tmp_path: Path) -> None:
     good = tmp_path / "root" / "few" / "train" / "good"
     good.mkdir(parents=True)
