@@ -70,15 +70,20 @@ def test_blur_matrix_refuses_a_sigma_without_a_kernel(sigma):
         gaussian_blur_matrix(8, sigma)
 
 
-def test_a_cpu_runtime_gives_eager_paddle_its_threads():
-    """Paddle's own OpenMP runtime starts at one thread; a CPU Runtime sets it to ``cpu_threads``
-    (eager training and the dynamic engine ran on one core of many before)."""
+@pytest.mark.parametrize("make", [
+    "from core.runtime import Runtime\nRuntime(engine='dynamic', cpu_threads=3)",
+    # the command a user types: train.py --method cutpaste --cpu_threads 3, through train.py's parser
+    "import train\nfrom engine.cli import runtime_from\n"
+    "runtime_from(train.parse_args(['--method', 'cutpaste', '--cpu_threads', '3']))",
+])
+def test_a_cpu_runtime_gives_eager_paddle_its_threads(make: str):
+    """Paddle's own OpenMP runtime starts at one thread; a CPU Runtime, and train.py's
+    ``--cpu_threads``, set it (eager training and the dynamic engine ran on one core of many)."""
     library = Path(paddle.__file__).parent / "libs" / "libiomp5.so"
     if not library.is_file():
         pytest.skip(f"this Paddle build has no {library.name}")
-    code = ("import ctypes, paddle\nfrom core.runtime import Runtime\n"
-            f"omp = ctypes.CDLL({str(library)!r})\nbefore = omp.omp_get_max_threads()\n"
-            "Runtime(engine='dynamic', cpu_threads=3)\nprint(before, omp.omp_get_max_threads())\n")
+    code = (f"import ctypes, paddle\nomp = ctypes.CDLL({str(library)!r})\n"
+            f"before = omp.omp_get_max_threads()\n{make}\nprint(before, omp.omp_get_max_threads())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.stdout.split() == ["1", "3"]
