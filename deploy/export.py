@@ -16,6 +16,7 @@ whose process is gone) are removed by the next export beside them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ import paddle
 from core.errors import ConfigError
 from core.inference import Predictor, PredictorOptions
 from core.io import remove_stale_temporaries, staging_dir
-from core.runtime import RunFn, Runtime, compile_layer, save_static
+from core.runtime import RunFn, compile_layer, save_static
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import MANIFEST, Manifest, sha256_file, write_manifest
 from deploy.onnx_model import ONNX, OnnxRunner, convert, require
@@ -158,7 +159,8 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
     unfused = None if fuse else model.unfused_parts()
     layer = model.fused_layer() if unfused is None else unfused.layer
     probes = probe_image(size, BATCH_PROBE)
-    expected_all = compile_layer(layer, size, Runtime(engine="dynamic"))(probes)
+    # eagerly in the model's own runtime: a default Runtime() would reset the process's threads
+    expected_all = compile_layer(layer, size, dataclasses.replace(model.runtime, engine="dynamic"))(probes)
     probe, expected = probes[:1], [out[:1] for out in expected_all]
     with ir_guard(fmt):
         model_file = Path(save_static(layer, [None, 3, size, size], str(staging / "model")))
