@@ -145,8 +145,9 @@ def main() -> None:
         order = sorted(range(len(runs)), key=lambda i: runs[i]["variant"] == "untrained")
         futures = {pool.submit(spawn, runs[i], __file__, "label"): i for i in order}
         for future in as_completed(futures):
-            done[futures[future]] = future.result()
-            print(f"{runs[futures[future]]['label']}: {done[futures[future]]}", file=sys.stderr)
+            i = futures[future]
+            done[i] = future.result()
+            print(f"{runs[i]['label']}: {done[i]}", file=sys.stderr)
             report = section(args, [done[i] for i in sorted(done)], len(runs), load)
             if args.write:  # after every run, so a stopped benchmark leaves the rows it measured
                 update_section("bench_cutpaste", report)
@@ -176,6 +177,7 @@ def section(args: argparse.Namespace, results: list[dict], total: int, load: flo
         *table(results),
     ]
     return "\n".join(lines)
+
 
 if __name__ == "__main__":
     main()
