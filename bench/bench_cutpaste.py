@@ -11,7 +11,8 @@ steps measure the step time, the schedule is set to the number of steps that fit
 ``--minutes``, the network trains that many steps, the Gaussian is fitted on the training images'
 embeddings (``--calib_images``, 0 = all) and the test split (``--test_images``, 0 = all) is
 scored. The same network untrained (random weights, the same density; image-level and patch-level)
-is the baseline. Figures:
+is the baseline. ``--levels patch`` runs only the patch-level pair (its own section,
+``bench_cutpaste_patch``), ``--levels image`` only the image-level runs. Figures:
 image AUROC (pixel AUROC and PRO for the patch-level model), steps, steps/s, peak RSS; printed,
 and with ``--write`` put into docs/benchmarks.md with the command.
 """
@@ -114,7 +115,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32, help="images per step, before augmentation")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--patch_size", type=int, default=64, help="the patch-level 3way model (0: skip it)")
+    parser.add_argument("--levels", default="image,patch",
+                        help="image: the untrained baseline and --variants; patch: the patch-level pair")
+    parser.add_argument("--patch_size", type=int, default=64, help="patch side of the patch-level pair")
     parser.add_argument("--patch_stride", type=int, default=32)
     parser.add_argument("--calib_images", type=int, default=0, help="training images of the density (0: all)")
     parser.add_argument("--test_images", type=int, default=0, help="test images scored (0: all)")
@@ -130,15 +133,23 @@ def main() -> None:
         return
     base = {key: getattr(args, key) for key in ("data_path", "minutes", "size", "batch_size", "calib_images",
                                                 "test_images", "threads")}
-    runs = [{**base, "variant": "untrained", "patch_size": 0, "patch_stride": 1,
-             "label": "untrained (random weights), same density"}]
-    runs += [{**base, "variant": v, "patch_size": 0, "patch_stride": 1, "label": v}
-             for v in args.variants.split(",")]
-    if args.patch_size:
+    levels = set(args.levels.split(","))
+    if not levels or levels - {"image", "patch"}:
+        parser.error(f"--levels {args.levels!r}: give image, patch or image,patch")
+    if "patch" in levels and args.patch_size < 1:
+        parser.error(f"--patch_size {args.patch_size}: the patch-level pair needs a patch side (e.g. 64)")
+    runs = []
+    if "image" in levels:
+        runs += [{**base, "variant": "untrained", "patch_size": 0, "patch_stride": 1,
+                  "label": "untrained (random weights), same density"}]
+        runs += [{**base, "variant": v, "patch_size": 0, "patch_stride": 1, "label": v}
+                 for v in args.variants.split(",")]
+    if "patch" in levels:
         patch = {"patch_size": args.patch_size, "patch_stride": args.patch_stride}
         where = f"patch {args.patch_size} px, stride {args.patch_stride}"
         runs += [{**base, **patch, "variant": "untrained", "label": f"untrained, {where}, same density"},
                  {**base, **patch, "variant": "3way", "label": f"3way, {where}"}]
+    section_name = "bench_cutpaste" if "image" in levels else "bench_cutpaste_patch"
     load = os.getloadavg()[0]
     done: dict[int, dict] = {}
     with ThreadPoolExecutor(args.parallel) as pool:  # the trained runs first: they take longest
@@ -150,7 +161,7 @@ def main() -> None:
             print(f"{runs[i]['label']}: {done[i]}", file=sys.stderr)
             report = section(args, [done[i] for i in sorted(done)], len(runs), load)
             if args.write:  # after every run, so a stopped benchmark leaves the rows it measured
-                update_section("bench_cutpaste", report)
+                update_section(section_name, report)
     print(report)
 
 
@@ -159,7 +170,8 @@ def section(args: argparse.Namespace, results: list[dict], total: int, load: flo
     command = " ".join(["python bench/bench_cutpaste.py", *map(shlex.quote, sys.argv[1:])])
     partial = [f"**Partial: {len(results)} of {total} runs finished.**", ""] if len(results) < total else []
     lines = [
-        "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)",
+        "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)" if "image" in args.levels else
+        "## CutPaste, patch-level, on the magnetic-tile data (bench/bench_cutpaste.py --levels patch)",
         "",
         f"Command: `{command}` on {machine()}; {load_note(load, os.getloadavg()[0])}.",
         "",
@@ -171,8 +183,9 @@ def section(args: argparse.Namespace, results: list[dict], total: int, load: flo
         f"{args.threads} CPU thread(s) per run, {args.parallel} run(s) at a time, each in its own process. "
         f"Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
         f"{'all' if not args.calib_images else args.calib_images} training images (threshold out of fold); "
-        f"{results[0]['test_images']} test images scored. The image-level models' maps are constant, so "
-        "their pixel metrics are not given.",
+        f"{results[0]['test_images']} test images scored."
+        + (" The image-level models' maps are constant, so their pixel metrics are not given."
+           if any(not r["patch_size"] for r in results) else ""),
         "",
         *table(results),
     ]
