@@ -238,7 +238,10 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
             f"precision here is {peer['openvino_default_precision']} (f32 hint: "
             f"{peer['openvino_f32_precision']}), its maps differ from the f32 maps by at most "
             f"{peer['default_vs_f32_max_abs']:.3g} ({peer['default_vs_f32_max_rel']:.2e} of the "
-            "largest map value).")
+            "largest map value)."
+            + (f" anomalib's fit raised `{peer['fit_error']}` (its float32 inverse); the worker inverted "
+               "the same covariances in float64 so that inference could be timed (the fit time shown "
+               "stops at the failure)." if peer.get("fit_error") else ""))
     peer = results[0]["peers"]
     flags = ", ".join(peer["bf16_flags"]) or "none"
     lines += ["", *[f"- {note}" for note in notes],
