@@ -1,7 +1,8 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the number of test processes of ``-n auto`` (pyproject.toml)."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ from datasets.synthetic import generate
 from models import METHODS
 
 TESTS = Path(__file__).resolve().parent
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """pytest-xdist workers: two on two cores (one computes while the other starts a subprocess or
+    runs Python), else half the cores up to 8 (each test's Paddle already uses several threads)."""
+    return max(2, min(8, (os.cpu_count() or 2) // 2))
 
 
 @pytest.fixture(scope="session")
