@@ -36,6 +36,7 @@ from bench.report import load_note, machine, update_section  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples  # noqa: E402
 from engine.evaluate import metrics, score_batches  # noqa: E402
 from models import Runtime, build_model, model_config  # noqa: E402
+from models.cutpaste.model import DENSITY_ROWS  # noqa: E402
 
 CATEGORY = "magnetic_tile"
 VARIANTS = ("normal", "scar", "3way", "union")
@@ -183,7 +184,8 @@ def section(args: argparse.Namespace, results: list[dict], total: int, load: flo
         f"{args.threads} CPU thread(s) per run, {args.parallel} run(s) at a time, each in its own process. "
         f"Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
         f"{'all' if not args.calib_images else args.calib_images} training images (threshold out of fold); "
-        f"{results[0]['test_images']} test images scored."
+        f"a patch-level model's Gaussian is fitted on a seeded subset of at most {DENSITY_ROWS:,} of "
+        f"their patches; {results[0]['test_images']} test images scored."
         + (" The image-level models' maps are constant, so their pixel metrics are not given."
            if any(not r["patch_size"] for r in results) else ""),
         "",
