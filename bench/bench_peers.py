@@ -239,9 +239,9 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
             f"{peer['openvino_f32_precision']}), its maps differ from the f32 maps by at most "
             f"{peer['default_vs_f32_max_abs']:.3g} ({peer['default_vs_f32_max_rel']:.2e} of the "
             "largest map value)."
-            + (f" anomalib's fit raised `{peer['fit_error']}` (its float32 inverse); the worker inverted "
-               "the same covariances in float64 so that inference could be timed (the fit time shown "
-               "stops at the failure)." if peer.get("fit_error") else ""))
+            + (f" anomalib's fit raised `{peer['fit_error']}` in torch.linalg.inv; the worker inverted "
+               "the same covariances with numpy (float64) so that inference could be timed (the fit time "
+               "shown stops at the failure)." if peer.get("fit_error") else ""))
     peer = results[0]["peers"]
     flags = ", ".join(peer["bf16_flags"]) or "none"
     lines += ["", *[f"- {note}" for note in notes],
@@ -282,8 +282,9 @@ def fit_section(results: list[dict], args: argparse.Namespace, loads: tuple) -> 
                      f"{wall:.1f} / {cpu:.1f} | {peer['fit_seconds']:.1f} / {peer['fit_cpu_seconds']:.1f}"
                      f"{failed} | {peer['fit_seconds'] / wall:.2f} | {peer['fit_cpu_seconds'] / cpu:.2f} |")
         if peer.get("fit_error"):
-            notes.append(f"{r['arch']}: anomalib's fit raised `{peer['fit_error']}` after the time shown "
-                         "(its float32 covariance + 0.01 I inverted by torch.linalg.inv).")
+            notes.append(f"{r['arch']}: anomalib's fit raised `{peer['fit_error']}` after the time shown, "
+                         "in torch.linalg.inv of its covariances + 0.01 I (smallest eigenvalue at least "
+                         "0.01, so not singular; numpy inverts them).")
     lines += ["", *[f"- {note}" for note in notes], f"- Peers: torch {results[0]['peers']['torch']}."]
     return "\n".join(lines)
 
