@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--levels", default="image,patch",
                         help="image: the untrained baseline and --variants; patch: the patch-level pair")
-    parser.add_argument("--patch_size", type=int, default=64, help="patch side of the patch-level pair")
+    parser.add_argument("--patch_size", type=int, default=64,
+                        help="patch side of the patch-level pair (0: skip it)")
     parser.add_argument("--patch_stride", type=int, default=32)
     parser.add_argument("--calib_images", type=int, default=0, help="training images of the density (0: all)")
     parser.add_argument("--test_images", type=int, default=0, help="test images scored (0: all)")
@@ -137,8 +138,10 @@ def main() -> None:
     levels = set(args.levels.split(","))
     if not levels or levels - {"image", "patch"}:
         parser.error(f"--levels {args.levels!r}: give image, patch or image,patch")
-    if "patch" in levels and args.patch_size < 1:
-        parser.error(f"--patch_size {args.patch_size}: the patch-level pair needs a patch side (e.g. 64)")
+    if args.patch_size < 1:  # --patch_size 0: no patch-level pair
+        if levels == {"patch"}:
+            parser.error(f"--patch_size {args.patch_size}: the patch-level pair needs a patch side (e.g. 64)")
+        levels.discard("patch")
     runs = []
     if "image" in levels:
         runs += [{**base, "variant": "untrained", "patch_size": 0, "patch_stride": 1,

@@ -101,7 +101,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     load_end = os.getloadavg()[0]
     command = " ".join(["python bench/bench_train.py", *([f"--images {args.images}"] if args.images else []),
-                        *(f'--only "{o}"' for o in args.only or [])])
+                        *(["--only", *(f'"{o}"' for o in args.only)] if args.only else [])])
     body = "\n".join([
         "## train.py phase by phase (bench/bench_train.py)",
         "",
