@@ -136,7 +136,7 @@ def main() -> None:
     base = {key: getattr(args, key) for key in ("data_path", "minutes", "size", "batch_size", "calib_images",
                                                 "test_images", "threads")}
     levels = set(args.levels.split(","))
-    if not levels or levels - {"image", "patch"}:
+    if levels - {"image", "patch"}:
         parser.error(f"--levels {args.levels!r}: give image, patch or image,patch")
     if args.patch_size < 1:  # --patch_size 0: no patch-level pair
         if levels == {"patch"}:
@@ -174,7 +174,8 @@ def section(args: argparse.Namespace, results: list[dict], total: int, load: flo
     command = " ".join(["python bench/bench_cutpaste.py", *map(shlex.quote, sys.argv[1:])])
     partial = [f"**Partial: {len(results)} of {total} runs finished.**", ""] if len(results) < total else []
     lines = [
-        "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)" if "image" in args.levels else
+        "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)" if any(
+            not r["patch_size"] for r in results) else
         "## CutPaste, patch-level, on the magnetic-tile data (bench/bench_cutpaste.py --levels patch)",
         "",
         f"Command: `{command}` on {machine()}; {load_note(load, os.getloadavg()[0])}.",
@@ -187,8 +188,9 @@ def section(args: argparse.Namespace, results: list[dict], total: int, load: flo
         f"{args.threads} CPU thread(s) per run, {args.parallel} run(s) at a time, each in its own process. "
         f"Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
         f"{'all' if not args.calib_images else args.calib_images} training images (threshold out of fold); "
-        f"a patch-level model's Gaussian is fitted on a seeded subset of at most {DENSITY_ROWS:,} of "
-        f"their patches; {results[0]['test_images']} test images scored."
+        + (f"a patch-level model's Gaussian is fitted on a seeded subset of at most {DENSITY_ROWS:,} of "
+           "their patches; " if any(r["patch_size"] for r in results) else "")
+        + f"{results[0]['test_images']} test images scored."
         + (" The image-level models' maps are constant, so their pixel metrics are not given."
            if any(not r["patch_size"] for r in results) else ""),
         "",

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.bench_infer import SIZE, SOURCE, THREADS, fit  # noqa: E402
-from bench.report import machine, update_section  # noqa: E402
+from bench.report import load_note, machine, update_section  # noqa: E402
 from core.inference import Predictor, PredictorOptions  # noqa: E402
 from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read_image  # noqa: E402
@@ -143,10 +143,8 @@ def main() -> int:
     body = "\n".join([
         "## Mahalanobis head: full matrices vs Cholesky factor blocks (bench/bench_head.py)", "",
         f"Command: `python bench/bench_head.py --data_path {args.data_path} --images {args.images} "
-        f"--fit_images {args.fit_images}` on {machine()}; **machine loaded** (load average {load:.1f} "
-        "on 2 cores at the start, other "
-        "helpers' jobs): latencies are noisy, compare them only within this table (the graphs took "
-        f"turns on each input). resnet18 (random init), k=100, {SIZE} px, ortho fitted on "
+        f"--fit_images {args.fit_images}` on {machine()}; {load_note(load, os.getloadavg()[0])}; "
+        "the graphs took turns on each input. resnet18 (random init), k=100, {SIZE} px, ortho fitted on "
         f"{args.fit_images} magnetic-tile training images; fused graphs in Paddle Inference + oneDNN, "
         f"{THREADS} threads; latency = median over {args.images} test images; errors and metrics over "
         "the whole test set (load-independent).", "",

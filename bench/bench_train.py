@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -101,7 +102,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     load_end = os.getloadavg()[0]
     command = " ".join(["python bench/bench_train.py", *([f"--images {args.images}"] if args.images else []),
-                        *(["--only", *(f'"{o}"' for o in args.only)] if args.only else [])])
+                        *(["--only", *map(shlex.quote, args.only)] if args.only else [])])
     body = "\n".join([
         "## train.py phase by phase (bench/bench_train.py)",
         "",

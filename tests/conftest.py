@@ -16,9 +16,13 @@ TESTS = Path(__file__).resolve().parent
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """pytest-xdist workers: two on two cores (one computes while the other starts a subprocess or
-    runs Python), else half the cores up to 8 (each test's Paddle already uses several threads)."""
-    return max(2, min(8, (os.cpu_count() or 2) // 2))
+    """pytest-xdist workers of ``-n auto``: PYTEST_XDIST_AUTO_NUM_WORKERS if set; else two on two
+    usable cores (one computes while the other starts a subprocess or runs Python), half of them up
+    to 8 on more (each test's Paddle already uses several threads)."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return int(os.environ["PYTEST_XDIST_AUTO_NUM_WORKERS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    return max(2, min(8, cores // 2))
 
 
 @pytest.fixture(scope="session")
