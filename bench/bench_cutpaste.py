@@ -163,19 +163,21 @@ def main() -> None:
             i = futures[future]
             done[i] = future.result()
             print(f"{runs[i]['label']}: {done[i]}", file=sys.stderr)
-            report = section(args, [done[i] for i in sorted(done)], len(runs), load)
+            report = section(args, [done[i] for i in sorted(done)], len(runs), load, "image" in levels)
             if args.write:  # after every run, so a stopped benchmark leaves the rows it measured
                 update_section(section_name, report)
     print(report)
 
 
-def section(args: argparse.Namespace, results: list[dict], total: int, load: float) -> str:
-    """The Markdown section of ``results`` (in run order), marked partial while runs are missing."""
+def section(args: argparse.Namespace, results: list[dict], total: int, load: float,
+            image_level: bool) -> str:
+    """The Markdown section of ``results`` (in run order), marked partial while runs are missing;
+    ``image_level``: the runs include the image-level models (else only the patch-level pair)."""
+    patch_level = any(r["patch_size"] for r in results)
     command = " ".join(["python bench/bench_cutpaste.py", *map(shlex.quote, sys.argv[1:])])
     partial = [f"**Partial: {len(results)} of {total} runs finished.**", ""] if len(results) < total else []
     lines = [
-        "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)" if any(
-            not r["patch_size"] for r in results) else
+        "## CutPaste on the magnetic-tile data (bench/bench_cutpaste.py)" if image_level else
         "## CutPaste, patch-level, on the magnetic-tile data (bench/bench_cutpaste.py --levels patch)",
         "",
         f"Command: `{command}` on {machine()}; {load_note(load, os.getloadavg()[0])}.",
@@ -189,10 +191,10 @@ def section(args: argparse.Namespace, results: list[dict], total: int, load: flo
         f"Density: Ledoit-Wolf Gaussian of the L2-normalised embeddings of "
         f"{'all' if not args.calib_images else args.calib_images} training images (threshold out of fold); "
         + (f"a patch-level model's Gaussian is fitted on a seeded subset of at most {DENSITY_ROWS:,} of "
-           "their patches; " if any(r["patch_size"] for r in results) else "")
+           "their patches; " if patch_level else "")
         + f"{results[0]['test_images']} test images scored."
         + (" The image-level models' maps are constant, so their pixel metrics are not given."
-           if any(not r["patch_size"] for r in results) else ""),
+           if image_level else ""),
         "",
         *table(results),
     ]

@@ -144,7 +144,7 @@ def main() -> int:
         "## Mahalanobis head: full matrices vs Cholesky factor blocks (bench/bench_head.py)", "",
         f"Command: `python bench/bench_head.py --data_path {args.data_path} --images {args.images} "
         f"--fit_images {args.fit_images}` on {machine()}; {load_note(load, os.getloadavg()[0])}; "
-        "the graphs took turns on each input. resnet18 (random init), k=100, {SIZE} px, ortho fitted on "
+        f"the graphs took turns on each input. resnet18 (random init), k=100, {SIZE} px, ortho fitted on "
         f"{args.fit_images} magnetic-tile training images; fused graphs in Paddle Inference + oneDNN, "
         f"{THREADS} threads; latency = median over {args.images} test images; errors and metrics over "
         "the whole test set (load-independent).", "",
