@@ -18,7 +18,7 @@ from pathlib import Path
 from core.errors import ConfigError, InputError
 from core.runtime import Runtime
 from core.script import run_main
-from deploy.export import FORMATS, export_model
+from deploy.export import FORMATS, HEADS, export_model
 from engine.cli import (
     add_checkpoint_args,
     add_identity_args,
@@ -43,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                         help="one graph for the whole pipeline (default); --no-fuse: backbone and "
                              "embedding graph plus stats.npz, finished in numpy by infer.py")
+    parser.add_argument("--head", default="matmul", choices=HEADS,
+                        help="ortho/padim fused scoring head: matmul (standard Paddle ops: CPU, GPU, "
+                             "TensorRT, ONNX; default) or kernel (a compiled CPU operator reading the "
+                             "packed Cholesky factor, about 3x faster; built with g++ on first use)")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx with paddle2onnx (requirements-deploy.txt)")
     add_identity_args(parser, size_flags=("--img_size", "--crop_size"))
@@ -74,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     expect = expected_identity(args, side="img_size")
     for path, save_dir in export_jobs(source, args.category, Path(args.save_dir)):
         model = load_model(str(path), expect=expect, runtime=Runtime(engine="dynamic"), final=True)
-        manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, str(path))
+        manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, str(path),
+                                args.head)
         layout = "fused" if manifest.fused else "unfused"
         print(f"exported {layout} {manifest.run_name} "
               f"({manifest.category or 'no category'}) to {save_dir}: {', '.join(manifest.files)}, "

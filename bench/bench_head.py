@@ -1,4 +1,4 @@
-"""The fused export's Mahalanobis head: full inverse covariances vs packed Cholesky factor blocks.
+"""The fused export's Mahalanobis head: full inverses, Cholesky factor blocks, compiled CPU operator.
 
     python -m datasets.magnetic_tile --src ../shared/data/magnetic_tile --dst data/mtd
     python bench/bench_head.py [--data_path data/mtd] [--images 40] [--fit_images 100]
@@ -7,7 +7,8 @@ resnet18 (random init), k=100, 256 px, ortho fitted on --fit_images magnetic-til
 images; 2 CPU threads, Paddle Inference + oneDNN. The same fused pipeline is saved with the
 distance layer computing (z - mean)^T inv_cov (z - mean) from the full matrices (blocks=0, the
 previous export) and ||(z - mean) @ L||^2 from 2 or 3 column blocks of the inverse's Cholesky
-factor (models.layers.factor_blocks; 2 is the export's default). Latency: --images test images,
+factor (models.layers.factor_blocks; 2 is the export's default), and with the compiled CPU
+operator over the packed triangular factor (export_model.py --head kernel). Latency: --images test images,
 every variant (and the trunk alone) run in turn on each image, at batch 1 and in batches of 8;
 medians. Error: every test image through each variant (batches of 8) against the full-matrix
 graph: largest |map - full| / max|full| over the test set, and image AUROC / pixel AUROC / PRO.
@@ -39,8 +40,10 @@ from models import load_model  # noqa: E402
 from models.components.layers import MahalanobisMap  # noqa: E402
 
 SECTION = "bench_head"
-VARIANTS = {"full inverse matrices (blocks=0, before)": 0, "Cholesky factor, 2 blocks (default)": 2,
-            "Cholesky factor, 3 blocks": 3}
+VARIANTS = {"full inverse matrices (blocks=0, before)": {"blocks": 0},
+            "Cholesky factor, 2 blocks (default)": {"blocks": 2},
+            "Cholesky factor, 3 blocks": {"blocks": 3},
+            "compiled CPU operator, packed factor (--head kernel)": {"kernel": True}}
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,11 +75,11 @@ class GraphScorer:
 def graphs(checkpoint: Path, folder: Path) -> tuple[dict[str, GraphScorer], Predictor]:
     """The fused graph of each variant, and the trunk alone (same predictor settings)."""
     scorers = {}
-    for name, blocks in VARIANTS.items():
+    for index, (name, options) in enumerate(VARIANTS.items()):
         model = load_model(str(checkpoint), runtime=Runtime(engine="dynamic"))
         layer = model.fused_layer()
-        layer.tail[0] = MahalanobisMap(model.mean, model.inv_cov, model.grid, blocks=blocks)
-        scorers[name] = GraphScorer(layer, folder / f"blocks{blocks}")
+        layer.tail[0] = MahalanobisMap(model.mean, model.inv_cov, model.grid, **options)
+        scorers[name] = GraphScorer(layer, folder / f"variant{index}")
     trunk_file = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk" / "model"))
     trunk = Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"),
                       PredictorOptions(cpu_threads=THREADS))
@@ -141,7 +144,8 @@ def main() -> int:
         times = latencies(scorers, trunk, images)
         rows = errors(scorers, root)
     body = "\n".join([
-        "## Mahalanobis head: full matrices vs Cholesky factor blocks (bench/bench_head.py)", "",
+        "## Mahalanobis head: full matrices, Cholesky factor blocks, compiled operator "
+        "(bench/bench_head.py)", "",
         f"Command: `python bench/bench_head.py --data_path {args.data_path} --images {args.images} "
         f"--fit_images {args.fit_images}` on {machine()}; {load_note(load, os.getloadavg()[0])}; "
         f"the graphs took turns on each input. resnet18 (random init), k=100, {SIZE} px, ortho fitted on "

@@ -29,6 +29,7 @@ import paddle
 from core.errors import ConfigError
 from core.inference import Predictor, PredictorOptions
 from core.io import remove_stale_temporaries, staging_dir
+from core.kernels import MAHALANOBIS_HEAD
 from core.runtime import RunFn, compile_layer, save_static
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import MANIFEST, Manifest, sha256_file, write_manifest
@@ -37,6 +38,9 @@ from deploy.stats import STATS, write_stats
 from models.base import AnomalyModel, UnfusedParts
 
 FORMATS = ("json", "pdmodel")
+HEADS = ("matmul", "kernel")
+"""Scoring heads of a fused ortho/padim export: standard Paddle ops (any device, ONNX), or the
+compiled CPU operator of core/csrc (CPU only; deploy.json lists it under ``kernels``)."""
 PARAMS = "model.pdiparams"
 ARTEFACTS = ("model.json", "model.pdmodel", PARAMS, f"{PARAMS}.info", STATS, ONNX)
 """Files an export may leave in its folder; those a new export does not write are removed."""
@@ -122,12 +126,14 @@ def _identity(model: AnomalyModel) -> dict[str, object]:
 
 
 def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: bool = True,
-                 onnx: bool = False, source: str = "") -> Manifest:
+                 onnx: bool = False, source: str = "", head: str = "matmul") -> Manifest:
     """Export ``model`` to ``save_dir`` (see the module docstring) and return its deploy.json.
 
     Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
-    :meth:`unfused_parts` (ortho, padim).
+    :meth:`unfused_parts` (ortho, padim); ``head="kernel"`` is ortho's and padim's fused export
+    with :meth:`kernel_layer` (see :data:`HEADS`).
     """
+    check_head(head, fuse, onnx)
     model.check_statistics(source or f"{model.config.method} model", "fit it again")
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
@@ -142,22 +148,34 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
         raise ConfigError(f"--save_dir {save_dir}: cannot write there ({exc.strerror}); "
                           "pass a writable folder") from exc
     try:
-        manifest = _build(model, staging, fmt, fuse, onnx, source)
+        manifest = _build(model, staging, fmt, fuse, onnx, source, head)
         _publish(staging, save_dir, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
+def check_head(head: str, fuse: bool, onnx: bool) -> None:
+    """One line for a head that does not fit the other export options."""
+    if head not in HEADS:
+        raise ConfigError(f"--head {head}: use {' or '.join(HEADS)}")
+    if head == "kernel" and (not fuse or onnx):
+        raise ConfigError(f"--head kernel: a compiled CPU operator inside the fused graph, so it "
+                          f"cannot go with {'--no-fuse' if not fuse else '--onnx'}; drop one of them")
+
+
 def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
-           source: str) -> Manifest:
+           source: str, head: str) -> Manifest:
     """Write the export's files into ``staging`` and return their manifest."""
     if onnx:
         require("paddle2onnx", "--onnx")
         require("onnxruntime", "--onnx")
     size = model.config.image_size
     unfused = None if fuse else model.unfused_parts()
-    layer = model.fused_layer() if unfused is None else unfused.layer
+    if unfused is not None:
+        layer = unfused.layer
+    else:
+        layer = model.kernel_layer() if head == "kernel" else model.fused_layer()
     probes = probe_image(size, BATCH_PROBE)
     # eagerly in the model's own runtime: a default Runtime() would reset the process's threads
     expected_all = compile_layer(layer, size, dataclasses.replace(model.runtime, engine="dynamic"))(probes)
@@ -187,6 +205,7 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         outputs=_outputs(model, predictor.output_names, unfused), paddle_version=paddle.__version__,
         batched=batch_diff is not None and batch_diff <= PROBE_TOLERANCE,
         stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
+        kernels=[MAHALANOBIS_HEAD] if head == "kernel" else [],
         files={name: sha256_file(staging / name) for name in files}, verified=verified,
         source={"checkpoint": source,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},

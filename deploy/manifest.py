@@ -45,6 +45,8 @@ class Manifest:
     batched: bool = False
     stats_file: str | None = None
     onnx_file: str | None = None
+    kernels: list[str] = field(default_factory=list)
+    """Compiled CPU operators (core.kernels) the graph holds; loaded before the predictor."""
     files: dict[str, str] = field(default_factory=dict)
     verified: dict[str, float | None] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)

@@ -17,10 +17,11 @@ import paddle
 
 from core.errors import ConfigError, InputError, ToolkitError
 from core.inference import Predictor, PredictorOptions
+from core.kernels import SOURCES, load_kernel
 from core.runtime import RunFn, run_chunked
 from datasets import Preprocess
 from deploy.benchmark import Timer, timed
-from deploy.manifest import Manifest, check_file, read_manifest
+from deploy.manifest import MANIFEST, Manifest, check_file, read_manifest
 from deploy.onnx_model import OnnxRunner
 from deploy.postprocess import GaussianHead
 from deploy.report import BadInputs, Result, batches
@@ -40,6 +41,18 @@ def _paddle_runner(model_file: Path, params_file: Path, options: PredictorOption
         raise InputError(f"{model_file}: Paddle Inference {paddle.__version__} cannot load it with "
                          f"{params_file} ({type(exc).__name__}: {reason}); pass the params file exported "
                          "with it, or export again with this Paddle version") from exc
+
+
+def load_kernels(manifest: Manifest, folder: Path, options: PredictorOptions) -> None:
+    """Register the compiled CPU operators an export's graph holds (deploy.json ``kernels``)."""
+    if manifest.kernels and options.use_gpu:
+        raise ConfigError(f"{folder}: exported with --head kernel, a compiled CPU operator; run it "
+                          "without --use_gpu, or export again with --head matmul for a GPU")
+    for name in manifest.kernels:
+        if name not in SOURCES:
+            raise InputError(f"{folder / MANIFEST}: needs the operator {name!r}, which this toolkit "
+                             "does not have; export the model again with this version")
+        load_kernel(name)
 
 
 def paddle_status(predictor: Predictor) -> dict[str, object]:
@@ -105,6 +118,7 @@ class DeployedModel:
         # results for it (deploy.json "batched"): then the statistics are read once per batch.
         # Otherwise oneDNN runs one image per call: Paddle 3.3's oneDNN has given wrong results
         # for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
+        load_kernels(manifest, folder, options)
         one_by_one = options.enable_mkldnn and not options.use_gpu and not manifest.batched
         chunk = 1 if one_by_one else 0
         predictor = _paddle_runner(model_path, params, options)

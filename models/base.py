@@ -253,6 +253,11 @@ class AnomalyModel(ABC):
     def fused_layer(self) -> nn.Layer:
         """Layer mapping images (N, 3, S, S) to (anomaly map (N, 1, S, S), image score (N,))."""
 
+    def kernel_layer(self) -> nn.Layer:
+        """:meth:`fused_layer` with its scoring head as a compiled CPU operator (``--head kernel``)."""
+        raise ConfigError(f"--head kernel: --method {self.config.method} has no Mahalanobis head "
+                          "(ortho and padim have); export it with --head matmul")
+
     @abstractmethod
     def _arrays(self) -> dict[str, np.ndarray]:
         """Method arrays to store (random parts plus fit state or final statistics)."""

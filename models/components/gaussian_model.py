@@ -318,14 +318,17 @@ class GaussianModel(AnomalyModel):
             fold.reduce_across(collective)
         self.n_train = sum(fold.count for fold in self.folds)
 
-    def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray) -> nn.Layer:
-        distance = MahalanobisMap(mean, inv_cov, self.grid)
+    def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray, kernel: bool = False) -> nn.Layer:
+        distance = MahalanobisMap(mean, inv_cov, self.grid, kernel=kernel)
         size = (self.config.image_size, self.config.image_size)
         head = AnomalyMapHead(self.grid, size, self.config.sigma)
         return _Pipeline(self.trunk, self.embedding(), distance, head)
 
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
+
+    def kernel_layer(self) -> nn.Layer:
+        return self._scoring_layer(self.mean, self.inv_cov, kernel=True)
 
     def unfused_parts(self) -> UnfusedParts:
         """The graph up to x and the statistics that finish it (deploy.postprocess)."""

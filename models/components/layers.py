@@ -16,6 +16,8 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from core.errors import ConfigError
+from core.kernels import MAHALANOBIS_HEAD, load_kernel
 from core.resample import bilinear_matrix, nearest_indices, smoothing_matrix
 from models.components.static_ops import non_negative, reduce_sum, sqrt
 
@@ -147,13 +149,24 @@ class MahalanobisMap(nn.Layer):
     ``mean`` (P, k) and ``inv_cov`` (P, k, k) with P = h * w; ``forward(z)`` takes (N, k, h, w) and
     returns sqrt((z - mean)^T inv_cov (z - mean)) as (N, 1, h, w), computed as ||(z - mean) @ L||
     from the lower-triangular column blocks of :func:`factor_blocks` (or from ``inv_cov`` itself if
-    ``blocks`` is 0 or a matrix has no Cholesky factor).
+    ``blocks`` is 0 or a matrix has no Cholesky factor). ``kernel=True`` computes it instead with
+    the compiled CPU operator of core/csrc/mahalanobis_head.cc over :func:`packed_tiles` of the
+    whole factor: one op reading k(k+1)/2 values per position (CPU only).
     """
 
     def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, grid: tuple[int, int],
-                 blocks: int = FACTOR_BLOCKS) -> None:
+                 blocks: int = FACTOR_BLOCKS, kernel: bool = False) -> None:
         super().__init__()
         self.grid = tuple(grid)
+        self.k = mean.shape[1]
+        self.starts: list[int] = []
+        if kernel:
+            self.op = getattr(load_kernel(MAHALANOBIS_HEAD), MAHALANOBIS_HEAD)
+            self.register_buffer("mean_tiles", paddle.to_tensor(packed_tiles(mean)), persistable=True)
+            self.register_buffer("factor_tiles", paddle.to_tensor(packed_tiles(packed_factor(inv_cov))),
+                                 persistable=True)
+            return
+        self.op = None
         self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
         factors = factor_blocks(inv_cov, blocks)
         self.starts = [] if factors is None else [inv_cov.shape[-1] - f.shape[1] for f in factors]
@@ -163,8 +176,11 @@ class MahalanobisMap(nn.Layer):
             self.register_buffer(f"factor{index}", paddle.to_tensor(factor), persistable=True)
 
     def forward(self, z: paddle.Tensor) -> paddle.Tensor:
-        k = self.mean.shape[1]
+        k = self.k
         h, w = self.grid
+        if self.op is not None:  # the operator reads plain row-major features, not oneDNN's blocked ones
+            dist = self.op(paddle.reshape(z, [-1, k, h * w]), self.mean_tiles, self.factor_tiles)
+            return paddle.reshape(dist, [-1, 1, h, w])
         diff = paddle.transpose(paddle.reshape(z, [-1, k, h * w]), [2, 0, 1]) - self.mean.unsqueeze(1)
         if not self.starts:
             squared = reduce_sum((diff @ self.inv_cov) * diff, axis=2)  # (P, N)
@@ -174,6 +190,43 @@ class MahalanobisMap(nn.Layer):
             squared = part if index == 0 else squared + part
         dist = sqrt(non_negative(squared))  # rounding can make squared < 0; NaN stays NaN
         return paddle.reshape(paddle.transpose(dist, [1, 0]), [-1, 1, h, w])
+
+
+def packed_factor(inv_cov: np.ndarray) -> np.ndarray:
+    """The lower Cholesky factor L of each inverse covariance (inv = L L^T), packed column by column.
+
+    ``inv_cov`` (P, k, k) -> float32 (P, k(k+1)/2): L[j, j], L[j+1, j], ..., L[k-1, j] for j = 0..k-1.
+    A matrix without a float64 Cholesky factor raises ConfigError (the matmul head takes it).
+    """
+    positions, k = inv_cov.shape[:2]
+    rows, cols = np.tril_indices(k)
+    order = np.lexsort((rows, cols))  # column-major: by column, then row
+    rows, cols = rows[order], cols[order]
+    packed = np.empty((positions, rows.size), dtype=np.float32)
+    for start in range(0, positions, _SLICE):  # float64 temporaries of a slice of positions only
+        try:
+            part = np.linalg.cholesky(inv_cov[start:start + _SLICE].astype(np.float64))
+        except np.linalg.LinAlgError as exc:
+            raise ConfigError("--head kernel: an inverse covariance has no Cholesky factor (not "
+                              "positive definite in float64); export with --head matmul") from exc
+        packed[start:start + _SLICE] = part[:, rows, cols]
+    return packed
+
+
+def packed_tiles(values: np.ndarray) -> np.ndarray:
+    """Per-position values (P, m) as tiles of KERNEL_LANES positions: float32 (ceil(P / lanes), m, lanes).
+
+    The padding positions of the last tile hold zeros.
+    """
+    positions, width = values.shape
+    tiles = -(-positions // KERNEL_LANES)
+    padded = np.zeros((tiles * KERNEL_LANES, width), dtype=np.float32)
+    padded[:positions] = values
+    return np.ascontiguousarray(padded.reshape(tiles, KERNEL_LANES, width).transpose(0, 2, 1))
+
+
+KERNEL_LANES = 8
+"""Positions per tile of the compiled head (kLanes in core/csrc/mahalanobis_head.cc)."""
 
 
 class AnomalyMapHead(nn.Layer):

@@ -1,0 +1,123 @@
+// orthoad_mahalanobis_head: the Mahalanobis distance of every position's feature, fused, on CPU.
+//
+// Inputs (float32, contiguous):
+//   z      (N, k, P)          features of P positions (row-major h * w)
+//   mean   (T, k, 8)          each position's mean, in tiles of 8 positions (T = ceil(P / 8))
+//   packed (T, k(k+1)/2, 8)   each position's lower Cholesky factor L of the inverse covariance
+//                             (inv = L L^T), column by column (L[j][j], L[j+1][j], ..., L[k-1][j]),
+//                             in the same tiles; padding positions hold zeros
+// Output: (N, P) = sqrt(||L^T (z - mean)||^2) = sqrt((z - mean)^T inv (z - mean)).
+//
+// Every factor value is read once per group of up to 4 images, so at batch 1 the operator streams
+// the k(k+1)/2 values per position from memory once: half of the full matrices' bytes, with no
+// intermediate tensor. Tiles are shared among the OpenMP threads of the process (Paddle's
+// cpu_math_library_num_threads when linked against Paddle's libiomp5).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "paddle/extension.h"
+
+namespace {
+
+constexpr int64_t kLanes = 8;  // positions per tile (one AVX2 register of float32)
+constexpr int kGroup = 4;      // images sharing one read of a tile's factor
+
+// Squared distances (G, kLanes) of G images' centred features d (G, k, kLanes) in one tile.
+template <int G>
+void TileDistance(const float* factor, const float* d, int64_t k, float* squared) {
+  float total[G][kLanes] = {};
+  const float* f = factor;
+  for (int64_t j = 0; j < k; ++j) {
+    float acc[G][kLanes] = {};
+    for (int64_t i = j; i < k; ++i, f += kLanes) {
+      for (int g = 0; g < G; ++g) {
+        const float* di = d + (g * k + i) * kLanes;
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) acc[g][l] += f[l] * di[l];
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) total[g][l] += acc[g][l] * acc[g][l];
+    }
+  }
+  for (int g = 0; g < G; ++g) std::copy(total[g], total[g] + kLanes, squared + g * kLanes);
+}
+
+void GroupDistance(int g, const float* factor, const float* d, int64_t k, float* squared) {
+  switch (g) {
+    case 4: TileDistance<4>(factor, d, k, squared); break;
+    case 3: TileDistance<3>(factor, d, k, squared); break;
+    case 2: TileDistance<2>(factor, d, k, squared); break;
+    default: TileDistance<1>(factor, d, k, squared);
+  }
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> MahalanobisHead(const paddle::Tensor& z, const paddle::Tensor& mean,
+                                            const paddle::Tensor& packed) {
+  PD_CHECK(z.is_cpu() && mean.is_cpu() && packed.is_cpu(),
+           "orthoad_mahalanobis_head runs on CPU only; export with --head matmul for a GPU");
+  PD_CHECK(z.dtype() == paddle::DataType::FLOAT32 && z.shape().size() == 3,
+           "orthoad_mahalanobis_head: z must be float32 (N, k, P)");
+  const auto& shape = z.shape();
+  const int64_t n = shape[0], k = shape[1], p = shape[2];
+  const int64_t tiles = packed.shape()[0], npack = k * (k + 1) / 2;
+  PD_CHECK(packed.shape()[1] == npack && packed.shape()[2] == kLanes && tiles * kLanes >= p &&
+               mean.shape()[0] == tiles && mean.shape()[1] == k && mean.shape()[2] == kLanes,
+           "orthoad_mahalanobis_head: mean / factor shapes do not fit the features");
+  auto out = paddle::empty({n, p}, paddle::DataType::FLOAT32, z.place());
+  const float* zd = z.data<float>();
+  const float* md = mean.data<float>();
+  const float* fd = packed.data<float>();
+  float* od = out.data<float>();
+#pragma omp parallel
+  {
+    std::vector<float> d(kGroup * k * kLanes);
+    float squared[kGroup * kLanes];
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t p0 = t * kLanes, lanes = std::min(kLanes, p - p0);
+      for (int64_t n0 = 0; n0 < n; n0 += kGroup) {
+        const int g = static_cast<int>(std::min<int64_t>(kGroup, n - n0));
+        for (int gi = 0; gi < g; ++gi) {
+          for (int64_t i = 0; i < k; ++i) {
+            const float* src = zd + ((n0 + gi) * k + i) * p + p0;
+            const float* mu = md + (t * k + i) * kLanes;
+            float* dst = d.data() + (gi * k + i) * kLanes;
+            for (int64_t l = 0; l < kLanes; ++l) dst[l] = l < lanes ? src[l] - mu[l] : 0.f;
+          }
+        }
+        GroupDistance(g, fd + t * npack * kLanes, d.data(), k, squared);
+        for (int gi = 0; gi < g; ++gi) {
+          for (int64_t l = 0; l < lanes; ++l) {
+            const float s = squared[gi * kLanes + l];  // NaN features stay NaN
+            od[(n0 + gi) * p + p0 + l] = std::sqrt(s < 0.f ? 0.f : s);
+          }
+        }
+      }
+    }
+  }
+  return {out};
+}
+
+std::vector<std::vector<int64_t>> MahalanobisHeadShape(const std::vector<int64_t>& z,
+                                                      const std::vector<int64_t>& /*mean*/,
+                                                      const std::vector<int64_t>& /*packed*/) {
+  return {{z[0], z[2]}};
+}
+
+std::vector<paddle::DataType> MahalanobisHeadDtype(const paddle::DataType& z,
+                                                  const paddle::DataType& /*mean*/,
+                                                  const paddle::DataType& /*packed*/) {
+  return {z};
+}
+
+PD_BUILD_OP(orthoad_mahalanobis_head)
+    .Inputs({"Z", "Mean", "Factor"})
+    .Outputs({"Distance"})
+    .SetKernelFn(PD_KERNEL(MahalanobisHead))
+    .SetInferShapeFn(PD_INFER_SHAPE(MahalanobisHeadShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(MahalanobisHeadDtype));
