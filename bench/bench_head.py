@@ -8,9 +8,10 @@ images; 2 CPU threads, Paddle Inference + oneDNN. The same fused pipeline is sav
 distance layer computing (z - mean)^T inv_cov (z - mean) from the full matrices (blocks=0, the
 previous export) and ||(z - mean) @ L||^2 from 2 or 3 column blocks of the inverse's Cholesky
 factor (models.layers.factor_blocks; 2 is the export's default), and with the compiled CPU
-operator over the packed triangular factor (export_model.py --head kernel). Latency: --images test images,
-every variant (and the trunk alone) run in turn on each image, at batch 1 and in batches of 8;
-medians. Error: every test image through each variant (batches of 8) against the full-matrix
+operator over the packed triangular factor (export_model.py --head kernel). Latency: --images
+test images, every variant (and the trunk alone, and the trunk with the embedding: what a variant
+adds to it is its distance and smoothing) run in turn on each image, at batch 1 and in batches of
+8; medians. Error: every test image through each variant (batches of 8) against the full-matrix
 graph: largest |map - full| / max|full| over the test set, and image AUROC / pixel AUROC / PRO.
 Updates the bench_head section of docs/benchmarks.md.
 """
@@ -37,6 +38,7 @@ from datasets import AnomalyDataset, BatchLoader, Preprocess, list_samples, read
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from engine.evaluate import metrics, score_batches  # noqa: E402
 from models import load_model  # noqa: E402
+from models.components.gaussian_model import Pipeline  # noqa: E402
 from models.components.layers import MahalanobisMap  # noqa: E402
 
 SECTION = "bench_head"
@@ -44,6 +46,7 @@ VARIANTS = {"full inverse matrices (blocks=0, before)": {"blocks": 0},
             "Cholesky factor, 2 blocks (default)": {"blocks": 2},
             "Cholesky factor, 3 blocks": {"blocks": 3},
             "compiled CPU operator, packed factor (--head kernel)": {"kernel": True}}
+TRUNK, EMBEDDED = "trunk alone (layer1-3)", "trunk + embedding (no distance, no smoothing)"
 
 
 def parse_args() -> argparse.Namespace:
@@ -72,24 +75,28 @@ class GraphScorer:
         return amaps[:, 0], scores
 
 
-def graphs(checkpoint: Path, folder: Path) -> tuple[dict[str, GraphScorer], Predictor]:
-    """The fused graph of each variant, and the trunk alone (same predictor settings)."""
+def graphs(checkpoint: Path, folder: Path) -> tuple[dict[str, GraphScorer], dict[str, Predictor]]:
+    """The fused graph of each variant, and the parts before the distance: the trunk alone and the
+    trunk with the embedding (same predictor settings)."""
     scorers = {}
     for index, (name, options) in enumerate(VARIANTS.items()):
         model = load_model(str(checkpoint), runtime=Runtime(engine="dynamic"))
         layer = model.fused_layer()
         layer.tail[0] = MahalanobisMap(model.mean, model.inv_cov, model.grid, **options)
         scorers[name] = GraphScorer(layer, folder / f"variant{index}")
-    trunk_file = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk" / "model"))
-    trunk = Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"),
-                      PredictorOptions(cpu_threads=THREADS))
-    return scorers, trunk
+    parts = {}
+    for name, part in ((TRUNK, model.trunk), (EMBEDDED, Pipeline(model.trunk, model.embedding()))):
+        part_folder = folder / f"part{len(parts)}"
+        part_file = save_static(part, [None, 3, SIZE, SIZE], str(part_folder / "model"))
+        parts[name] = Predictor(part_file, str(part_folder / "model.pdiparams"),
+                                PredictorOptions(cpu_threads=THREADS))
+    return scorers, parts
 
 
-def latencies(scorers: dict[str, GraphScorer], trunk: Predictor,
+def latencies(scorers: dict[str, GraphScorer], parts: dict[str, Predictor],
               images: np.ndarray) -> dict[str, dict[int, float]]:
     """Median ms per image of every graph at batch 1 and 8; the graphs take turns on each input."""
-    runs = {"trunk alone (layer1-3)": trunk.run, **{name: s.run for name, s in scorers.items()}}
+    runs = {**{name: p.run for name, p in parts.items()}, **{name: s.run for name, s in scorers.items()}}
     times: dict[str, dict[int, list[float]]] = {name: {1: [], 8: []} for name in runs}
     for batch in (1, 8):
         inputs = [images[i:i + batch] for i in range(0, len(images) - batch + 1, batch)]
@@ -137,11 +144,11 @@ def main() -> int:
         convert(SOURCE, root)
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-head-") as tmp:
-        scorers, trunk = graphs(fit(root, args.fit_images, Path(tmp)), Path(tmp))
+        scorers, parts = graphs(fit(root, args.fit_images, Path(tmp)), Path(tmp))
         samples = list_samples(root, CATEGORY, "test")
         picks = np.linspace(0, len(samples) - 1, args.images).round().astype(int)
         images = np.stack([Preprocess(SIZE)(read_image(samples[i].path)) for i in picks])
-        times = latencies(scorers, trunk, images)
+        times = latencies(scorers, parts, images)
         rows = errors(scorers, root)
     body = "\n".join([
         "## Mahalanobis head: full matrices, Cholesky factor blocks, compiled operator "

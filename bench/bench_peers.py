@@ -14,9 +14,11 @@ on 100), 256 px, random-initialised backbones, batch 1, 2 threads:
 
 - ours: ``--method padim`` fitted in this venv on the training images (in memory, batches of 32,
   the ``model.fit`` that train.py runs), exported fused (export_model.py's ``export_model``,
-  model.json) and run by Paddle Inference (fp32, oneDNN), as infer.py's inference stage does;
-- the limit: our trunk alone (layer1-3, exported the same way) plus the time to read the
-  statistics once (fused params minus trunk params) at the bandwidth of a numpy copy;
+  model.json) with each ``--head`` (matmul, the default, and kernel) and run by Paddle Inference
+  (fp32, oneDNN), as infer.py's inference stage does; both exports and the trunk alone take turns
+  on every test image;
+- the limit of each export: our trunk alone (layer1-3, exported the same way) plus the time to
+  read its statistics once (its params minus the trunk's) at the bandwidth of a numpy copy;
 - anomalib's PaDiM (``n_features=k``, ``pre_trained=False``) fitted on the same images, then eager
   PyTorch, ONNX Runtime and OpenVINO (f32 hint and default precision), in the peer venv through
   bench/peer_worker.py.
@@ -96,16 +98,22 @@ def load_images(root: Path, split: str, count: int) -> np.ndarray:
     return np.stack([dataset[i]["image"] for i in range(len(dataset))]).astype(np.float32)
 
 
-def per_image_ms(run: Callable[[np.ndarray], object], images: np.ndarray, warmup: int) -> np.ndarray:
-    """Milliseconds of ``run`` on each image (batch 1) after ``warmup`` untimed ones."""
+def per_image_ms(runs: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
+                 warmup: int) -> dict[str, np.ndarray]:
+    """Milliseconds of each of ``runs`` on each image (batch 1) after ``warmup`` untimed ones; the
+    runs take turns on every image (in a rotating order), so a slower or faster spell of the
+    machine falls on all of them alike."""
+    names = list(runs)
     for image in images[:warmup]:
-        run(image[None])
-    times = []
-    for image in images[warmup:]:
-        start = time.perf_counter()
-        run(image[None])
-        times.append(1000.0 * (time.perf_counter() - start))
-    return np.asarray(times)
+        for name in names:
+            runs[name](image[None])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for step, image in enumerate(images[warmup:]):
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            start = time.perf_counter()
+            runs[name](image[None])
+            times[name].append(1000.0 * (time.perf_counter() - start))
+    return {name: np.asarray(values) for name, values in times.items()}
 
 
 def copy_bandwidth(megabytes: int = 512) -> float:
@@ -121,7 +129,8 @@ def copy_bandwidth(megabytes: int = 512) -> float:
 
 
 def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, folder: Path) -> dict:
-    """Fit seconds, fused and trunk-alone ms per image, statistics bytes of our PaDiM."""
+    """Fit seconds, ms per image of both fused heads and the trunk alone (taking turns), statistics
+    bytes of our PaDiM."""
     config = model_config("padim", arch=arch, k=k, image_size=SIZE, resize=SIZE, pretrained="none", seed=0)
     model = build_model(config, Runtime(cpu_threads=THREADS))
     model.category = CATEGORY
@@ -132,16 +141,14 @@ def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, fo
     options = PredictorOptions(cpu_threads=THREADS, enable_mkldnn=True, max_batch_size=1)
     trunk_file = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk" / "model"))
     trunk_bytes = (folder / "trunk" / "model.pdiparams").stat().st_size
-    out = {"fit_seconds": fit_seconds}
+    out: dict = {"fit_seconds": fit_seconds}
+    graphs = {"trunk": Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options).run}
     for head in HEADS:
         export_model(model, folder / head, "json", head=head)
-        graph = Predictor(str(folder / head / "model.json"), str(folder / head / "model.pdiparams"),
-                          options)
-        out[f"{head}_ms"] = per_image_ms(graph.run, test, warmup)
+        graphs[head] = Predictor(str(folder / head / "model.json"), str(folder / head / "model.pdiparams"),
+                                 options).run
         out[f"{head}_statistics_bytes"] = (folder / head / "model.pdiparams").stat().st_size - trunk_bytes
-        del graph
-    trunk = Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options)
-    out["trunk_ms"] = per_image_ms(trunk.run, test, warmup)
+    out.update({f"{name}_ms": ms for name, ms in per_image_ms(graphs, test, warmup).items()})
     return out
 
 
@@ -221,7 +228,8 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}; {load_note(*loads)}.", "",
         f"{SIZE} px magnetic-tile images, random-initialised backbones, batch 1, {THREADS} threads; "
         f"median ms per image over {args.images} test images after {args.warmup} warm-up images, the "
-        "same preprocessed images for every side. Numpy copy bandwidth (read + write): "
+        "same preprocessed images for every side (our two exports and trunk taking turns on each "
+        "image; the peers in their own process, before ours). Numpy copy bandwidth (read + write): "
         f"{bandwidth / 1e9:.1f} GB/s.", "",
         "| backbone, k | ours, fused (Paddle Inference fp32, oneDNN) | its limit | ours, `--head kernel` "
         "| its limit | anomalib eager | anomalib ONNX Runtime | anomalib OpenVINO f32 | "

@@ -21,7 +21,6 @@ from pathlib import Path
 from types import ModuleType
 
 import paddle
-from paddle.utils import cpp_extension
 
 from core.errors import ConfigError
 
@@ -91,6 +90,8 @@ def load_kernel(name: str) -> ModuleType:
     key = hashlib.sha256("\0".join([source.read_text(), paddle.__version__, _cpu_signature(),
                                     *CFLAGS, *ldflags]).encode()).hexdigest()[:16]
     folder = kernel_dir() / f"{name}-{key}"
+    from paddle.utils import cpp_extension  # imported here: only the compiled head needs it
+
     output: list[str] = []
     try:
         folder.mkdir(parents=True, exist_ok=True)

@@ -164,11 +164,11 @@ def test_kernel_export_loads_in_a_fresh_process(kernel_exports, images_dir):
     np.save(folder.parent / "images.npy", images)
     code = ("import sys, numpy as np; from deploy import DeployedModel; "
             f"m = DeployedModel.load({str(folder)!r}); "
-            f"print(repr(m.score(np.load({str(folder.parent / 'images.npy')!r}))[0].max()))")
+            f"print(float(m.score(np.load({str(folder.parent / 'images.npy')!r}))[0].max()))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout.strip().splitlines()[-1].strip("np.float32()")) == pytest.approx(
+    assert float(proc.stdout.strip().splitlines()[-1]) == pytest.approx(
         float(maps.max()), rel=1e-4)
 
 

@@ -94,7 +94,7 @@ class KeptFeatures:
         self._file, self.wanted, self.record = None, set(), {}
 
 
-class _Pipeline(nn.Layer):
+class Pipeline(nn.Layer):
     """Composition of layers: trunk -> embedding -> [distance -> map head]."""
 
     def __init__(self, trunk: nn.Layer, embedding: nn.Layer, *tail: nn.Layer) -> None:
@@ -185,7 +185,7 @@ class GaussianModel(AnomalyModel):
     def embed(self, images: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
         """Features z (b, P, k) float32 (P = h*w) of consecutive slices of images (B, 3, S, S)."""
         if self._embedder is None:
-            self._embedder = self.compile(_Pipeline(self.trunk, self.fit_embedding(), ToRows()))
+            self._embedder = self.compile(Pipeline(self.trunk, self.fit_embedding(), ToRows()))
         for part, (z,) in run_chunked(self._embedder, images, self.runtime.chunk):
             yield part, z
 
@@ -322,7 +322,7 @@ class GaussianModel(AnomalyModel):
         distance = MahalanobisMap(mean, inv_cov, self.grid, kernel=kernel)
         size = (self.config.image_size, self.config.image_size)
         head = AnomalyMapHead(self.grid, size, self.config.sigma)
-        return _Pipeline(self.trunk, self.embedding(), distance, head)
+        return Pipeline(self.trunk, self.embedding(), distance, head)
 
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
@@ -347,7 +347,7 @@ class GaussianModel(AnomalyModel):
         :meth:`embedding_arrays`.
         """
         grids = [layer_grid(self.config.image_size, name) for name in self.layers]
-        return _Pipeline(self.trunk, FeatureConcat(grids))
+        return Pipeline(self.trunk, FeatureConcat(grids))
 
     @abstractmethod
     def embedding_arrays(self) -> dict[str, np.ndarray]:
