@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--head", default="matmul", choices=HEADS,
                         help="ortho/padim fused scoring head: matmul (standard Paddle ops: CPU, GPU, "
                              "TensorRT, ONNX; default) or kernel (a compiled CPU operator reading the "
-                             "packed Cholesky factor, about 3x faster; built with g++ on first use)")
+                             "packed Cholesky factor: the distance about 2.4x faster; built with g++ "
+                             "on first use)")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx with paddle2onnx (requirements-deploy.txt)")
     add_identity_args(parser, size_flags=("--img_size", "--crop_size"))

@@ -247,8 +247,8 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         lines.append(f"| {r['arch']}, k={r['k']} | {' | '.join(cells)} |")
         notes.append(
             f"{r['arch']}: limit = trunk alone {np.median(mine['trunk_ms']):.1f} ms + the statistics "
-            f"read once: {mine['matmul_statistics_bytes'] / 2**20:.0f} MB (mean and Cholesky factor "
-            f"blocks), {mine['kernel_statistics_bytes'] / 2**20:.0f} MB with `--head kernel` (mean and "
+            f"read once: {mine['matmul_statistics_bytes'] / 2**20:.0f} MiB (mean and Cholesky factor "
+            f"blocks), {mine['kernel_statistics_bytes'] / 2**20:.0f} MiB with `--head kernel` (mean and "
             "packed triangular factor); OpenVINO's default "
             f"precision here is {peer['openvino_default_precision']} (f32 hint: "
             f"{peer['openvino_f32_precision']}), its maps differ from the f32 maps by at most "

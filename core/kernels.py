@@ -14,8 +14,12 @@ import fcntl
 import hashlib
 import os
 import platform
+import re
+import shutil
+import stat
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -30,6 +34,8 @@ MAHALANOBIS_HEAD = "orthoad_mahalanobis_head"
 SOURCES = {MAHALANOBIS_HEAD: "mahalanobis_head.cc"}
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _loaded: dict[str, ModuleType] = {}
+_lock = threading.Lock()
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 
 
 def kernel_dir() -> Path:
@@ -56,18 +62,17 @@ def _link_flags() -> list[str]:
 
 
 @contextlib.contextmanager
-def _captured_output() -> Iterator[list[str]]:
-    """Send this process's stdout and stderr (the compiler subprocess's too) to a file; the list
-    yielded receives its last line that says "error" (or its last line) when the block ends."""
+def _captured_output(tail: list[str]) -> Iterator[None]:
+    """Send this process's stdout and stderr (the compiler subprocess's too) to a file; ``tail``
+    receives its last line that says "error" (or its last line) when the block ends."""
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    tail: list[str] = []
     with tempfile.TemporaryFile(mode="w+") as log:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         try:
-            yield tail
+            yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -83,29 +88,72 @@ def _captured_output() -> Iterator[list[str]]:
 
 def load_kernel(name: str) -> ModuleType:
     """The Python module of operator ``name`` (compiled if needed); its function ``name`` runs it."""
-    if name in _loaded:
+    with _lock:
+        if name not in _loaded:
+            _loaded[name] = _build(name)
         return _loaded[name]
+
+
+def _build(name: str) -> ModuleType:
+    """Build (or reuse the cached build of) operator ``name`` and register it with Paddle.
+
+    A cached build that no longer loads (a build killed half-way) is removed and built again once.
+    """
     source = CSRC / SOURCES[name]
     ldflags = _link_flags()
-    key = hashlib.sha256("\0".join([source.read_text(), paddle.__version__, _cpu_signature(),
+    key = hashlib.sha256("\0".join([source.read_text(), paddle.__version__, sys.version, _cpu_signature(),
                                     *CFLAGS, *ldflags]).encode()).hexdigest()[:16]
-    folder = kernel_dir() / f"{name}-{key}"
-    from paddle.utils import cpp_extension  # imported here: only the compiled head needs it
-
+    root = kernel_dir()
+    folder = root / f"{name}-{key}"
+    fixes = ("install a C++ compiler (apt install g++), set ORTHOAD_KERNEL_DIR to a writable folder of "
+             "yours, or export with --head matmul")
+    _check_root(root, source, fixes)
+    cached = folder.is_dir()
     output: list[str] = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with open(folder / ".lock", "w") as lock:  # one build at a time (test workers, processes)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            with _captured_output() as output:  # Paddle's and the compiler's progress and warnings
-                module = cpp_extension.load(
-                    name=name, sources=[str(source)], extra_cxx_cflags=CFLAGS,
-                    extra_ldflags=ldflags, build_directory=str(folder))
-    except Exception as exc:  # compiler missing or failing, unwritable folder: Paddle raises various types
-        reason = " ".join((output[0] if output else str(exc)).split())[:200]
-        raise ConfigError(f"{source}: cannot build the compiled CPU head in {folder} "
-                          f"({type(exc).__name__}: {reason}); install a C++ compiler (apt install "
-                          "g++), set ORTHOAD_KERNEL_DIR to a writable folder, or export with --head "
-                          "matmul") from exc
-    _loaded[name] = module
-    return module
+        return _compile(name, source, ldflags, folder, output)
+    except (RuntimeError, OSError, ImportError) as exc:  # compiler missing or failing, bad folder
+        if not cached:
+            raise _build_error(source, folder, output, exc, fixes) from exc
+    shutil.rmtree(folder, ignore_errors=True)  # a cached build that no longer loads: build it again
+    try:
+        return _compile(name, source, ldflags, folder, output)
+    except (RuntimeError, OSError, ImportError) as exc:
+        raise _build_error(source, folder, output, exc, fixes) from exc
+
+
+def _build_error(source: Path, folder: Path, output: list[str], exc: Exception, fixes: str) -> ConfigError:
+    """One line: the compiler's error line (or the exception's text) and what to do."""
+    reason = " ".join((output[0] if output else str(exc)).split())[:200]
+    return ConfigError(f"{source}: cannot build the compiled CPU head in {folder} "
+                       f"({type(exc).__name__}: {reason}); {fixes}")
+
+
+def _compile(name: str, source: Path, ldflags: list[str], folder: Path, output: list[str]) -> ModuleType:
+    """``cpp_extension.load`` into ``folder`` under a file lock; ``output`` gets the build's error line."""
+    from paddle.utils import cpp_extension  # imported here: only the compiled head needs it
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:  # one build at a time (test workers, processes)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with _captured_output(output):  # Paddle's and the compiler's progress and warnings
+            return cpp_extension.load(name=name, sources=[str(source)], extra_cxx_cflags=CFLAGS,
+                                      extra_ldflags=ldflags, build_directory=str(folder))
+
+
+def _check_root(root: Path, source: Path, fixes: str) -> None:
+    """Refuse a kernel folder that others may write to (they could plant a library that we would
+    load) or whose path Paddle's build command (a shell line) cannot take."""
+    if not _SAFE_PATH.fullmatch(str(root)):
+        raise ConfigError(f"{source}: cannot build the compiled CPU head in {root}: the path holds "
+                          "spaces or shell characters; set ORTHOAD_KERNEL_DIR to a plain path")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        info = root.stat()
+    except OSError as exc:
+        raise ConfigError(f"{source}: cannot build the compiled CPU head in {root} "
+                          f"({type(exc).__name__}: {exc.strerror}); {fixes}") from exc
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(f"{root}: kernel folder is writable by other users (or not yours), so a "
+                          "library found there may not be ours; set ORTHOAD_KERNEL_DIR to a folder "
+                          "only you can write")

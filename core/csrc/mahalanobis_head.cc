@@ -60,13 +60,17 @@ std::vector<paddle::Tensor> MahalanobisHead(const paddle::Tensor& z, const paddl
                                             const paddle::Tensor& packed) {
   PD_CHECK(z.is_cpu() && mean.is_cpu() && packed.is_cpu(),
            "orthoad_mahalanobis_head runs on CPU only; export with --head matmul for a GPU");
-  PD_CHECK(z.dtype() == paddle::DataType::FLOAT32 && z.shape().size() == 3,
-           "orthoad_mahalanobis_head: z must be float32 (N, k, P)");
+  PD_CHECK(z.dtype() == paddle::DataType::FLOAT32 && mean.dtype() == paddle::DataType::FLOAT32 &&
+               packed.dtype() == paddle::DataType::FLOAT32,
+           "orthoad_mahalanobis_head: features, mean and factor must be float32");
+  PD_CHECK(z.shape().size() == 3 && mean.shape().size() == 3 && packed.shape().size() == 3,
+           "orthoad_mahalanobis_head: features (N, k, P), mean (T, k, 8), factor (T, k(k+1)/2, 8)");
   const auto& shape = z.shape();
   const int64_t n = shape[0], k = shape[1], p = shape[2];
   const int64_t tiles = packed.shape()[0], npack = k * (k + 1) / 2;
   PD_CHECK(packed.shape()[1] == npack && packed.shape()[2] == kLanes && tiles * kLanes >= p &&
-               mean.shape()[0] == tiles && mean.shape()[1] == k && mean.shape()[2] == kLanes,
+               (tiles - 1) * kLanes < p && mean.shape()[0] == tiles && mean.shape()[1] == k &&
+               mean.shape()[2] == kLanes,
            "orthoad_mahalanobis_head: mean / factor shapes do not fit the features");
   auto out = paddle::empty({n, p}, paddle::DataType::FLOAT32, z.place());
   const float* zd = z.data<float>();
@@ -93,8 +97,7 @@ std::vector<paddle::Tensor> MahalanobisHead(const paddle::Tensor& z, const paddl
         GroupDistance(g, fd + t * npack * kLanes, d.data(), k, squared);
         for (int gi = 0; gi < g; ++gi) {
           for (int64_t l = 0; l < lanes; ++l) {
-            const float s = squared[gi * kLanes + l];  // NaN features stay NaN
-            od[(n0 + gi) * p + p0 + l] = std::sqrt(s < 0.f ? 0.f : s);
+            od[(n0 + gi) * p + p0 + l] = std::sqrt(squared[gi * kLanes + l]);  // a sum of squares; NaN stays NaN
           }
         }
       }

@@ -12,6 +12,8 @@ as to ``model.json``; ``paddle.max`` rather than ``amax`` also lets paddle2onnx 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import paddle
 from paddle import nn
@@ -118,14 +120,20 @@ def factor_blocks(inv_cov: np.ndarray, blocks: int) -> list[np.ndarray] | None:
     edges = block_edges(k, blocks)
     factors = [np.empty((positions, k - a, b - a), dtype=np.float32)
                for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    for start in range(0, positions, _SLICE):  # float64 temporaries of a slice of positions only
-        try:
-            part = np.linalg.cholesky(inv_cov[start:start + _SLICE].astype(np.float64))
-        except np.linalg.LinAlgError:
-            return None
-        for factor, a, b in zip(factors, edges[:-1], edges[1:], strict=True):
-            factor[start:start + _SLICE] = part[:, a:, a:b]
+    try:
+        for start, part in _cholesky_slices(inv_cov):
+            for factor, a, b in zip(factors, edges[:-1], edges[1:], strict=True):
+                factor[start:start + len(part)] = part[:, a:, a:b]
+    except np.linalg.LinAlgError:
+        return None
     return factors
+
+
+def _cholesky_slices(inv_cov: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """(first position, float64 lower Cholesky factors (S, k, k)) of ``inv_cov`` (P, k, k), a slice
+    of positions at a time (float64 temporaries of one slice only); LinAlgError if one has none."""
+    for start in range(0, inv_cov.shape[0], _SLICE):
+        yield start, np.linalg.cholesky(inv_cov[start:start + _SLICE].astype(np.float64))
 
 
 def block_edges(k: int, blocks: int) -> list[int]:
@@ -137,6 +145,8 @@ def block_edges(k: int, blocks: int) -> list[int]:
 
 
 _SLICE = 256  # positions per float64 Cholesky slice
+KERNEL_LANES = 8
+"""Positions per tile of the compiled head (kLanes in core/csrc/mahalanobis_head.cc)."""
 FACTOR_BLOCKS = 2
 """Column blocks of the packed Cholesky factor: 2 reads 3/4 of the full matrices' bytes with one
 extra matmul; more blocks read less but each small matmul costs a oneDNN call (measured in
@@ -160,11 +170,11 @@ class MahalanobisMap(nn.Layer):
         self.grid = tuple(grid)
         self.k = mean.shape[1]
         self.starts: list[int] = []
-        if kernel:
+        if kernel:  # pack first: a matrix without a factor is refused before the ~25 s build
+            factor_tiles = packed_tiles(packed_factor(inv_cov))
             self.op = getattr(load_kernel(MAHALANOBIS_HEAD), MAHALANOBIS_HEAD)
             self.register_buffer("mean_tiles", paddle.to_tensor(packed_tiles(mean)), persistable=True)
-            self.register_buffer("factor_tiles", paddle.to_tensor(packed_tiles(packed_factor(inv_cov))),
-                                 persistable=True)
+            self.register_buffer("factor_tiles", paddle.to_tensor(factor_tiles), persistable=True)
             return
         self.op = None
         self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
@@ -203,13 +213,12 @@ def packed_factor(inv_cov: np.ndarray) -> np.ndarray:
     order = np.lexsort((rows, cols))  # column-major: by column, then row
     rows, cols = rows[order], cols[order]
     packed = np.empty((positions, rows.size), dtype=np.float32)
-    for start in range(0, positions, _SLICE):  # float64 temporaries of a slice of positions only
-        try:
-            part = np.linalg.cholesky(inv_cov[start:start + _SLICE].astype(np.float64))
-        except np.linalg.LinAlgError as exc:
-            raise ConfigError("--head kernel: an inverse covariance has no Cholesky factor (not "
-                              "positive definite in float64); export with --head matmul") from exc
-        packed[start:start + _SLICE] = part[:, rows, cols]
+    try:
+        for start, part in _cholesky_slices(inv_cov):
+            packed[start:start + len(part)] = part[:, rows, cols]
+    except np.linalg.LinAlgError as exc:
+        raise ConfigError("--head kernel: an inverse covariance has no Cholesky factor (not "
+                          "positive definite in float64); export with --head matmul") from exc
     return packed
 
 
@@ -223,10 +232,6 @@ def packed_tiles(values: np.ndarray) -> np.ndarray:
     padded = np.zeros((tiles * KERNEL_LANES, width), dtype=np.float32)
     padded[:positions] = values
     return np.ascontiguousarray(padded.reshape(tiles, KERNEL_LANES, width).transpose(0, 2, 1))
-
-
-KERNEL_LANES = 8
-"""Positions per tile of the compiled head (kLanes in core/csrc/mahalanobis_head.cc)."""
 
 
 class AnomalyMapHead(nn.Layer):
