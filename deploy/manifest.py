@@ -94,7 +94,10 @@ def read_manifest(folder: Path) -> Manifest:
             raise ValueError(f"format_version {record.get('format_version')}, "
                              f"this version reads {FORMAT_VERSION}")
         known = {f.name for f in dataclasses.fields(Manifest)}
-        return Manifest(**{key: value for key, value in record.items() if key in known})
+        manifest = Manifest(**{key: value for key, value in record.items() if key in known})
+        if not isinstance(manifest.kernels, list) or not all(isinstance(n, str) for n in manifest.kernels):
+            raise ValueError("kernels must be a list of operator names")
+        return manifest
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a deploy.json of this toolkit ({exc}); export again "
                          "with export_model.py") from exc

@@ -45,9 +45,6 @@ def _paddle_runner(model_file: Path, params_file: Path, options: PredictorOption
 
 def load_kernels(manifest: Manifest, folder: Path, options: PredictorOptions) -> None:
     """Register the compiled CPU operators an export's graph holds (deploy.json ``kernels``)."""
-    if not isinstance(manifest.kernels, list) or not all(isinstance(n, str) for n in manifest.kernels):
-        raise InputError(f"{folder / MANIFEST}: kernels must be a list of operator names; export the "
-                         "model again")
     if manifest.kernels and options.use_gpu:
         raise ConfigError(f"{folder}: exported with --head kernel, a compiled CPU operator; run it "
                           "without --use_gpu, or export again with --head matmul for a GPU")

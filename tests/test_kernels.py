@@ -219,6 +219,20 @@ def test_kernel_export_on_a_gpu_or_with_an_unknown_operator(kernel_exports, tmp_
 
 
 @needs_compiler
+def test_a_deploy_json_without_kernels_loads_as_before(kernel_exports, tmp_path):
+    """deploy.json of an export made before --head existed has no "kernels": it loads, builds
+    nothing and scores as the dynamic graph."""
+    folder, (images, maps, _) = kernel_exports["ortho"]
+    old = export_with_script(folder.parent / "ortho.npz", tmp_path / "old", "ortho", "json")
+    record = json.loads((old / "deploy.json").read_text())
+    del record["kernels"]
+    (old / "deploy.json").write_text(json.dumps(record))
+    assert read_manifest(old).kernels == []
+    deployed = DeployedModel.load(old)
+    assert_rel_close(deployed.score(images)[0], maps, "maps of an export without kernels")
+
+
+@needs_compiler
 @pytest.mark.bad_input
 def test_kernel_build_failure_is_one_line(kernel_exports, tmp_path):
     """No working C++ compiler (CC/CXX point at false), a kernel folder that is a file's child,
