@@ -8,7 +8,8 @@ images; 2 CPU threads, Paddle Inference + oneDNN. The same fused pipeline is sav
 distance layer computing (z - mean)^T inv_cov (z - mean) from the full matrices (blocks=0, the
 previous export) and ||(z - mean) @ L||^2 from 2 or 3 column blocks of the inverse's Cholesky
 factor (models.layers.factor_blocks; 2 is the export's default), and with the compiled CPU
-operator over the packed triangular factor (export_model.py --head kernel). Latency: --images
+operator over the packed triangular factor (export_model.py --head kernel), stored in float32,
+float16 or bfloat16 (--head_precision). Latency: --images
 test images, every variant (and the trunk alone, and the trunk with the embedding: what a variant
 adds to it is its distance and smoothing) run in turn on each image, at batch 1 and in batches of
 8; medians. Error: every test image through each variant (batches of 8) against the full-matrix
@@ -45,7 +46,9 @@ SECTION = "bench_head"
 VARIANTS = {"full inverse matrices (blocks=0, before)": {"blocks": 0},
             "Cholesky factor, 2 blocks (default)": {"blocks": 2},
             "Cholesky factor, 3 blocks": {"blocks": 3},
-            "compiled CPU operator, packed factor (--head kernel)": {"kernel": True}}
+            "compiled CPU operator, packed factor (--head kernel)": {"kernel": True},
+            "compiled operator, float16 factor (fp16)": {"kernel": True, "precision": "fp16"},
+            "compiled operator, bfloat16 factor (bf16)": {"kernel": True, "precision": "bf16"}}
 TRUNK, EMBEDDED = "trunk alone (layer1-3)", "trunk + embedding (no distance, no smoothing)"
 
 
@@ -151,7 +154,7 @@ def main() -> int:
         times = latencies(scorers, parts, images)
         rows = errors(scorers, root)
     body = "\n".join([
-        "## Mahalanobis head: full matrices, Cholesky factor blocks, compiled operator "
+        "## Mahalanobis head: full matrices, Cholesky factor blocks, compiled operator, 16-bit factor "
         "(bench/bench_head.py)", "",
         f"Command: `python bench/bench_head.py --data_path {args.data_path} --images {args.images} "
         f"--fit_images {args.fit_images}` on {machine()}; {load_note(load, os.getloadavg()[0])}; "

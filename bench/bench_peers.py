@@ -14,9 +14,10 @@ on 100), 256 px, random-initialised backbones, batch 1, 2 threads:
 
 - ours: ``--method padim`` fitted in this venv on the training images (in memory, batches of 32,
   the ``model.fit`` that train.py runs), exported fused (export_model.py's ``export_model``,
-  model.json) with each ``--head`` (matmul, the default, and kernel) and run by Paddle Inference
-  (fp32, oneDNN), as infer.py's inference stage does; both exports and the trunk alone take turns
-  on every test image;
+  model.json) with each ``--head`` (matmul, the default, and kernel) and with ``--head kernel
+  --head_precision fp16``, and run by Paddle Inference (oneDNN), as infer.py's inference stage
+  does; the exports and the trunk alone take turns on every test image; the fp16 export's maps
+  are compared with the default export's on every test image;
 - the limit of each export: our trunk alone (layer1-3, exported the same way) plus the time to
   read its statistics once (its params minus the trunk's) at the bandwidth of a numpy copy;
 - anomalib's PaDiM (``n_features=k``, ``pre_trained=False``) fitted on the same images, then eager
@@ -50,11 +51,12 @@ from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import export_model  # noqa: E402
-from deploy.export import HEADS  # noqa: E402
 from engine.workflow import calibration_indices  # noqa: E402
 from models import build_model, model_config  # noqa: E402
 
 SIZE, THREADS, BATCH = 256, 2, 32
+EXPORTS = {"matmul": ("matmul", "fp32"), "kernel": ("kernel", "fp32"), "kernel_fp16": ("kernel", "fp16")}
+"""Our exports: name -> (--head, --head_precision)."""
 PEER_PACKAGES = ("torch", "torchvision", "anomalib[core]", "openvino", "onnxruntime", "onnx", "onnxscript")
 CONFIGS = {"resnet18": (100, 0), "wide_resnet50_2": (300, 100)}
 """backbone: (k, training images; 0 = all)."""
@@ -129,8 +131,8 @@ def copy_bandwidth(megabytes: int = 512) -> float:
 
 
 def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, folder: Path) -> dict:
-    """Fit seconds, ms per image of both fused heads and the trunk alone (taking turns), statistics
-    bytes of our PaDiM."""
+    """Fit seconds, ms per image of our exports and the trunk alone (taking turns), statistics
+    bytes of each export, and the fp16 export's largest map deviation from the default export."""
     config = model_config("padim", arch=arch, k=k, image_size=SIZE, resize=SIZE, pretrained="none", seed=0)
     model = build_model(config, Runtime(cpu_threads=THREADS))
     model.category = CATEGORY
@@ -143,12 +145,15 @@ def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, fo
     trunk_bytes = (folder / "trunk" / "model.pdiparams").stat().st_size
     out: dict = {"fit_seconds": fit_seconds}
     graphs = {"trunk": Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options).run}
-    for head in HEADS:
-        export_model(model, folder / head, "json", head=head)
-        graphs[head] = Predictor(str(folder / head / "model.json"), str(folder / head / "model.pdiparams"),
+    for name, (head, precision) in EXPORTS.items():
+        export_model(model, folder / name, "json", head=head, head_precision=precision)
+        graphs[name] = Predictor(str(folder / name / "model.json"), str(folder / name / "model.pdiparams"),
                                  options).run
-        out[f"{head}_statistics_bytes"] = (folder / head / "model.pdiparams").stat().st_size - trunk_bytes
+        out[f"{name}_statistics_bytes"] = (folder / name / "model.pdiparams").stat().st_size - trunk_bytes
     out.update({f"{name}_ms": ms for name, ms in per_image_ms(graphs, test, warmup).items()})
+    pairs = [(graphs["kernel_fp16"](image[None])[0], graphs["matmul"](image[None])[0]) for image in test]
+    out["fp16_map_error"] = max(float(np.abs(a - b).max()) for a, b in pairs) / max(
+        float(np.abs(b).max()) for _, b in pairs)
     return out
 
 
@@ -215,7 +220,7 @@ def measure(arch: str, args: argparse.Namespace, bandwidth: float) -> dict:
             return {"arch": arch, "k": k, "ours": our_fit(arch, k, train), "peers": peer}
         mine = ours(arch, k, train, test, args.warmup, folder)
     trunk_ms = float(np.median(mine["trunk_ms"]))
-    limits = {head: trunk_ms + 1000.0 * mine[f"{head}_statistics_bytes"] / bandwidth for head in HEADS}
+    limits = {name: trunk_ms + 1000.0 * mine[f"{name}_statistics_bytes"] / bandwidth for name in EXPORTS}
     return {"arch": arch, "k": k, "ours": mine, "peers": peer, "limit_ms": limits}
 
 
@@ -228,19 +233,20 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}; {load_note(*loads)}.", "",
         f"{SIZE} px magnetic-tile images, random-initialised backbones, batch 1, {THREADS} threads; "
         f"median ms per image over {args.images} test images after {args.warmup} warm-up images, the "
-        "same preprocessed images for every side (our two exports and trunk taking turns on each "
+        "same preprocessed images for every side (our three exports and trunk taking turns on each "
         "image; the peers in their own process, before ours). Numpy copy bandwidth (read + write): "
         f"{bandwidth / 1e9:.1f} GB/s.", "",
         "| backbone, k | ours, fused (Paddle Inference fp32, oneDNN) | its limit | ours, `--head kernel` "
-        "| its limit | anomalib eager | anomalib ONNX Runtime | anomalib OpenVINO f32 | "
-        "anomalib OpenVINO default | fit s: ours / anomalib (images) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| its limit | ours, `--head kernel --head_precision fp16` | its limit | anomalib eager "
+        "| anomalib ONNX Runtime | anomalib OpenVINO f32 | anomalib OpenVINO default "
+        "| fit s: ours / anomalib (images) |",
+        "|---" * 12 + "|",
     ]
     notes = []
     for r in results:
         mine, peer = r["ours"], r["peers"]
-        cells = [cell for head in HEADS
-                 for cell in (f"{np.median(mine[f'{head}_ms']):.1f}", f"{r['limit_ms'][head]:.1f}")]
+        cells = [cell for name in EXPORTS
+                 for cell in (f"{np.median(mine[f'{name}_ms']):.1f}", f"{r['limit_ms'][name]:.1f}")]
         cells += [f"{np.median(peer[key]):.1f}" for key in
                   ("eager_ms", "onnxruntime_ms", "openvino_f32_ms", "openvino_default_ms")]
         cells.append(f"{mine['fit_seconds']:.1f} / {peer['fit_seconds']:.1f} ({peer['train_images']})")
@@ -249,7 +255,9 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
             f"{r['arch']}: limit = trunk alone {np.median(mine['trunk_ms']):.1f} ms + the statistics "
             f"read once: {mine['matmul_statistics_bytes'] / 2**20:.0f} MiB (mean and Cholesky factor "
             f"blocks), {mine['kernel_statistics_bytes'] / 2**20:.0f} MiB with `--head kernel` (mean and "
-            "packed triangular factor); OpenVINO's default "
+            f"packed triangular factor), {mine['kernel_fp16_statistics_bytes'] / 2**20:.0f} MiB with "
+            "the factor in float16, whose maps differ from the default export's by at most "
+            f"{mine['fp16_map_error']:.2e} of the largest map value; OpenVINO's default "
             f"precision here is {peer['openvino_default_precision']} (f32 hint: "
             f"{peer['openvino_f32_precision']}), its maps differ from the f32 maps by at most "
             f"{peer['default_vs_f32_max_abs']:.3g} ({peer['default_vs_f32_max_rel']:.2e} of the "

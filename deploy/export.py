@@ -29,7 +29,7 @@ import paddle
 from core.errors import ConfigError
 from core.inference import Predictor, PredictorOptions
 from core.io import remove_stale_temporaries, staging_dir
-from core.kernels import MAHALANOBIS_HEAD
+from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD
 from core.runtime import RunFn, compile_layer, save_static
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import MANIFEST, Manifest, sha256_file, write_manifest
@@ -126,14 +126,17 @@ def _identity(model: AnomalyModel) -> dict[str, object]:
 
 
 def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: bool = True,
-                 onnx: bool = False, source: str = "", head: str = "matmul") -> Manifest:
+                 onnx: bool = False, source: str = "", head: str = "matmul",
+                 head_precision: str = "fp32") -> Manifest:
     """Export ``model`` to ``save_dir`` (see the module docstring) and return its deploy.json.
 
     Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
     :meth:`unfused_parts` (ortho, padim); ``head="kernel"`` is ortho's and padim's fused export
-    with :meth:`kernel_layer` (see :data:`HEADS`).
+    with :meth:`kernel_layer` (see :data:`HEADS`), its factor stored as ``head_precision`` (a key
+    of core.kernels.FACTOR_DTYPES; a 16-bit export records its deviation from the float32 head
+    on the probe images in deploy.json's ``verified.fp32_max_rel_diff``).
     """
-    check_head(head, fuse, onnx)
+    check_head(head, fuse, onnx, head_precision)
     model.check_statistics(source or f"{model.config.method} model", "fit it again")
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
@@ -148,24 +151,29 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
         raise ConfigError(f"--save_dir {save_dir}: cannot write there ({exc.strerror}); "
                           "pass a writable folder") from exc
     try:
-        manifest = _build(model, staging, fmt, fuse, onnx, source, head)
+        manifest = _build(model, staging, fmt, fuse, onnx, source, head, head_precision)
         _publish(staging, save_dir, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
-def check_head(head: str, fuse: bool, onnx: bool) -> None:
-    """One line for a head that does not fit the other export options."""
+def check_head(head: str, fuse: bool, onnx: bool, precision: str = "fp32") -> None:
+    """One line for a head (or head precision) that does not fit the other export options."""
     if head not in HEADS:
         raise ConfigError(f"--head {head}: use {' or '.join(HEADS)}")
+    if precision not in FACTOR_DTYPES:
+        raise ConfigError(f"--head_precision {precision}: use {', '.join(FACTOR_DTYPES)}")
     if head == "kernel" and (not fuse or onnx):
         raise ConfigError(f"--head kernel: a compiled CPU operator inside the fused graph, so it "
                           f"cannot go with {'--no-fuse' if not fuse else '--onnx'}; drop one of them")
+    if precision != "fp32" and head != "kernel":
+        raise ConfigError(f"--head_precision {precision}: stores the compiled head's statistics in 16 "
+                          "bits, so it needs --head kernel; add it, or drop --head_precision")
 
 
 def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
-           source: str, head: str) -> Manifest:
+           source: str, head: str, head_precision: str) -> Manifest:
     """Write the export's files into ``staging`` and return their manifest."""
     if onnx:
         require("paddle2onnx", "--onnx")
@@ -175,15 +183,20 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
     if unfused is not None:
         layer = unfused.layer
     else:
-        layer = model.kernel_layer() if head == "kernel" else model.fused_layer()
+        layer = model.kernel_layer(head_precision) if head == "kernel" else model.fused_layer()
     probes = probe_image(size, BATCH_PROBE)
     # eagerly in the model's own runtime: a default Runtime() would reset the process's threads
-    expected_all = compile_layer(layer, size, dataclasses.replace(model.runtime, engine="dynamic"))(probes)
+    eager = dataclasses.replace(model.runtime, engine="dynamic")
+    expected_all = compile_layer(layer, size, eager)(probes)
     probe, expected = probes[:1], [out[:1] for out in expected_all]
+    verified: dict[str, float | None] = {}
+    if head_precision != "fp32":  # what the 16-bit statistics cost: against the float32 head
+        reference = compile_layer(model.kernel_layer(), size, eager)(probes)
+        verified["fp32_max_rel_diff"] = deviation(expected_all, reference)
     with ir_guard(fmt):
         model_file = Path(save_static(layer, [None, 3, size, size], str(staging / "model")))
     predictor = Predictor(str(model_file), str(staging / PARAMS), PredictorOptions())
-    verified = {"paddle_max_rel_diff": check_outputs(predictor.run, expected, probe, model_file)}
+    verified["paddle_max_rel_diff"] = check_outputs(predictor.run, expected, probe, model_file)
     batch_diff = verified["paddle_batch_max_rel_diff"] = batch_deviation(predictor.run, probes, expected_all)
     files = [model_file.name, PARAMS]
     if unfused is not None:
@@ -205,7 +218,7 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         outputs=_outputs(model, predictor.output_names, unfused), paddle_version=paddle.__version__,
         batched=batch_diff is not None and batch_diff <= PROBE_TOLERANCE,
         stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
-        kernels=[MAHALANOBIS_HEAD] if head == "kernel" else [],
+        kernels=[MAHALANOBIS_HEAD] if head == "kernel" else [], head_precision=head_precision,
         files={name: sha256_file(staging / name) for name in files}, verified=verified,
         source={"checkpoint": source,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},

@@ -15,6 +15,7 @@ from typing import Any
 
 from core.errors import InputError
 from core.io import atomic_write_text
+from core.kernels import FACTOR_DTYPES
 
 MANIFEST = "deploy.json"
 FORMAT_VERSION = 1
@@ -47,6 +48,8 @@ class Manifest:
     onnx_file: str | None = None
     kernels: list[str] = field(default_factory=list)
     """Compiled CPU operators (core.kernels) the graph holds; loaded before the predictor."""
+    head_precision: str = "fp32"
+    """How the compiled head stores its statistics (core.kernels.FACTOR_DTYPES); fp32 otherwise."""
     files: dict[str, str] = field(default_factory=dict)
     verified: dict[str, float | None] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +100,9 @@ def read_manifest(folder: Path) -> Manifest:
         manifest = Manifest(**{key: value for key, value in record.items() if key in known})
         if not isinstance(manifest.kernels, list) or not all(isinstance(n, str) for n in manifest.kernels):
             raise ValueError("kernels must be a list of operator names")
+        if manifest.head_precision not in FACTOR_DTYPES:
+            raise ValueError(f"head_precision {manifest.head_precision!r}, "
+                             f"not one of {', '.join(FACTOR_DTYPES)}")
         return manifest
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a deploy.json of this toolkit ({exc}); export again "

@@ -253,8 +253,9 @@ class AnomalyModel(ABC):
     def fused_layer(self) -> nn.Layer:
         """Layer mapping images (N, 3, S, S) to (anomaly map (N, 1, S, S), image score (N,))."""
 
-    def kernel_layer(self) -> nn.Layer:
-        """:meth:`fused_layer` with its scoring head as a compiled CPU operator (``--head kernel``)."""
+    def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
+        """:meth:`fused_layer` with its scoring head as a compiled CPU operator (``--head kernel``)
+        whose statistics are stored as ``precision`` (``--head_precision``)."""
         raise ConfigError(f"--head kernel: --method {self.config.method} has no Mahalanobis head "
                           "(ortho and padim have); export it with --head matmul")
 

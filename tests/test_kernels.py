@@ -28,6 +28,7 @@ from test_deploy import (
     dynamic_references,
     export_with_script,
     fit_checkpoint,
+    read_results,
     run,
 )
 
@@ -38,7 +39,7 @@ from core.runtime import Runtime, save_static
 from deploy import DeployedModel, export_model, read_manifest
 from deploy.runner import load_kernels
 from models import load_model, model_config
-from models.components.layers import MahalanobisMap, packed_factor, packed_tiles
+from models.components.layers import MahalanobisMap, packed_factor, packed_tiles, stored_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None,
@@ -125,6 +126,67 @@ def test_kernel_in_paddle_inference(onednn, tmp_path):
         assert np.abs(out - expected[:len(batch)]).max() <= 1e-5 * expected.max()
 
 
+UNIT_ROUNDING = {"fp16": 2.0**-11, "bf16": 2.0**-8}
+"""Largest relative rounding of one value to the 16-bit storages (half a unit in the last place)."""
+
+
+def rounded_by_hand(values: np.ndarray, precision: str) -> np.ndarray:
+    """float32 ``values`` rounded to nearest (ties to even) in float16 or bfloat16, as float32."""
+    if precision == "fp16":
+        return values.astype(np.float16).astype(np.float32)
+    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
+    upper = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round the lower 16 bits away, ties to even
+    return (upper << 16).astype(np.uint32).view(np.float32)
+
+
+def distance_from_tiles(tiles: np.ndarray, mean: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """sqrt(||L^T (z - mean)||^2) in float64 from packed factor tiles (T, k(k+1)/2, 8): (N, 1, h, w)."""
+    n, k, h, w = z.shape
+    packed = tiles.transpose(0, 2, 1).reshape(-1, tiles.shape[1])[:h * w].astype(np.float64)
+    rows, cols = np.tril_indices(k)
+    order = np.lexsort((rows, cols))
+    factor = np.zeros((h * w, k, k))
+    factor[:, rows[order], cols[order]] = packed
+    d = z.reshape(n, k, h * w).transpose(0, 2, 1).astype(np.float64) - mean  # (N, P, k)
+    y = np.einsum("npi,pij->npj", d, factor)
+    return np.sqrt((y * y).sum(axis=2)).reshape(n, 1, h, w)
+
+
+@needs_compiler
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_16_bit_factor_is_the_rounded_factor_read_exactly(precision):
+    """--head_precision: the stored factor is the float32 factor rounded to nearest (checked against
+    numpy's rounding by hand), the operator's distances equal the float64 formula on those rounded
+    values to float32 accumulation (1e-5), and they move from the float32 head's by no more than
+    the storage's rounding unit allows (k = 20: batches of 1 and of 6 images)."""
+    k, grid = 20, (5, 3)
+    mean, inv_cov, z = gaussian_case(k, grid, 6)
+    tiles = packed_tiles(packed_factor(inv_cov))
+    stored = stored_factor(tiles, precision)
+    assert stored.dtype == (paddle.float16 if precision == "fp16" else paddle.bfloat16)
+    widened = stored.astype("float32").numpy()
+    np.testing.assert_array_equal(widened, rounded_by_hand(tiles, precision))
+    assert np.abs(widened - tiles).max() > 0  # the test data do not fit 16 bits exactly
+    exact = distance_from_tiles(widened, mean, z)
+    float32 = reference_distance(mean, inv_cov, z)
+    layer = MahalanobisMap(mean, inv_cov, grid, kernel=True, precision=precision)
+    with paddle.no_grad():
+        for batch in (z[:1], z):
+            out = layer(paddle.to_tensor(batch)).numpy()
+            assert np.abs(out - exact[:len(batch)]).max() <= 1e-5 * exact.max()
+    moved = np.abs(out - float32).max() / float32.max()
+    assert 0 < moved <= 2 * UNIT_ROUNDING[precision]
+
+
+def test_16_bit_factor_out_of_range_or_unknown_is_refused():
+    tiles = np.full((1, 3, 8), 7.0e4, dtype=np.float32)  # beyond float16's 65,504
+    with pytest.raises(ConfigError, match="values up to 7e\\+04, beyond float16's 65504.*bf16 or fp32"):
+        stored_factor(tiles, "fp16")
+    assert float(stored_factor(tiles, "bf16").astype("float32").max()) == pytest.approx(7.0e4, rel=2**-8)
+    with pytest.raises(ConfigError, match="--head_precision fp8: use fp32, fp16, bf16"):
+        stored_factor(tiles, "fp8")
+
+
 def test_not_positive_definite_is_refused():
     inv_cov = np.array([[[1.0, 2.0], [2.0, 1.0]]])  # eigenvalues 3 and -1
     with pytest.raises(ConfigError, match="no Cholesky factor.*--head matmul"):
@@ -171,6 +233,36 @@ def test_kernel_export_loads_in_a_fresh_process(kernel_exports, tmp_path):
     assert_rel_close(np.load(tmp_path / "maps.npy"), maps, "maps of a fresh deploy-side process")
 
 
+@needs_compiler
+@pytest.mark.parametrize(("precision", "fmt"), [("fp16", "json"), ("bf16", "pdmodel")])
+def test_16_bit_export_runs_in_infer(precision, fmt, kernel_exports, images_dir, tmp_path):
+    """export_model.py --head kernel --head_precision as users type it (PIR and legacy IR): deploy.json
+    records the storage and the deviation from the float32 head, the params shrink by half the
+    factor's bytes, and infer.py's scores and the deployed maps stay within the storage's rounding
+    of the float32 dynamic graph's."""
+    folder, (images, maps, scores) = kernel_exports["padim"]
+    checkpoint = folder.parent / "padim.npz"
+    export = export_with_script(checkpoint, tmp_path / "export", "padim", fmt, "--head", "kernel",
+                                "--head_precision", precision)
+    manifest = read_manifest(export)
+    assert manifest.head_precision == precision and manifest.kernels == [MAHALANOBIS_HEAD]
+    tolerance = 2 * UNIT_ROUNDING[precision]
+    assert 0 < manifest.verified["fp32_max_rel_diff"] <= tolerance
+    assert manifest.verified["paddle_max_rel_diff"] < 1e-5  # the graph reproduces its own layer
+    grid = load_model(str(checkpoint), runtime=Runtime(engine="dynamic")).grid
+    factor_values = -(-grid[0] * grid[1] // 8) * 8 * K * (K + 1) // 2
+    saved = (folder / "model.pdiparams").stat().st_size - (export / "model.pdiparams").stat().st_size
+    assert abs(saved - 2 * factor_values) <= 4096  # 2 of 4 bytes per value, give or take headers
+    proc = run("infer.py", "--model_file", export / manifest.model_file, "--params_file",
+               export / "model.pdiparams", "--input_file", images_dir, "--save_path", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose([row["score"] for row in read_results(tmp_path / "out")], scores,
+                               rtol=tolerance)
+    deployed = DeployedModel.load(export)
+    worst = np.abs(deployed.score(images)[0] - maps).max() / np.abs(maps).max()
+    assert 0 < worst <= tolerance
+
+
 @pytest.mark.bad_input
 def test_kernel_head_with_other_options_is_one_line(demo_root, tmp_path):
     config = model_config("ortho", arch="resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
@@ -184,9 +276,15 @@ def test_kernel_head_with_other_options_is_one_line(demo_root, tmp_path):
             continue
         assert_one_line_error(proc, "--head kernel: a compiled CPU operator inside the fused graph", fragment,
                               "drop one of them")
+    proc = run("export_model.py", "--model_path", checkpoint, "--save_dir", tmp_path / "x",
+               "--head_precision", "bf16")
+    assert_one_line_error(proc, "--head_precision bf16: stores the compiled head's statistics in 16 bits",
+                          "needs --head kernel")
     model = load_model(str(checkpoint), runtime=Runtime(engine="dynamic"))
     with pytest.raises(ConfigError, match="--head fused: use matmul or kernel"):
         export_model(model, tmp_path / "x", head="fused")
+    with pytest.raises(ConfigError, match="--head_precision fp8: use fp32, fp16, bf16"):
+        export_model(model, tmp_path / "x", head="kernel", head_precision="fp8")
     assert not (tmp_path / "x").exists()
 
 
@@ -216,18 +314,22 @@ def test_kernel_export_on_a_gpu_or_with_an_unknown_operator(kernel_exports, tmp_
         (copy / "deploy.json").write_text(json.dumps({**record, "kernels": names}))
         with pytest.raises(InputError, match=message):
             DeployedModel.load(copy)
+    (copy / "deploy.json").write_text(json.dumps({**record, "head_precision": "fp8"}))
+    with pytest.raises(InputError, match="deploy.json: not a deploy.json of this toolkit "
+                                         "\\(head_precision 'fp8', not one of fp32, fp16, bf16\\)"):
+        DeployedModel.load(copy)
 
 
 @needs_compiler
 def test_a_deploy_json_without_kernels_loads_as_before(kernel_exports, tmp_path):
-    """deploy.json of an export made before --head existed has no "kernels": it loads, builds
-    nothing and scores as the dynamic graph."""
+    """deploy.json of an export made before --head existed has no "kernels" (nor "head_precision"):
+    it loads, builds nothing and scores as the dynamic graph."""
     folder, (images, maps, _) = kernel_exports["ortho"]
     old = export_with_script(folder.parent / "ortho.npz", tmp_path / "old", "ortho", "json")
     record = json.loads((old / "deploy.json").read_text())
-    del record["kernels"]
+    del record["kernels"], record["head_precision"]
     (old / "deploy.json").write_text(json.dumps(record))
-    assert read_manifest(old).kernels == []
+    assert read_manifest(old).kernels == [] and read_manifest(old).head_precision == "fp32"
     deployed = DeployedModel.load(old)
     assert_rel_close(deployed.score(images)[0], maps, "maps of an export without kernels")
 

@@ -1,12 +1,14 @@
 // orthoad_mahalanobis_head: the Mahalanobis distance of every position's feature, fused, on CPU.
 //
-// Inputs (float32, contiguous):
-//   z      (N, k, P)          features of P positions (row-major h * w)
-//   mean   (T, k, 8)          each position's mean, in tiles of 8 positions (T = ceil(P / 8))
+// Inputs (contiguous):
+//   z      (N, k, P)          float32 features of P positions (row-major h * w)
+//   mean   (T, k, 8)          float32 mean of each position, in tiles of 8 positions (T = ceil(P / 8))
 //   packed (T, k(k+1)/2, 8)   each position's lower Cholesky factor L of the inverse covariance
 //                             (inv = L L^T), column by column (L[j][j], L[j+1][j], ..., L[k-1][j]),
-//                             in the same tiles; padding positions hold zeros
-// Output: (N, P) = sqrt(||L^T (z - mean)||^2) = sqrt((z - mean)^T inv (z - mean)).
+//                             in the same tiles; padding positions hold zeros. float32, or float16 /
+//                             bfloat16 (half the bytes to read; widened to float32 as it is read)
+// Output: float32 (N, P) = sqrt(||L^T (z - mean)||^2) = sqrt((z - mean)^T inv (z - mean)),
+// accumulated in float32 whatever the factor's storage.
 //
 // Every factor value is read once per group of up to 4 images, so at batch 1 the operator streams
 // the k(k+1)/2 values per position from memory once: half of the full matrices' bytes, with no
@@ -14,27 +16,61 @@
 // cpu_math_library_num_threads when linked against Paddle's libiomp5).
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "paddle/extension.h"
+
+#ifdef __F16C__
+#include <immintrin.h>
+#endif
+
+#ifndef __FLT16_MAX__
+#error "the compiled head needs a C++ compiler with _Float16 (g++ 12 or later on x86-64 or arm64)"
+#endif
 
 namespace {
 
 constexpr int64_t kLanes = 8;  // positions per tile (one AVX2 register of float32)
 constexpr int kGroup = 4;      // images sharing one read of a tile's factor
 
+struct BFloat16 {  // the upper half of a float32's bits
+  uint16_t bits;
+};
+
+// One tile row of the factor (kLanes values) as float32: float32 rows are read in place, 16-bit
+// rows are widened into ``buffer``.
+inline const float* Widen(const float* f, float* /*buffer*/) { return f; }
+inline const float* Widen(const _Float16* f, float* buffer) {
+#ifdef __F16C__  // one instruction; compilers convert _Float16 one value at a time
+  _mm256_storeu_ps(buffer, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(f))));
+#else
+  for (int64_t l = 0; l < kLanes; ++l) buffer[l] = static_cast<float>(f[l]);
+#endif
+  return buffer;
+}
+inline const float* Widen(const BFloat16* f, float* buffer) {
+  uint32_t bits[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) bits[l] = static_cast<uint32_t>(f[l].bits) << 16;
+  std::memcpy(buffer, bits, sizeof bits);
+  return buffer;
+}
+
 // Squared distances (G, kLanes) of G images' centred features d (G, k, kLanes) in one tile.
-template <int G>
-void TileDistance(const float* factor, const float* d, int64_t k, float* squared) {
+template <int G, typename T>
+void TileDistance(const T* factor, const float* d, int64_t k, float* squared) {
   float total[G][kLanes] = {};
-  const float* f = factor;
+  const T* f = factor;
   for (int64_t j = 0; j < k; ++j) {
     float acc[G][kLanes] = {};
     for (int64_t i = j; i < k; ++i, f += kLanes) {
+      float buffer[kLanes];
+      const float* fi = Widen(f, buffer);
       for (int g = 0; g < G; ++g) {
         const float* di = d + (g * k + i) * kLanes;
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[g][l] += f[l] * di[l];
+        for (int64_t l = 0; l < kLanes; ++l) acc[g][l] += fi[l] * di[l];
       }
     }
     for (int g = 0; g < G; ++g) {
@@ -45,7 +81,8 @@ void TileDistance(const float* factor, const float* d, int64_t k, float* squared
   for (int g = 0; g < G; ++g) std::copy(total[g], total[g] + kLanes, squared + g * kLanes);
 }
 
-void GroupDistance(int g, const float* factor, const float* d, int64_t k, float* squared) {
+template <typename T>
+void GroupDistance(int g, const T* factor, const float* d, int64_t k, float* squared) {
   switch (g) {
     case 4: TileDistance<4>(factor, d, k, squared); break;
     case 3: TileDistance<3>(factor, d, k, squared); break;
@@ -54,29 +91,11 @@ void GroupDistance(int g, const float* factor, const float* d, int64_t k, float*
   }
 }
 
-}  // namespace
-
-std::vector<paddle::Tensor> MahalanobisHead(const paddle::Tensor& z, const paddle::Tensor& mean,
-                                            const paddle::Tensor& packed) {
-  PD_CHECK(z.is_cpu() && mean.is_cpu() && packed.is_cpu(),
-           "orthoad_mahalanobis_head runs on CPU only; export with --head matmul for a GPU");
-  PD_CHECK(z.dtype() == paddle::DataType::FLOAT32 && mean.dtype() == paddle::DataType::FLOAT32 &&
-               packed.dtype() == paddle::DataType::FLOAT32,
-           "orthoad_mahalanobis_head: features, mean and factor must be float32");
-  PD_CHECK(z.shape().size() == 3 && mean.shape().size() == 3 && packed.shape().size() == 3,
-           "orthoad_mahalanobis_head: features (N, k, P), mean (T, k, 8), factor (T, k(k+1)/2, 8)");
-  const auto& shape = z.shape();
-  const int64_t n = shape[0], k = shape[1], p = shape[2];
-  const int64_t tiles = packed.shape()[0], npack = k * (k + 1) / 2;
-  PD_CHECK(packed.shape()[1] == npack && packed.shape()[2] == kLanes && tiles * kLanes >= p &&
-               (tiles - 1) * kLanes < p && mean.shape()[0] == tiles && mean.shape()[1] == k &&
-               mean.shape()[2] == kLanes,
-           "orthoad_mahalanobis_head: mean / factor shapes do not fit the features");
-  auto out = paddle::empty({n, p}, paddle::DataType::FLOAT32, z.place());
-  const float* zd = z.data<float>();
-  const float* md = mean.data<float>();
-  const float* fd = packed.data<float>();
-  float* od = out.data<float>();
+// The distances (N, P) into out; factor points at the packed tiles stored as T.
+template <typename T>
+void HeadDistances(const float* zd, const float* md, const T* fd, int64_t n, int64_t k, int64_t p,
+                   int64_t tiles, float* od) {
+  const int64_t npack = k * (k + 1) / 2;
 #pragma omp parallel
   {
     std::vector<float> d(kGroup * k * kLanes);
@@ -102,6 +121,44 @@ std::vector<paddle::Tensor> MahalanobisHead(const paddle::Tensor& z, const paddl
         }
       }
     }
+  }
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> MahalanobisHead(const paddle::Tensor& z, const paddle::Tensor& mean,
+                                            const paddle::Tensor& packed) {
+  PD_CHECK(z.is_cpu() && mean.is_cpu() && packed.is_cpu(),
+           "orthoad_mahalanobis_head runs on CPU only; export with --head matmul for a GPU");
+  const auto storage = packed.dtype();
+  PD_CHECK(z.dtype() == paddle::DataType::FLOAT32 && mean.dtype() == paddle::DataType::FLOAT32 &&
+               (storage == paddle::DataType::FLOAT32 || storage == paddle::DataType::FLOAT16 ||
+                storage == paddle::DataType::BFLOAT16),
+           "orthoad_mahalanobis_head: features and mean must be float32, the factor float32, "
+           "float16 or bfloat16");
+  PD_CHECK(z.shape().size() == 3 && mean.shape().size() == 3 && packed.shape().size() == 3,
+           "orthoad_mahalanobis_head: features (N, k, P), mean (T, k, 8), factor (T, k(k+1)/2, 8)");
+  const auto& shape = z.shape();
+  const int64_t n = shape[0], k = shape[1], p = shape[2];
+  const int64_t tiles = packed.shape()[0], npack = k * (k + 1) / 2;
+  PD_CHECK(packed.shape()[1] == npack && packed.shape()[2] == kLanes && tiles * kLanes >= p &&
+               (tiles - 1) * kLanes < p && mean.shape()[0] == tiles && mean.shape()[1] == k &&
+               mean.shape()[2] == kLanes,
+           "orthoad_mahalanobis_head: mean / factor shapes do not fit the features");
+  auto out = paddle::empty({n, p}, paddle::DataType::FLOAT32, z.place());
+  const float* zd = z.data<float>();
+  const float* md = mean.data<float>();
+  float* od = out.data<float>();
+  const void* fd = packed.data();
+  switch (storage) {
+    case paddle::DataType::FLOAT16:
+      HeadDistances(zd, md, static_cast<const _Float16*>(fd), n, k, p, tiles, od);
+      break;
+    case paddle::DataType::BFLOAT16:
+      HeadDistances(zd, md, static_cast<const BFloat16*>(fd), n, k, p, tiles, od);
+      break;
+    default:
+      HeadDistances(zd, md, static_cast<const float*>(fd), n, k, p, tiles, od);
   }
   return {out};
 }

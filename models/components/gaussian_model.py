@@ -318,8 +318,9 @@ class GaussianModel(AnomalyModel):
             fold.reduce_across(collective)
         self.n_train = sum(fold.count for fold in self.folds)
 
-    def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray, kernel: bool = False) -> nn.Layer:
-        distance = MahalanobisMap(mean, inv_cov, self.grid, kernel=kernel)
+    def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray, kernel: bool = False,
+                       precision: str = "fp32") -> nn.Layer:
+        distance = MahalanobisMap(mean, inv_cov, self.grid, kernel=kernel, precision=precision)
         size = (self.config.image_size, self.config.image_size)
         head = AnomalyMapHead(self.grid, size, self.config.sigma)
         return Pipeline(self.trunk, self.embedding(), distance, head)
@@ -327,8 +328,8 @@ class GaussianModel(AnomalyModel):
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
 
-    def kernel_layer(self) -> nn.Layer:
-        return self._scoring_layer(self.mean, self.inv_cov, kernel=True)
+    def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
+        return self._scoring_layer(self.mean, self.inv_cov, kernel=True, precision=precision)
 
     def unfused_parts(self) -> UnfusedParts:
         """The graph up to x and the statistics that finish it (deploy.postprocess)."""

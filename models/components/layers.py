@@ -19,7 +19,7 @@ import paddle
 from paddle import nn
 
 from core.errors import ConfigError
-from core.kernels import MAHALANOBIS_HEAD, load_kernel
+from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD, load_kernel
 from core.resample import bilinear_matrix, nearest_indices, smoothing_matrix
 from models.components.static_ops import non_negative, reduce_sum, sqrt
 
@@ -161,20 +161,21 @@ class MahalanobisMap(nn.Layer):
     from the lower-triangular column blocks of :func:`factor_blocks` (or from ``inv_cov`` itself if
     ``blocks`` is 0 or a matrix has no Cholesky factor). ``kernel=True`` computes it instead with
     the compiled CPU operator of core/csrc/mahalanobis_head.cc over :func:`packed_tiles` of the
-    whole factor: one op reading k(k+1)/2 values per position (CPU only).
+    whole factor: one op reading k(k+1)/2 values per position (CPU only), stored as ``precision``
+    (a key of core.kernels.FACTOR_DTYPES, see :func:`stored_factor`).
     """
 
     def __init__(self, mean: np.ndarray, inv_cov: np.ndarray, grid: tuple[int, int],
-                 blocks: int = FACTOR_BLOCKS, kernel: bool = False) -> None:
+                 blocks: int = FACTOR_BLOCKS, kernel: bool = False, precision: str = "fp32") -> None:
         super().__init__()
         self.grid = tuple(grid)
         self.k = mean.shape[1]
         self.starts: list[int] = []
         if kernel:  # pack first: a matrix without a factor is refused before the ~25 s build
-            factor_tiles = packed_tiles(packed_factor(inv_cov))
+            factor_tiles = stored_factor(packed_tiles(packed_factor(inv_cov)), precision)
             self.op = getattr(load_kernel(MAHALANOBIS_HEAD), MAHALANOBIS_HEAD)
             self.register_buffer("mean_tiles", paddle.to_tensor(packed_tiles(mean)), persistable=True)
-            self.register_buffer("factor_tiles", paddle.to_tensor(factor_tiles), persistable=True)
+            self.register_buffer("factor_tiles", factor_tiles, persistable=True)
             return
         self.op = None
         self.register_buffer("mean", paddle.to_tensor(mean.astype(np.float32)), persistable=True)
@@ -232,6 +233,25 @@ def packed_tiles(values: np.ndarray) -> np.ndarray:
     padded = np.zeros((tiles * KERNEL_LANES, width), dtype=np.float32)
     padded[:positions] = values
     return np.ascontiguousarray(padded.reshape(tiles, KERNEL_LANES, width).transpose(0, 2, 1))
+
+
+FLOAT16_MAX = 65504.0
+"""Largest finite float16."""
+
+
+def stored_factor(tiles: np.ndarray, precision: str) -> paddle.Tensor:
+    """The packed factor tiles as the tensor the compiled head reads, in ``precision``'s dtype.
+
+    float16 and bfloat16 round each value to nearest (relative error up to 2^-11 and 2^-8); float16
+    keeps 3 more bits but only magnitudes up to 65,504, so a factor beyond that is refused.
+    """
+    if precision not in FACTOR_DTYPES:
+        raise ConfigError(f"--head_precision {precision}: use {', '.join(FACTOR_DTYPES)}")
+    largest = float(np.abs(tiles).max(initial=0.0))
+    if precision == "fp16" and not largest <= FLOAT16_MAX:
+        raise ConfigError(f"--head_precision fp16: the Cholesky factor holds values up to {largest:.3g}, "
+                          f"beyond float16's {FLOAT16_MAX:.0f}; export with --head_precision bf16 or fp32")
+    return paddle.to_tensor(tiles).astype(FACTOR_DTYPES[precision])
 
 
 class AnomalyMapHead(nn.Layer):
