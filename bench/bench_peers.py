@@ -21,7 +21,8 @@ on 100), 256 px, random-initialised backbones, batch 1, 2 threads:
 - the limit of each export: our trunk alone (layer1-3, exported the same way) plus the time to
   read its statistics once (its params minus the trunk's) at the bandwidth of a numpy copy;
 - anomalib's PaDiM (``n_features=k``, ``pre_trained=False``) fitted on the same images, then eager
-  PyTorch, ONNX Runtime and OpenVINO (f32 hint and default precision), in the peer venv through
+  PyTorch, ONNX Runtime and OpenVINO (f32 hint and default precision), and its backbone's layer1-3
+  alone on OpenVINO f32 (what our "trunk alone" is to our exports), in the peer venv through
   bench/peer_worker.py.
 
 Every side scores the same preprocessed test images; ms/image is the median after warm-up. Prints
@@ -239,8 +240,8 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         "| backbone, k | ours, fused (Paddle Inference fp32, oneDNN) | its limit | ours, `--head kernel` "
         "| its limit | ours, `--head kernel --head_precision fp16` | its limit | anomalib eager "
         "| anomalib ONNX Runtime | anomalib OpenVINO f32 | anomalib OpenVINO default "
-        "| fit s: ours / anomalib (images) |",
-        "|---" * 12 + "|",
+        "| trunk alone: ours / OpenVINO f32 | fit s: ours / anomalib (images) |",
+        "|---" * 13 + "|",
     ]
     notes = []
     for r in results:
@@ -249,6 +250,7 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
                  for cell in (f"{np.median(mine[f'{name}_ms']):.1f}", f"{r['limit_ms'][name]:.1f}")]
         cells += [f"{np.median(peer[key]):.1f}" for key in
                   ("eager_ms", "onnxruntime_ms", "openvino_f32_ms", "openvino_default_ms")]
+        cells.append(f"{np.median(mine['trunk_ms']):.1f} / {np.median(peer['openvino_f32_trunk_ms']):.1f}")
         cells.append(f"{mine['fit_seconds']:.1f} / {peer['fit_seconds']:.1f} ({peer['train_images']})")
         lines.append(f"| {r['arch']}, k={r['k']} | {' | '.join(cells)} |")
         notes.append(

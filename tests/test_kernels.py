@@ -178,9 +178,11 @@ def test_16_bit_factor_is_the_rounded_factor_read_exactly(precision):
     assert 0 < moved <= 2 * UNIT_ROUNDING[precision]
 
 
+@pytest.mark.bad_input
 def test_16_bit_factor_out_of_range_or_unknown_is_refused():
     tiles = np.full((1, 3, 8), 7.0e4, dtype=np.float32)  # beyond float16's 65,504
-    with pytest.raises(ConfigError, match="values up to 7e\\+04, beyond float16's 65504.*bf16 or fp32"):
+    refused = "--head_precision fp16: the Cholesky factor holds values up to 7e\\+04, beyond float16's 65504"
+    with pytest.raises(ConfigError, match=refused + ".*bf16 or fp32"):
         stored_factor(tiles, "fp16")
     assert float(stored_factor(tiles, "bf16").astype("float32").max()) == pytest.approx(7.0e4, rel=2**-8)
     with pytest.raises(ConfigError, match="--head_precision fp8: use fp32, fp16, bf16"):
