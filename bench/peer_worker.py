@@ -30,7 +30,8 @@ import numpy as np
 
 def timed(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
           warmup: int) -> tuple[list[float], np.ndarray]:
-    """Milliseconds of ``run`` on each image after ``warmup`` untimed ones; the maps (N, S, S)."""
+    """Milliseconds of ``run`` on each image after ``warmup`` untimed ones, and its outputs for
+    the timed images stacked (N, ...): the maps (N, 1, S, S) of a whole model."""
     for image in images[:warmup]:
         run(image[None])
     times, maps = [], []
@@ -38,7 +39,7 @@ def timed(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray,
         start = time.perf_counter()
         out = run(image[None])
         times.append(1000.0 * (time.perf_counter() - start))
-        maps.append(np.asarray(out).reshape(image.shape[-2:]))
+        maps.append(np.asarray(out)[0])
     return times, np.stack(maps)
 
 
