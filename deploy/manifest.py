@@ -15,10 +15,14 @@ from typing import Any
 
 from core.errors import InputError
 from core.io import atomic_write_text
-from core.kernels import FACTOR_DTYPES
+from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD
 
 MANIFEST = "deploy.json"
 FORMAT_VERSION = 1
+HALF_FORMAT_VERSION = 2
+"""The version of an export whose compiled head stores 16-bit statistics (``head_precision``): a
+toolkit that reads only version 1 would build an operator that takes float32 only, so it refuses
+the file with one line instead."""
 IDENTITY = ("method", "arch", "k", "category", "image_size", "resize")
 """Fields that a stats file must share with the manifest."""
 
@@ -93,9 +97,9 @@ def read_manifest(folder: Path) -> Manifest:
         )
     try:
         record = json.loads(path.read_text())
-        if record.get("format_version") != FORMAT_VERSION:
+        if record.get("format_version") not in (FORMAT_VERSION, HALF_FORMAT_VERSION):
             raise ValueError(f"format_version {record.get('format_version')}, "
-                             f"this version reads {FORMAT_VERSION}")
+                             f"this version reads {FORMAT_VERSION} and {HALF_FORMAT_VERSION}")
         known = {f.name for f in dataclasses.fields(Manifest)}
         manifest = Manifest(**{key: value for key, value in record.items() if key in known})
         if not isinstance(manifest.kernels, list) or not all(isinstance(n, str) for n in manifest.kernels):
@@ -103,6 +107,9 @@ def read_manifest(folder: Path) -> Manifest:
         if manifest.head_precision not in FACTOR_DTYPES:
             raise ValueError(f"head_precision {manifest.head_precision!r}, "
                              f"not one of {', '.join(FACTOR_DTYPES)}")
+        if manifest.head_precision != "fp32" and MAHALANOBIS_HEAD not in manifest.kernels:
+            raise ValueError(f"head_precision {manifest.head_precision} without the compiled head "
+                             f"({MAHALANOBIS_HEAD}) in kernels")
         return manifest
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a deploy.json of this toolkit ({exc}); export again "

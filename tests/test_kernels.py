@@ -37,6 +37,7 @@ from core.inference import Predictor, PredictorOptions
 from core.kernels import MAHALANOBIS_HEAD
 from core.runtime import Runtime, save_static
 from deploy import DeployedModel, export_model, read_manifest
+from deploy.manifest import HALF_FORMAT_VERSION
 from deploy.runner import load_kernels
 from models import load_model, model_config
 from models.components.layers import MahalanobisMap, packed_factor, packed_tiles, stored_factor
@@ -130,13 +131,16 @@ UNIT_ROUNDING = {"fp16": 2.0**-11, "bf16": 2.0**-8}
 """Largest relative rounding of one value to the 16-bit storages (half a unit in the last place)."""
 
 
-def rounded_by_hand(values: np.ndarray, precision: str) -> np.ndarray:
-    """float32 ``values`` rounded to nearest (ties to even) in float16 or bfloat16, as float32."""
+def assert_rounded_to_nearest(stored: np.ndarray, values: np.ndarray, precision: str) -> None:
+    """Each stored value (widened to float32) is a value of the 16-bit format, and no farther from
+    the float32 value than half the format's spacing there: the nearest of the format's values."""
     if precision == "fp16":
-        return values.astype(np.float16).astype(np.float32)
-    bits = values.astype(np.float32).view(np.uint32).astype(np.uint64)
-    upper = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round the lower 16 bits away, ties to even
-    return (upper << 16).astype(np.uint32).view(np.float32)
+        np.testing.assert_array_equal(stored, stored.astype(np.float16).astype(np.float32))
+        spacing = np.spacing(np.abs(stored).astype(np.float16)).astype(np.float64)
+    else:  # bfloat16: the upper 16 bits of a float32, 2^16 of its spacings apart
+        np.testing.assert_array_equal(stored.view(np.uint32) & np.uint32(0xFFFF), 0)
+        spacing = np.spacing(np.abs(stored)).astype(np.float64) * 2.0**16
+    assert (np.abs(stored.astype(np.float64) - values) <= 0.5 * spacing).all()
 
 
 def distance_from_tiles(tiles: np.ndarray, mean: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -155,17 +159,18 @@ def distance_from_tiles(tiles: np.ndarray, mean: np.ndarray, z: np.ndarray) -> n
 @needs_compiler
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_16_bit_factor_is_the_rounded_factor_read_exactly(precision):
-    """--head_precision: the stored factor is the float32 factor rounded to nearest (checked against
-    numpy's rounding by hand), the operator's distances equal the float64 formula on those rounded
-    values to float32 accumulation (1e-5), and they move from the float32 head's by no more than
-    the storage's rounding unit allows (k = 20: batches of 1 and of 6 images)."""
+    """--head_precision: the stored factor is the float32 factor rounded to the nearest 16-bit value
+    (checked by the format's spacing, not by a rounding routine), the operator's distances equal
+    the float64 formula on those rounded values to float32 accumulation (1e-5), and they move from
+    the float32 head's by no more than the storage's rounding unit allows (k = 20: batches of 1
+    and of 6 images)."""
     k, grid = 20, (5, 3)
     mean, inv_cov, z = gaussian_case(k, grid, 6)
     tiles = packed_tiles(packed_factor(inv_cov))
     stored = stored_factor(tiles, precision)
     assert stored.dtype == (paddle.float16 if precision == "fp16" else paddle.bfloat16)
     widened = stored.astype("float32").numpy()
-    np.testing.assert_array_equal(widened, rounded_by_hand(tiles, precision))
+    assert_rounded_to_nearest(widened, tiles, precision)
     assert np.abs(widened - tiles).max() > 0  # the test data do not fit 16 bits exactly
     exact = distance_from_tiles(widened, mean, z)
     float32 = reference_distance(mean, inv_cov, z)
@@ -179,14 +184,38 @@ def test_16_bit_factor_is_the_rounded_factor_read_exactly(precision):
 
 
 @pytest.mark.bad_input
-def test_16_bit_factor_out_of_range_or_unknown_is_refused():
+def test_16_bit_factor_out_of_range_is_refused():
     tiles = np.full((1, 3, 8), 7.0e4, dtype=np.float32)  # beyond float16's 65,504
     refused = "--head_precision fp16: the Cholesky factor holds values up to 7e\\+04, beyond float16's 65504"
     with pytest.raises(ConfigError, match=refused + ".*bf16 or fp32"):
         stored_factor(tiles, "fp16")
     assert float(stored_factor(tiles, "bf16").astype("float32").max()) == pytest.approx(7.0e4, rel=2**-8)
-    with pytest.raises(ConfigError, match="--head_precision fp8: use fp32, fp16, bf16"):
-        stored_factor(tiles, "fp8")
+
+
+@needs_compiler
+@pytest.mark.bad_input
+def test_16_bit_export_of_a_factor_that_does_not_fit_is_one_line(kernel_exports, tmp_path):
+    """export_model.py --head_precision fp16 of checkpoints whose inverse covariances are scaled by
+    1e10 (factor values beyond float16's range) and by 1e-16 (values below its smallest normal
+    number, 6e-5, which keep few bits): each stops with one line and writes nothing; bf16 (float32's
+    range) exports both."""
+    source = kernel_exports["ortho"][0].parent / "ortho.npz"
+    model = load_model(str(source), runtime=Runtime(engine="dynamic"))
+    inv_cov = model.inv_cov
+    cases = ((1e10, ["--head_precision fp16: the Cholesky factor holds values up to",
+                     "beyond float16's 65504", "export with --head_precision bf16 or fp32"]),
+             (1e-16, ["--head_precision fp16: the 16-bit head's outputs differ from the float32 head's by",
+                      "export with the other 16-bit precision (fp16 keeps more bits, bf16 a wider range)"]))
+    for scale, fragments in cases:
+        model.inv_cov = inv_cov * scale
+        checkpoint = tmp_path / f"scaled{scale:g}.npz"
+        model.save(str(checkpoint))
+        proc = run("export_model.py", "--model_path", checkpoint, "--save_dir", tmp_path / "x",
+                   "--head", "kernel", "--head_precision", "fp16")
+        assert_one_line_error(proc, *fragments)
+        assert not (tmp_path / "x").exists()
+        export_with_script(checkpoint, tmp_path / f"bf16-{scale:g}", "ortho", "json", "--head", "kernel",
+                           "--head_precision", "bf16")
 
 
 def test_not_positive_definite_is_refused():
@@ -248,6 +277,7 @@ def test_16_bit_export_runs_in_infer(precision, fmt, kernel_exports, images_dir,
                                 "--head_precision", precision)
     manifest = read_manifest(export)
     assert manifest.head_precision == precision and manifest.kernels == [MAHALANOBIS_HEAD]
+    assert manifest.format_version == HALF_FORMAT_VERSION  # an earlier toolkit refuses it in one line
     tolerance = 2 * UNIT_ROUNDING[precision]
     assert 0 < manifest.verified["fp32_max_rel_diff"] <= tolerance
     assert manifest.verified["paddle_max_rel_diff"] < 1e-5  # the graph reproduces its own layer
@@ -316,10 +346,13 @@ def test_kernel_export_on_a_gpu_or_with_an_unknown_operator(kernel_exports, tmp_
         (copy / "deploy.json").write_text(json.dumps({**record, "kernels": names}))
         with pytest.raises(InputError, match=message):
             DeployedModel.load(copy)
-    (copy / "deploy.json").write_text(json.dumps({**record, "head_precision": "fp8"}))
-    with pytest.raises(InputError, match="deploy.json: not a deploy.json of this toolkit "
-                                         "\\(head_precision 'fp8', not one of fp32, fp16, bf16\\)"):
-        DeployedModel.load(copy)
+    for update, message in (({"head_precision": "fp8"}, "head_precision 'fp8', not one of fp32, fp16, bf16"),
+                            ({"head_precision": "fp16", "kernels": []},
+                             "head_precision fp16 without the compiled head"),
+                            ({"format_version": 3}, "format_version 3, this version reads 1 and 2")):
+        (copy / "deploy.json").write_text(json.dumps({**record, **update}))
+        with pytest.raises(InputError, match="deploy.json: not a deploy.json of this toolkit \\(" + message):
+            DeployedModel.load(copy)
 
 
 @needs_compiler

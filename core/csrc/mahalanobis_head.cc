@@ -26,33 +26,25 @@
 #include <immintrin.h>
 #endif
 
-#ifndef __FLT16_MAX__
-#error "the compiled head needs a C++ compiler with _Float16 (g++ 12 or later on x86-64 or arm64)"
-#endif
-
 namespace {
 
 constexpr int64_t kLanes = 8;  // positions per tile (one AVX2 register of float32)
 constexpr int kGroup = 4;      // images sharing one read of a tile's factor
 
-struct BFloat16 {  // the upper half of a float32's bits
-  uint16_t bits;
-};
-
 // One tile row of the factor (kLanes values) as float32: float32 rows are read in place, 16-bit
 // rows are widened into ``buffer``.
 inline const float* Widen(const float* f, float* /*buffer*/) { return f; }
-inline const float* Widen(const _Float16* f, float* buffer) {
-#ifdef __F16C__  // one instruction; compilers convert _Float16 one value at a time
+inline const float* Widen(const paddle::float16* f, float* buffer) {
+#ifdef __F16C__  // the 8 values in one instruction (Paddle's own conversion takes one at a time)
   _mm256_storeu_ps(buffer, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(f))));
 #else
   for (int64_t l = 0; l < kLanes; ++l) buffer[l] = static_cast<float>(f[l]);
 #endif
   return buffer;
 }
-inline const float* Widen(const BFloat16* f, float* buffer) {
+inline const float* Widen(const paddle::bfloat16* f, float* buffer) {  // the upper half of a float32
   uint32_t bits[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) bits[l] = static_cast<uint32_t>(f[l].bits) << 16;
+  for (int64_t l = 0; l < kLanes; ++l) bits[l] = static_cast<uint32_t>(f[l].x) << 16;
   std::memcpy(buffer, bits, sizeof bits);
   return buffer;
 }
@@ -149,16 +141,18 @@ std::vector<paddle::Tensor> MahalanobisHead(const paddle::Tensor& z, const paddl
   const float* zd = z.data<float>();
   const float* md = mean.data<float>();
   float* od = out.data<float>();
-  const void* fd = packed.data();
   switch (storage) {
     case paddle::DataType::FLOAT16:
-      HeadDistances(zd, md, static_cast<const _Float16*>(fd), n, k, p, tiles, od);
+      HeadDistances(zd, md, packed.data<paddle::float16>(), n, k, p, tiles, od);
       break;
     case paddle::DataType::BFLOAT16:
-      HeadDistances(zd, md, static_cast<const BFloat16*>(fd), n, k, p, tiles, od);
+      HeadDistances(zd, md, packed.data<paddle::bfloat16>(), n, k, p, tiles, od);
+      break;
+    case paddle::DataType::FLOAT32:
+      HeadDistances(zd, md, packed.data<float>(), n, k, p, tiles, od);
       break;
     default:
-      HeadDistances(zd, md, static_cast<const float*>(fd), n, k, p, tiles, od);
+      PD_THROW("orthoad_mahalanobis_head: unsupported factor dtype");
   }
   return {out};
 }

@@ -19,7 +19,7 @@ import paddle
 from paddle import nn
 
 from core.errors import ConfigError
-from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD, load_kernel
+from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD, check_precision, load_kernel
 from core.resample import bilinear_matrix, nearest_indices, smoothing_matrix
 from models.components.static_ops import non_negative, reduce_sum, sqrt
 
@@ -235,23 +235,32 @@ def packed_tiles(values: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(padded.reshape(tiles, KERNEL_LANES, width).transpose(0, 2, 1))
 
 
-FLOAT16_MAX = 65504.0
-"""Largest finite float16."""
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+"""Largest finite float16 (65,504)."""
 
 
 def stored_factor(tiles: np.ndarray, precision: str) -> paddle.Tensor:
-    """The packed factor tiles as the tensor the compiled head reads, in ``precision``'s dtype.
+    """Packed factor tiles float32 (T, k(k+1)/2, 8) as the tensor the compiled head reads: the same
+    shape in ``precision``'s dtype.
 
-    float16 and bfloat16 round each value to nearest (relative error up to 2^-11 and 2^-8); float16
-    keeps 3 more bits but only magnitudes up to 65,504, so a factor beyond that is refused.
+    16-bit values are rounded to nearest, ties to even, here in numpy, so they do not depend on how
+    a Paddle version's cast rounds (the cast then only relabels values that fit exactly): relative
+    error up to 2^-11 (float16) or 2^-8 (bfloat16). float16 keeps 3 more bits but only magnitudes
+    up to 65,504, so a factor beyond that is refused.
     """
-    if precision not in FACTOR_DTYPES:
-        raise ConfigError(f"--head_precision {precision}: use {', '.join(FACTOR_DTYPES)}")
-    largest = float(np.abs(tiles).max(initial=0.0))
-    if precision == "fp16" and not largest <= FLOAT16_MAX:
-        raise ConfigError(f"--head_precision fp16: the Cholesky factor holds values up to {largest:.3g}, "
-                          f"beyond float16's {FLOAT16_MAX:.0f}; export with --head_precision bf16 or fp32")
-    return paddle.to_tensor(tiles).astype(FACTOR_DTYPES[precision])
+    check_precision(precision)
+    if precision == "fp32":
+        return paddle.to_tensor(tiles)
+    if precision == "fp16":
+        largest = max(float(tiles.max(initial=0.0)), -float(tiles.min(initial=0.0)))
+        if not largest <= FLOAT16_MAX:
+            raise ConfigError(f"--head_precision fp16: the Cholesky factor holds values up to "
+                              f"{largest:.3g}, beyond float16's {FLOAT16_MAX:.0f}; export with "
+                              "--head_precision bf16 or fp32")
+        return paddle.to_tensor(tiles.astype(np.float16))
+    bits = tiles.astype(np.float32).view(np.uint32)
+    bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    return paddle.to_tensor(bits.view(np.float32)).astype(FACTOR_DTYPES[precision])
 
 
 class AnomalyMapHead(nn.Layer):
