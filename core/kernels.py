@@ -35,16 +35,16 @@ SOURCES = {MAHALANOBIS_HEAD: "mahalanobis_head.cc"}
 FACTOR_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 """How the compiled head may store its packed factor (export_model.py --head_precision): 16 bits
 halve the bytes it reads per image; the operator widens them and computes in float32."""
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+_loaded: dict[str, ModuleType] = {}
+_lock = threading.Lock()
+_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 
 
 def check_precision(precision: str) -> None:
     """One line for a ``--head_precision`` that is not a key of :data:`FACTOR_DTYPES`."""
     if precision not in FACTOR_DTYPES:
         raise ConfigError(f"--head_precision {precision}: use {', '.join(FACTOR_DTYPES)}")
-CFLAGS = ["-O3", "-march=native", "-fopenmp"]
-_loaded: dict[str, ModuleType] = {}
-_lock = threading.Lock()
-_SAFE_PATH = re.compile(r"[A-Za-z0-9_./+-]+")
 
 
 def kernel_dir() -> Path:

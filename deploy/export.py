@@ -103,9 +103,10 @@ def batch_deviation(run: RunFn, probes: np.ndarray, expected: list[np.ndarray]) 
     """:func:`deviation` of ``run(probes)`` (several images in one call); None if the call fails
     (Paddle 3.3's oneDNN has crashed on batches of some graphs: those run one image per call)."""
     try:
-        return deviation(run(probes), expected)
+        worst = deviation(run(probes), expected)
     except Exception:  # noqa: BLE001 - Paddle raises assorted C++ error types
         return None
+    return worst if np.isfinite(worst) else None  # deploy.json is JSON: no NaN
 
 
 def check_outputs(run: RunFn, expected: list[np.ndarray], probe: np.ndarray, what: Path) -> float:

@@ -134,12 +134,17 @@ UNIT_ROUNDING = {"fp16": 2.0**-11, "bf16": 2.0**-8}
 def assert_rounded_to_nearest(stored: np.ndarray, values: np.ndarray, precision: str) -> None:
     """Each stored value (widened to float32) is a value of the 16-bit format, and no farther from
     the float32 value than half the format's spacing there: the nearest of the format's values."""
+    # a value below a power of two that rounded up to it is held to the spacing below that power
+    below = np.abs(values) < np.abs(stored)
     if precision == "fp16":
         np.testing.assert_array_equal(stored, stored.astype(np.float16).astype(np.float32))
-        spacing = np.spacing(np.abs(stored).astype(np.float16)).astype(np.float64)
+        magnitude = np.abs(stored).astype(np.float16)
+        magnitude = np.where(below, np.nextafter(magnitude, np.float16(0)), magnitude)
+        spacing = np.spacing(magnitude).astype(np.float64)
     else:  # bfloat16: the upper 16 bits of a float32, 2^16 of its spacings apart
         np.testing.assert_array_equal(stored.view(np.uint32) & np.uint32(0xFFFF), 0)
-        spacing = np.spacing(np.abs(stored)).astype(np.float64) * 2.0**16
+        magnitude = np.where(below, np.nextafter(np.abs(stored), np.float32(0)), np.abs(stored))
+        spacing = np.spacing(magnitude).astype(np.float64) * 2.0**16
     assert (np.abs(stored.astype(np.float64) - values) <= 0.5 * spacing).all()
 
 

@@ -258,8 +258,13 @@ def stored_factor(tiles: np.ndarray, precision: str) -> paddle.Tensor:
                               f"{largest:.3g}, beyond float16's {FLOAT16_MAX:.0f}; export with "
                               "--head_precision bf16 or fp32")
         return paddle.to_tensor(tiles.astype(np.float16))
-    bits = tiles.astype(np.float32).view(np.uint32)
-    bits = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    bits = np.array(tiles, dtype=np.float32).view(np.uint32)  # one copy, rounded in place
+    carry = bits >> 16
+    carry &= np.uint32(1)  # ties to even: add 0x8000 when bit 16 is set, 0x7FFF when not
+    carry += np.uint32(0x7FFF)
+    bits += carry
+    del carry
+    bits &= np.uint32(0xFFFF0000)
     return paddle.to_tensor(bits.view(np.float32)).astype(FACTOR_DTYPES[precision])
 
 
