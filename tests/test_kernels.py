@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 import pytest
 from test_deploy import (
+    RTOL,
     SIZE,
     K,
     assert_one_line_error,
@@ -372,6 +373,55 @@ def test_a_deploy_json_without_kernels_loads_as_before(kernel_exports, tmp_path)
     assert read_manifest(old).kernels == [] and read_manifest(old).head_precision == "fp32"
     deployed = DeployedModel.load(old)
     assert_rel_close(deployed.score(images)[0], maps, "maps of an export without kernels")
+
+
+PREVIOUS = "0c08948"
+"""The toolkit's last commit before --head_precision: its deploy.json has no head_precision and it
+reads format_version 1 only."""
+
+
+@pytest.fixture(scope="module")
+def previous_version(tmp_path_factory):
+    """The toolkit as it was at :data:`PREVIOUS`, unpacked with ``git archive`` (the checkout's
+    .git is only read)."""
+    if shutil.which("git") is None or subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e",
+                                                      f"{PREVIOUS}^{{commit}}"]).returncode:
+        pytest.skip(f"needs a git checkout holding commit {PREVIOUS}")
+    folder = tmp_path_factory.mktemp("previous")
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", PREVIOUS], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return folder
+
+
+@needs_compiler
+def test_exports_of_the_previous_version_and_to_it(previous_version, kernel_exports, images_dir, tmp_path):
+    """The previous version's export_model.py --head kernel (a deploy.json without head_precision,
+    its own build of the operator) runs in this infer.py with the dynamic graph's scores; this
+    version's fp16 export, given to the previous infer.py, is refused there in one line."""
+    folder, (_, _, scores) = kernel_exports["ortho"]
+    checkpoint = folder.parent / "ortho.npz"
+
+    def previous(script: str, *args: object) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
+                              cwd=previous_version, timeout=600)
+
+    old = tmp_path / "old"
+    proc = previous("export_model.py", "--method", "ortho", "--img_size", SIZE, "--model_path", checkpoint,
+                    "--save_dir", old, "--head", "kernel")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((old / "deploy.json").read_text())
+    assert "head_precision" not in record and record["format_version"] == 1
+    proc = run("infer.py", "--model_file", old / "model.json", "--params_file", old / "model.pdiparams",
+               "--input_file", images_dir, "--save_path", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose([row["score"] for row in read_results(tmp_path / "out")], scores, rtol=RTOL)
+    new = export_with_script(checkpoint, tmp_path / "new", "ortho", "json", "--head", "kernel",
+                             "--head_precision", "fp16")
+    proc = previous("infer.py", "--model_file", new / "model.json", "--params_file", new / "model.pdiparams",
+                    "--input_file", images_dir, "--save_path", tmp_path / "out_previous")
+    assert_one_line_error(proc, "deploy.json: not a deploy.json of this toolkit (format_version 2, "
+                                "this version reads 1)", "export again with export_model.py")
+    assert not (tmp_path / "out_previous").exists()
 
 
 @needs_compiler
