@@ -6,19 +6,21 @@
 PatchCore (resnet18, random init, seed 0, 256 px, 2 threads) fitted with coreset ratio 1 on 76
 magnetic-tile training images: a bank of 77,824 real patch features (384 wide), the size of the
 ratio-0.1 bank of the full training set (78,028) without its minutes of coreset selection. Times,
-per image (median of ``--images`` test images, wall and process CPU time), before (brute force) and
-after (the exact search pruned by principal-axis lower bounds, ``models.components.knn.HEAD``
-leading coordinates) in the same run, the images taking turns:
+per image (median of ``--images`` test images, wall and process CPU time), of three searches in the
+same run, the images taking turns: brute force, the exact search pruned by principal-axis lower
+bounds (``models.components.knn.HEAD`` leading coordinates) in standard Paddle ops, and the same
+pruned search as one compiled CPU operator (``export_model.py --head kernel``):
 
 - the fused scoring graph under Paddle Inference + oneDNN (the graph export_model.py writes and
-  infer.py runs; ``model.score``: train.py --eval, predict.py);
+  infer.py runs; ``model.score``: train.py --eval, predict.py; the compiled search only in exports
+  made with ``--head kernel``);
 - its parts: the patch features alone (trunk + local average), and the distance product alone (one
   numpy float32 matrix product of the 1,024 patches by the bank, the arithmetic floor of a brute-force
   search);
 - the held-out score of a training image (threshold calibration, numpy), and the preparation of
   the bank it searches (centred, turned rows, norms, bounds), paid once per fit;
 - the pruning rate: rows measured exactly per patch by the numpy search, of the bank's rows;
-- the largest differences between the two searches' maps and scores (the results must not change).
+- the largest differences between the searches' maps and scores (the results must not change).
 
 Writes the bench_bank section of docs/benchmarks.md.
 """
@@ -46,6 +48,8 @@ from models.components.knn import HEAD, PreparedBank  # noqa: E402
 from models.patchcore.model import PatchCoreModel, PatchCoreScorer  # noqa: E402
 
 SIZE, THREADS, FIT_IMAGES = 256, 2, 76
+KERNEL = "kernel"
+"""Key of the compiled search (PatchCoreModel.kernel_layer) among the searches timed."""
 SOURCE = ROOT.parent / "shared" / "data" / "magnetic_tile"
 
 
@@ -87,6 +91,7 @@ def main() -> int:
     bank = model.bank
     graphs = {head: compile_layer(scorer(model, head), SIZE, Runtime(cpu_threads=THREADS))
               for head in (0, HEAD)}
+    graphs[KERNEL] = compile_layer(model.kernel_layer(), SIZE, Runtime(cpu_threads=THREADS))
     banks = {0: PreparedBank(bank, head=0), HEAD: PreparedBank(bank)}
     outputs = {head: [run(images[i : i + 1]) for i in range(len(images))] for head, run in graphs.items()}
     held_out = {}
@@ -104,20 +109,22 @@ def main() -> int:
         timed[f"graph{head}"] = clocked(lambda i, h=head: graphs[h](images[i : i + 1]), args.images)
         timed[f"held{head}"] = clocked(lambda i: model._image_score(patches[i], model.bank_owner == i),
                                        args.images)
+    timed[f"graph{KERNEL}"] = clocked(lambda i: graphs[KERNEL](images[i : i + 1]), args.images)
     timed["features"] = clocked(lambda i: next(model.extract(images[i : i + 1])), args.images)
     timed["product"] = clocked(lambda i: patches[i] @ bank.T, args.images)
     timed["prepare0"] = clocked(lambda i: PreparedBank(bank, head=0), 2)
     timed[f"prepare{HEAD}"] = clocked(lambda i: PreparedBank(bank), 2)
-    pairs = list(zip(outputs[HEAD], outputs[0], strict=True))
-    map_diff = max(float(np.abs(a[0] - b[0]).max() / np.abs(b[0]).max()) for a, b in pairs)
-    score_diff = max(abs(float(a[1][0] / b[1][0]) - 1.0) for a, b in pairs)
+    map_diff, score_diff = {}, {}
+    for search in (HEAD, KERNEL):
+        pairs = list(zip(outputs[search], outputs[0], strict=True))
+        map_diff[search] = max(float(np.abs(a[0] - b[0]).max() / np.abs(b[0]).max()) for a, b in pairs)
+        score_diff[search] = max(abs(float(a[1][0] / b[1][0]) - 1.0) for a, b in pairs)
     held_diff = max(abs(a / b - 1.0) for a, b in zip(held_out[HEAD], held_out[0], strict=True))
 
-    def row(name: str, before: str, after: str | None = None) -> str:
-        (wall, cpu), later = timed[before], timed[after] if after else None
-        if later is None:
-            return f"| {name} | {wall:.0f} | {cpu:.0f} | | |"
-        return f"| {name} | {wall:.0f} | {cpu:.0f} | {later[0]:.0f} | {later[1]:.0f} |"
+    def row(name: str, *keys: str) -> str:
+        cells = [f"{timed[key][0]:.0f} | {timed[key][1]:.0f}" for key in keys]
+        cells += [" | "] * (3 - len(keys))
+        return f"| {name} | {' | '.join(cells)} |"
 
     lines = [
         "## PatchCore scoring time by part (bench/bench_bank.py)", "",
@@ -126,12 +133,13 @@ def main() -> int:
         "256 px, 2 threads, bank of "
         f"{len(bank):,} x {bank.shape[1]} real patch features (coreset ratio 1 on {FIT_IMAGES} "
         "training images: the size of the ratio-0.1 bank of all 762); medians over "
-        f"{args.images} test images. Before: brute-force search; after: the exact search pruned with "
-        f"lower bounds from the first {HEAD} principal coordinates.", "",
-        "| part (ms per image) | before: wall | before: CPU | after: wall | after: CPU |",
-        "|---|---|---|---|---|",
-        row("fused scoring graph, Paddle Inference + oneDNN (export_model.py / infer.py, model.score)",
-            "graph0", f"graph{HEAD}"),
+        f"{args.images} test images. Brute force; pruned: the exact search pruned with lower bounds "
+        f"from the first {HEAD} principal coordinates, in standard Paddle ops; compiled: the same "
+        "search as one CPU operator (core/csrc/nearest_row.cc, `export_model.py --head kernel`).", "",
+        "| part (ms per image) | brute force: wall | CPU | pruned: wall | CPU | compiled: wall | CPU |",
+        "|---|---|---|---|---|---|---|",
+        row("fused scoring graph, Paddle Inference + oneDNN (export_model.py / infer.py, model.score; "
+            "compiled: `--head kernel` exports)", "graph0", f"graph{HEAD}", f"graph{KERNEL}"),
         row("&nbsp;&nbsp;patch features alone (trunk + 3x3 average)", "features"),
         row("&nbsp;&nbsp;brute-force distance product alone (numpy, 1,024 x 384 by 384 x M)", "product"),
         row("held-out score of a training image (threshold, numpy)", "held0", f"held{HEAD}"),
@@ -140,8 +148,10 @@ def main() -> int:
         "",
         f"Pruning (numpy search, the same rule as the graph's): {rate:.1f} bank rows measured exactly "
         f"per patch on average, {rate / len(bank):.2e} of the bank (brute force measures all "
-        f"{len(bank):,}). Results unchanged: largest relative difference between the two searches' "
-        f"maps {map_diff:.1e}, image scores {score_diff:.1e}, held-out scores {held_diff:.1e}.",
+        f"{len(bank):,}). Results unchanged: largest relative difference from the brute-force graph's "
+        f"maps {map_diff[HEAD]:.1e} (pruned) and {map_diff[KERNEL]:.1e} (compiled), image scores "
+        f"{score_diff[HEAD]:.1e} and {score_diff[KERNEL]:.1e}; held-out scores (numpy, pruned) "
+        f"{held_diff:.1e}.",
     ]
     body = "\n".join(lines)
     print(body)

@@ -31,7 +31,9 @@ from core.errors import ConfigError
 CSRC = Path(__file__).resolve().parent / "csrc"
 MAHALANOBIS_HEAD = "orthoad_mahalanobis_head"
 """Fused Mahalanobis distance over a packed triangular factor (core/csrc/mahalanobis_head.cc)."""
-SOURCES = {MAHALANOBIS_HEAD: "mahalanobis_head.cc"}
+NEAREST_ROW = "orthoad_nearest_row"
+"""Exact nearest bank row of every query in one sweep pruned by lower bounds (core/csrc/nearest_row.cc)."""
+SOURCES = {MAHALANOBIS_HEAD: "mahalanobis_head.cc", NEAREST_ROW: "nearest_row.cc"}
 FACTOR_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 """How the compiled head may store its packed factor (export_model.py --head_precision): 16 bits
 halve the bytes it reads per image; the operator widens them and computes in float32."""

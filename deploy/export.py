@@ -46,8 +46,9 @@ from models.base import AnomalyModel, UnfusedParts
 
 FORMATS = ("json", "pdmodel")
 HEADS = ("matmul", "kernel")
-"""Scoring heads of a fused ortho/padim export: standard Paddle ops (any device, ONNX), or the
-compiled CPU operator of core/csrc (CPU only; deploy.json lists it under ``kernels``)."""
+"""Scoring heads of a fused export: standard Paddle ops (any device, ONNX), or a compiled CPU
+operator of core/csrc (CPU only; deploy.json lists it under ``kernels``): ortho's and padim's
+Mahalanobis head, patchcore's nearest-patch search (AnomalyModel.kernels)."""
 PARAMS = "model.pdiparams"
 ARTEFACTS = ("model.json", "model.pdmodel", PARAMS, f"{PARAMS}.info", STATS, ONNX)
 """Files an export may leave in its folder; those a new export does not write are removed."""
@@ -144,11 +145,16 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
 
     Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
     :meth:`unfused_parts` (ortho, padim); ``head="kernel"`` is ortho's and padim's fused export
-    with :meth:`kernel_layer` (see :data:`HEADS`), its factor stored as ``head_precision`` (a key
+    with :meth:`kernel_layer` (see :data:`HEADS`; patchcore's too, with ``head_precision`` fp32),
+    its factor stored as ``head_precision`` (a key
     of core.kernels.FACTOR_DTYPES; a 16-bit export records its deviation from the float32 head
     on the probe images in deploy.json's ``verified.fp32_max_rel_diff``).
     """
     check_head(head, fuse, onnx, head_precision)
+    if head_precision != "fp32" and MAHALANOBIS_HEAD not in model.kernels:
+        raise ConfigError(f"--head_precision {head_precision}: only the Mahalanobis head of ortho and "
+                          f"padim stores its statistics in 16 bits, not --method {model.config.method}; "
+                          "drop --head_precision")
     model.check_statistics(source or f"{model.config.method} model", "fit it again")
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
@@ -242,7 +248,7 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         outputs=_outputs(model, predictor.output_names, unfused), paddle_version=paddle.__version__,
         batched=batch_diff is not None and batch_diff <= PROBE_TOLERANCE,
         stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
-        kernels=[MAHALANOBIS_HEAD] if head == "kernel" else [], head_precision=head_precision,
+        kernels=list(model.kernels) if head == "kernel" else [], head_precision=head_precision,
         format_version=FORMAT_VERSION if head_precision == "fp32" else HALF_FORMAT_VERSION,
         files={name: sha256_file(staging / name) for name in files}, verified=verified,
         source={"checkpoint": source,

@@ -184,6 +184,9 @@ class AnomalyModel(ABC):
     train/good, datasets.validation_split) and hands them to :meth:`fit_validation`."""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     """The method's options class (fields, defaults, checks)."""
+    kernels: ClassVar[tuple[str, ...]] = ()
+    """Compiled CPU operators (core.kernels) that :meth:`kernel_layer` puts in its graph; none: the
+    method has no ``--head kernel``."""
 
     def __init__(self, config: ModelConfig, trunk: ResNetTrunk | None, runtime: Runtime | None) -> None:
         self.config = config
@@ -254,10 +257,10 @@ class AnomalyModel(ABC):
         """Layer mapping images (N, 3, S, S) to (anomaly map (N, 1, S, S), image score (N,))."""
 
     def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
-        """:meth:`fused_layer` with its scoring head as a compiled CPU operator (``--head kernel``)
-        whose statistics are stored as ``precision`` (``--head_precision``)."""
-        raise ConfigError(f"--head kernel: --method {self.config.method} has no Mahalanobis head "
-                          "(ortho and padim have); export it with --head matmul")
+        """:meth:`fused_layer` with its scoring head as a compiled CPU operator (``--head kernel``,
+        :attr:`kernels`) whose statistics are stored as ``precision`` (``--head_precision``)."""
+        raise ConfigError(f"--head kernel: --method {self.config.method} has no compiled scoring head "
+                          "(ortho, padim and patchcore have); export it with --head matmul")
 
     @abstractmethod
     def _arrays(self) -> dict[str, np.ndarray]:

@@ -10,6 +10,7 @@ tests/test_deploy.py's.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from test_deploy import (
     run,
 )
 
+from core.kernels import NEAREST_ROW
 from deploy import read_manifest
+from deploy.manifest import FORMAT_VERSION
 from models import model_config
 
 SETTINGS = {"spade": {}, "patchcore": {"coreset_ratio": 0.5}}
@@ -98,3 +101,31 @@ def test_no_fuse_is_refused(method, checkpoints, tmp_path):
                checkpoints[method], "--save_dir", tmp_path / "export", "--no-fuse")
     assert_one_line_error(proc, f"--no-fuse: --method {method} has no unfused layout (ortho and padim have)")
     assert not (tmp_path / "export").exists()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no C++ compiler: apt install g++")
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_patchcore_kernel_export_runs_in_infer(fmt, checkpoints, references, images_dir, tmp_path):
+    """export_model.py --head kernel as users type it (PIR and legacy IR): the nearest-patch search
+    as the compiled operator, listed in deploy.json (format 1: an earlier toolkit refuses it by its
+    unknown operator), and infer.py and the Python API give the dynamic graph's maps and scores."""
+    folder = export_with_script(checkpoints["patchcore"], tmp_path / "export", "patchcore", fmt,
+                                "--head", "kernel")
+    manifest = read_manifest(folder)
+    assert manifest.kernels == [NEAREST_ROW] and manifest.format_version == FORMAT_VERSION
+    assert manifest.head_precision == "fp32" and manifest.batched
+    assert manifest.verified["paddle_max_rel_diff"] < 1e-5
+    check_export(folder, images_dir, references["patchcore"], tmp_path)
+
+
+@pytest.mark.bad_input
+def test_kernel_head_of_spade_or_16_bit_patchcore_is_one_line(checkpoints, tmp_path):
+    proc = run("export_model.py", "--model_path", checkpoints["spade"], "--save_dir", tmp_path / "x",
+               "--head", "kernel")
+    assert_one_line_error(proc, "--head kernel: --method spade has no compiled scoring head "
+                          "(ortho, padim and patchcore have)", "export it with --head matmul")
+    proc = run("export_model.py", "--model_path", checkpoints["patchcore"], "--save_dir", tmp_path / "x",
+               "--head", "kernel", "--head_precision", "fp16")
+    assert_one_line_error(proc, "--head_precision fp16: only the Mahalanobis head of ortho and padim "
+                          "stores its statistics in 16 bits, not --method patchcore", "drop --head_precision")
+    assert not (tmp_path / "x").exists()

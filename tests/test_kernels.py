@@ -1,4 +1,5 @@
-"""The compiled CPU head (core/csrc/mahalanobis_head.cc, ``export_model.py --head kernel``).
+"""The compiled CPU heads (core/csrc: mahalanobis_head.cc and PatchCore's nearest_row.cc,
+``export_model.py --head kernel``).
 
 The operator's distances are checked against sqrt((z - mean)^T inv (z - mean)) computed in float64
 by numpy, in eager Paddle and inside Paddle Inference with oneDNN on and off (oneDNN hands ops its
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
+from test_bank_methods import _Nearest, float64_nearest, graph_nearest, low_rank_rows
 from test_deploy import (
     RTOL,
     SIZE,
@@ -41,6 +43,7 @@ from deploy import DeployedModel, export_model, read_manifest
 from deploy.manifest import HALF_FORMAT_VERSION
 from deploy.runner import load_kernels
 from models import load_model, model_config
+from models.components.knn import BankSearch
 from models.components.layers import MahalanobisMap, packed_factor, packed_tiles, stored_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +129,62 @@ def test_kernel_in_paddle_inference(onednn, tmp_path):
     for batch in (images[:1], images):
         (out,) = predictor.run(batch)
         assert np.abs(out - expected[:len(batch)]).max() <= 1e-5 * expected.max()
+
+
+# -- orthoad_nearest_row: PatchCore's nearest-patch search ---------------------------------------
+def tied_across_the_seed(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A bank whose row 5 repeats row 130, which the operator's seed pass (pair of tiles 8: rows
+    128-143) measures first; queries next to that row must still get row 5, the lowest index."""
+    bank = low_rank_rows(rng, 300, dims=24)
+    bank[5] = bank[130]
+    return bank, (bank[130] + np.float32(0.05) * rng.standard_normal((7, 24))).astype(np.float32)
+
+
+@needs_compiler
+@pytest.mark.parametrize("case", ["low rank", "isotropic", "duplicated", "tiny", "tied across the seed"])
+def test_nearest_row_operator_equals_float64_brute_force(case, tmp_path):
+    """The compiled search (eager, PIR + oneDNN, PIR without it, legacy IR) returns the float64
+    nearest row (lowest index among repeated rows) and its distance to float32 rounding, whether
+    the bounds prove the first rows or many rows must be measured, on banks of odd tile counts
+    (900 rows: 112 pairs of tiles and a last tile) and of one tile; a NaN query gets NaN and row 0
+    and changes no other query's row."""
+    rng = np.random.default_rng(1)
+    queries = low_rank_rows(rng, 70, dims=24)  # 35 per thread: groups of 6 and a group of 5
+    bank = {"low rank": low_rank_rows(rng, 900, dims=24),
+            "isotropic": rng.standard_normal((900, 24)).astype(np.float32),
+            "duplicated": np.repeat(low_rank_rows(rng, 300, dims=24), 3, axis=0),
+            "tiny": low_rank_rows(rng, 2, dims=24)}.get(case)
+    if case == "isotropic":  # half of the queries close to a bank row, half anywhere
+        queries = np.concatenate([bank[:35] + np.float32(0.01) * rng.standard_normal((35, 24)),
+                                  rng.standard_normal((35, 24))]).astype(np.float32)
+    if bank is None:
+        bank, queries = tied_across_the_seed(rng)
+    layer = BankSearch(bank, 128, head=3, kernel=True)
+    assert layer.tiles.shape == [-(-len(bank) // 8), 5, 8] and not hasattr(layer, "bounds")
+    ref_dist, ref_index = float64_nearest(queries, bank)
+    with paddle.no_grad():
+        eager = [t.numpy() for t in _Nearest(layer)(paddle.to_tensor(queries))]
+    runs = {"eager": eager, "onednn": graph_nearest(layer, queries, tmp_path),
+            "plain": graph_nearest(layer, queries, tmp_path, mkldnn=False),
+            "legacy": graph_nearest(layer, queries, tmp_path, legacy=True)}
+    for name, (dist, index) in runs.items():
+        assert index.dtype == np.int64, name
+        np.testing.assert_array_equal(index, ref_index, err_msg=name)
+        np.testing.assert_allclose(dist, ref_dist, rtol=1e-5, err_msg=name)
+    if case == "tied across the seed":
+        assert (ref_index == 5).all()
+    nan = queries.copy()
+    nan[5 % len(nan), 2] = np.nan
+    dist, index = graph_nearest(layer, nan, tmp_path)
+    assert np.isnan(dist[5 % len(nan)]) and index[5 % len(nan)] == 0
+    others = np.arange(len(nan)) != 5 % len(nan)
+    np.testing.assert_array_equal(index[others], ref_index[others])
+    assert not np.isnan(dist[others]).any()
+
+
+def test_compiled_search_needs_bounds():
+    with pytest.raises(ValueError, match="0 < head < 6"):
+        BankSearch(np.zeros((4, 6), np.float32), 8, head=0, kernel=True)
 
 
 UNIT_ROUNDING = {"fp16": 2.0**-11, "bf16": 2.0**-8}
@@ -324,16 +383,6 @@ def test_kernel_head_with_other_options_is_one_line(demo_root, tmp_path):
     with pytest.raises(ConfigError, match="--head_precision fp8: use fp32, fp16, bf16"):
         export_model(model, tmp_path / "x", head="kernel", head_precision="fp8")
     assert not (tmp_path / "x").exists()
-
-
-@pytest.mark.bad_input
-def test_kernel_head_of_a_bank_method_is_one_line(demo_root, tmp_path):
-    config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE, pretrained="none")
-    checkpoint = fit_checkpoint(config, demo_root, tmp_path / "patchcore.npz")
-    proc = run("export_model.py", "--model_path", checkpoint, "--save_dir", tmp_path / "x",
-               "--head", "kernel")
-    assert_one_line_error(proc, "--head kernel: --method patchcore has no Mahalanobis head",
-                          "export it with --head matmul")
 
 
 @needs_compiler

@@ -22,6 +22,7 @@ from paddle import nn
 
 from core.distributed import Collective
 from core.errors import CheckpointError, ConfigError
+from core.kernels import MAHALANOBIS_HEAD
 from core.runtime import RunFn, Runtime, run_chunked
 from core.script import positive_float, positive_int
 from models.base import (
@@ -133,6 +134,7 @@ class GaussianModel(AnomalyModel):
 
     Options = GaussianOptions
     folds_count: ClassVar[int] = 2
+    kernels = (MAHALANOBIS_HEAD,)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)

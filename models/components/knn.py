@@ -10,7 +10,9 @@ same search:
   and bank rows, so its temporaries stay at ``block`` floats whatever the sizes; it can leave bank
   rows out (held-out scoring).
 * :class:`BankSearch` (Paddle) is the static-graph version used inside the fused scoring layers:
-  the bank is a buffer, and long banks are searched in fixed slices.
+  the bank is a buffer, and long banks are searched in fixed slices, or (``kernel=True``,
+  ``export_model.py --head kernel``) in one pruned sweep by the compiled CPU operator of
+  core/csrc/nearest_row.cc.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import numpy as np
 import paddle
 from paddle import nn
 
+from core.kernels import NEAREST_ROW, load_kernel
+from models.components.layers import packed_tiles
 from models.components.static_ops import arg_min, non_negative, reduce_sum, sqrt
 
 BLOCK = 1 << 22
@@ -224,9 +228,16 @@ class BankSearch(nn.Layer):
     (``bounds`` (M, head + 2) = [-2 b_h, |b|^2, -2 |b_t|]): the same rows, found with a product
     head + 2 wide instead of D + 1, twice, plus the exact distances of the few rows the bounds
     cannot rule out (at most ``cap`` per query: queries with more get the brute-force search).
+
+    ``kernel=True`` (with ``head`` > 0) runs :meth:`nearest` as one compiled CPU operator instead
+    (core/csrc/nearest_row.cc, CPU only): the same bounds, stored as tiles of 8 rows (``tiles``
+    (ceil(M / 8), head + 2, 8), :func:`~models.components.layers.packed_tiles`), computed
+    for a few queries and rows at a time and compared with each query's nearest distance so far,
+    so no (R, slice) block is written and the bank is swept once; the same rule, so the same rows.
     """
 
-    def __init__(self, bank: np.ndarray, slice_rows: int, head: int = 0, cap: int = CAP) -> None:
+    def __init__(self, bank: np.ndarray, slice_rows: int, head: int = 0, cap: int = CAP,
+                 kernel: bool = False) -> None:
         super().__init__()
         bank = np.asarray(bank, dtype=np.float64)
         mean = bank.mean(axis=0)
@@ -240,9 +251,17 @@ class BankSearch(nn.Layer):
         self.size, self.dims = bank.shape
         self.head = head if 0 < head < self.dims else 0
         self.cap = cap
+        self.op = None
+        if kernel and not self.head:
+            raise ValueError(f"the compiled search prunes with 0 < head < {self.dims} leading "
+                             f"coordinates, got head={head}")
         if self.head:
             bounds = HeadBounds(turned.astype(np.float32), self.head)
-            self.register_buffer("bounds", paddle.to_tensor(bounds.lifted), persistable=True)
+            if kernel:
+                self.op = getattr(load_kernel(NEAREST_ROW), NEAREST_ROW)
+                self.register_buffer("tiles", paddle.to_tensor(packed_tiles(bounds.lifted)), persistable=True)
+            else:
+                self.register_buffer("bounds", paddle.to_tensor(bounds.lifted), persistable=True)
             # the graph forms |q|^2 and |q_t| in float32 (numpy: float64): widen the margin by their rounding
             self.radius = bounds.radius
             self.margin = bounds.margin + rounding_margin(2 * self.dims)
@@ -296,6 +315,8 @@ class BankSearch(nn.Layer):
         if not self.head:
             best, best_index = self._lowest(self._with_ones(queries), self.lifted)
             return self._distance(best, queries), best_index
+        if self.op is not None:
+            return self.op(queries, self.tiles, self.lifted, self.margin, self.radius)
         return self._pruned(queries)
 
     def _measure(self, queries: paddle.Tensor, owner: paddle.Tensor, row: paddle.Tensor) -> paddle.Tensor:

@@ -11,6 +11,7 @@ import paddle.nn.functional as F
 from paddle import nn
 
 from core.errors import ConfigError
+from core.kernels import NEAREST_ROW
 from core.script import fraction, positive_int
 from models.base import ModelConfig, option, positive
 from models.checkpoint import ArraySpec
@@ -77,18 +78,20 @@ class PatchCoreScorer(nn.Layer):
     Map: each patch's distance to its nearest bank row, bilinear upsampling, Gaussian blur. Image
     score: the largest patch distance s*, reweighted (:func:`reweighted`) with the b rows nearest
     (in the bank) to the bank row m* nearest that patch. ``bank`` (M, D). ``head``: leading principal
-    coordinates of the exact pruned nearest-row search (:class:`BankSearch`), 0 = brute force.
+    coordinates of the exact pruned nearest-row search (:class:`BankSearch`), 0 = brute force;
+    ``kernel``: that search as the compiled CPU operator (``--head kernel``, the same rows).
     """
 
     def __init__(self, features: nn.Layer, bank: np.ndarray, neighbours: int,
-                 grid: tuple[int, int], image_size: int, sigma: float, head: int = HEAD) -> None:
+                 grid: tuple[int, int], image_size: int, sigma: float, head: int = HEAD,
+                 kernel: bool = False) -> None:
         super().__init__()
         self.features = features
         self.patches = grid[0] * grid[1]
         self.grid = grid
         self.dims = bank.shape[1]
         entries = BOUND_ENTRIES if head else SLICE_ENTRIES
-        self.search = BankSearch(bank, max(1, entries // self.patches), head)
+        self.search = BankSearch(bank, max(1, entries // self.patches), head, kernel=kernel)
         self.neighbours = neighbours
         self.smooth = SmoothUpsample(grid, (image_size, image_size), sigma)
 
@@ -114,6 +117,7 @@ class PatchCoreModel(MemoryBankModel):
     layers = ("layer2", "layer3")
     Options = PatchCoreOptions
     fit_outputs = ("patches",)
+    kernels = (NEAREST_ROW,)
 
     @property
     def dims(self) -> int:
@@ -146,8 +150,19 @@ class PatchCoreModel(MemoryBankModel):
                       f"bank patches: the score uses {count}")
 
     def fused_layer(self) -> nn.Layer:
+        return self._scorer_layer(kernel=False)
+
+    def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
+        """:meth:`fused_layer` with its nearest-patch search as one compiled CPU operator (the same
+        rows and distances); the bank stays float32, so ``precision`` must be fp32."""
+        if precision != "fp32":
+            raise ConfigError(f"--head_precision {precision}: PatchCore's compiled search reads its "
+                              "bank in float32; drop --head_precision")
+        return self._scorer_layer(kernel=True)
+
+    def _scorer_layer(self, kernel: bool) -> PatchCoreScorer:
         return PatchCoreScorer(self.fit_layer(), self.bank, min(self.options.num_neighbors, len(self.bank)),
-                               self.grid, self.config.image_size, self.config.sigma)
+                               self.grid, self.config.image_size, self.config.sigma, kernel=kernel)
 
     def _held_out_scores(self, images: np.ndarray, owners: list[int | None]) -> np.ndarray:
         """The scoring layer's image score computed in numpy, without the bank rows taken from
