@@ -49,7 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "ONNX; default) or kernel (a compiled CPU operator, built with g++ on "
                              "first use: ortho/padim's distance over the packed Cholesky factor, about "
                              "2.4x faster; patchcore's nearest-patch search in one pruned sweep, "
-                             "about 5x faster)")
+                             "about 4x faster)")
     parser.add_argument("--head_precision", default="fp32", choices=list(FACTOR_DTYPES),
                         help="how --head kernel stores its statistics: fp32 (default), or fp16 / bf16 "
                              "(half the bytes read per image; the map moves by about 1e-4 / 1e-3 "

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import paddle
 
 from core.errors import ConfigError
@@ -37,6 +38,11 @@ SOURCES = {MAHALANOBIS_HEAD: "mahalanobis_head.cc", NEAREST_ROW: "nearest_row.cc
 FACTOR_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 """How the compiled head may store its packed factor (export_model.py --head_precision): 16 bits
 halve the bytes it reads per image; the operator widens them and computes in float32."""
+HALF_KERNELS = frozenset({MAHALANOBIS_HEAD})
+"""The operators that can read their statistics in 16 bits (``--head_precision fp16|bf16``)."""
+LANES = 8
+"""Rows per tile of the operators' tiled inputs (kLanes in core/csrc/*.cc: one AVX2 register of
+float32): positions for the Mahalanobis head, bank rows for the nearest-row search."""
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 _loaded: dict[str, ModuleType] = {}
 _lock = threading.Lock()
@@ -47,6 +53,17 @@ def check_precision(precision: str) -> None:
     """One line for a ``--head_precision`` that is not a key of :data:`FACTOR_DTYPES`."""
     if precision not in FACTOR_DTYPES:
         raise ConfigError(f"--head_precision {precision}: use {', '.join(FACTOR_DTYPES)}")
+
+
+def packed_tiles(values: np.ndarray) -> np.ndarray:
+    """Rows (P, m) as tiles of :data:`LANES` rows: float32 (ceil(P / LANES), m, LANES), tile t
+    holding rows LANES t .. LANES t + LANES - 1 column by column. The padding rows of the last tile
+    hold zeros."""
+    rows, width = values.shape
+    tiles = -(-rows // LANES)
+    padded = np.zeros((tiles * LANES, width), dtype=np.float32)
+    padded[:rows] = values
+    return np.ascontiguousarray(padded.reshape(tiles, LANES, width).transpose(0, 2, 1))
 
 
 def kernel_dir() -> Path:

@@ -29,7 +29,7 @@ import paddle
 from core.errors import ConfigError
 from core.inference import Predictor, PredictorOptions
 from core.io import remove_stale_temporaries, staging_dir
-from core.kernels import MAHALANOBIS_HEAD, check_precision
+from core.kernels import check_precision
 from core.runtime import RunFn, compile_layer, save_static
 from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import (
@@ -146,15 +146,13 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
     Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
     :meth:`unfused_parts` (ortho, padim); ``head="kernel"`` is ortho's and padim's fused export
     with :meth:`kernel_layer` (see :data:`HEADS`; patchcore's too, with ``head_precision`` fp32),
-    its factor stored as ``head_precision`` (a key
-    of core.kernels.FACTOR_DTYPES; a 16-bit export records its deviation from the float32 head
-    on the probe images in deploy.json's ``verified.fp32_max_rel_diff``).
+    its factor stored as ``head_precision`` (a key of core.kernels.FACTOR_DTYPES; a 16-bit export
+    records its deviation from the float32 head on the probe images in deploy.json's
+    ``verified.fp32_max_rel_diff``).
     """
     check_head(head, fuse, onnx, head_precision)
-    if head_precision != "fp32" and MAHALANOBIS_HEAD not in model.kernels:
-        raise ConfigError(f"--head_precision {head_precision}: only the Mahalanobis head of ortho and "
-                          f"padim stores its statistics in 16 bits, not --method {model.config.method}; "
-                          "drop --head_precision")
+    if head == "kernel":
+        model.check_kernel_head(head_precision)
     model.check_statistics(source or f"{model.config.method} model", "fit it again")
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")

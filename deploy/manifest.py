@@ -15,7 +15,7 @@ from typing import Any
 
 from core.errors import InputError
 from core.io import atomic_write_text
-from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD
+from core.kernels import FACTOR_DTYPES, HALF_KERNELS, MAHALANOBIS_HEAD
 
 MANIFEST = "deploy.json"
 FORMAT_VERSION = 1
@@ -107,7 +107,7 @@ def read_manifest(folder: Path) -> Manifest:
         if manifest.head_precision not in FACTOR_DTYPES:
             raise ValueError(f"head_precision {manifest.head_precision!r}, "
                              f"not one of {', '.join(FACTOR_DTYPES)}")
-        if manifest.head_precision != "fp32" and MAHALANOBIS_HEAD not in manifest.kernels:
+        if manifest.head_precision != "fp32" and not HALF_KERNELS & set(manifest.kernels):
             raise ValueError(f"head_precision {manifest.head_precision} without the compiled head "
                              f"({MAHALANOBIS_HEAD}) in kernels")
         return manifest

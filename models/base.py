@@ -24,6 +24,7 @@ from paddle import nn
 
 from core.distributed import Collective
 from core.errors import CheckpointError, ConfigError, InputError
+from core.kernels import HALF_KERNELS
 from core.runtime import RunFn, Runtime, compile_layer, run_chunked
 from models.checkpoint import ArraySpec, check_arrays, check_identity, read_npz, write_npz
 from models.components.backbone import ResNetTrunk, build_trunk, check_arch, layer_grid, weights_digest
@@ -258,9 +259,20 @@ class AnomalyModel(ABC):
 
     def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
         """:meth:`fused_layer` with its scoring head as a compiled CPU operator (``--head kernel``,
-        :attr:`kernels`) whose statistics are stored as ``precision`` (``--head_precision``)."""
-        raise ConfigError(f"--head kernel: --method {self.config.method} has no compiled scoring head "
-                          "(ortho, padim and patchcore have); export it with --head matmul")
+        :attr:`kernels`) whose statistics are stored as ``precision`` (``--head_precision``).
+        Methods with :attr:`kernels` override it."""
+        self.check_kernel_head(precision)
+        raise NotImplementedError(f"{type(self).__name__} lists kernels but builds no kernel layer")
+
+    def check_kernel_head(self, precision: str = "fp32") -> None:
+        """One line if ``--head kernel --head_precision precision`` does not fit this method."""
+        if not self.kernels:
+            raise ConfigError(f"--head kernel: --method {self.config.method} has no compiled scoring "
+                              "head (ortho, padim and patchcore have); export it with --head matmul")
+        if precision != "fp32" and not HALF_KERNELS & set(self.kernels):
+            raise ConfigError(f"--head_precision {precision}: only ortho's and padim's head stores its "
+                              f"statistics in 16 bits, not --method {self.config.method}'s; drop "
+                              "--head_precision")
 
     @abstractmethod
     def _arrays(self) -> dict[str, np.ndarray]:

@@ -291,7 +291,7 @@ def test_bank_search_layer_equals_knn(slice_rows, head):
     np.testing.assert_allclose(dist_k, ref_dist, rtol=1e-4)
 
 
-class _Nearest(paddle.nn.Layer):
+class NearestLayer(paddle.nn.Layer):
     """Query rows (Q, D) -> BankSearch.nearest of them: distances (Q,) and rows (Q,)."""
 
     def __init__(self, search):
@@ -303,37 +303,53 @@ class _Nearest(paddle.nn.Layer):
 
 
 def graph_nearest(layer, queries, tmp_path, legacy=False, mkldnn=True):
-    """:class:`_Nearest` traced (PIR, or the legacy IR), run by Paddle Inference."""
+    """:class:`NearestLayer` traced (PIR, or the legacy IR), run by Paddle Inference."""
     prefix = str(tmp_path / ("legacy" if legacy else "pir"))
     if legacy:
         with paddle.pir_utils.DygraphOldIrGuard():
-            model_file = save_static(_Nearest(layer), [None, queries.shape[1]], prefix)
+            model_file = save_static(NearestLayer(layer), [None, queries.shape[1]], prefix)
     else:
-        model_file = save_static(_Nearest(layer), [None, queries.shape[1]], prefix)
+        model_file = save_static(NearestLayer(layer), [None, queries.shape[1]], prefix)
     options = PredictorOptions(enable_mkldnn=mkldnn)
     return Predictor(model_file, prefix + ".pdiparams", options).run(queries)
 
 
+BANK_CASES = ("low rank", "isotropic", "duplicated", "tiny")
+
+
+def bank_case(case: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A bank (M, 24) and queries (70, 24) of one of :data:`BANK_CASES`: low-rank rows (the bounds
+    prove a few rows), isotropic rows (they prove little), rows repeated three times (exact ties),
+    a bank of two rows."""
+    bank = {"low rank": low_rank_rows(rng, 900, dims=24),
+            "isotropic": rng.standard_normal((900, 24)).astype(np.float32),
+            "duplicated": np.repeat(low_rank_rows(rng, 100, dims=24), 3, axis=0),
+            "tiny": low_rank_rows(rng, 2, dims=24)}[case]
+    queries = low_rank_rows(rng, 70, dims=24)
+    if case == "isotropic":  # half of the queries close to a bank row, half anywhere
+        queries = np.concatenate([bank[:35] + np.float32(0.01) * rng.standard_normal((35, 24)),
+                                  rng.standard_normal((35, 24))]).astype(np.float32)
+    return bank, queries
+
+
+def rows_within(bounds: np.ndarray, nearest: np.ndarray) -> np.ndarray:
+    """Per query, the bank rows whose lower bound (Q, M) is within its nearest distance (Q,), to
+    float32 rounding: the rows any pruned search must measure."""
+    return (bounds <= (nearest**2)[:, None] * (1 + 1e-5)).sum(axis=1)
+
+
 @pytest.mark.parametrize("cap", [4, 64])
-@pytest.mark.parametrize("case", ["low rank", "isotropic", "duplicated", "tiny"])
+@pytest.mark.parametrize("case", BANK_CASES)
 def test_pruned_graph_search_equals_float64_brute_force(case, cap, tmp_path):
     """The fused graph's pruned nearest-row search (eager, PIR + oneDNN, PIR without oneDNN,
     legacy IR): the float64 nearest rows (lowest index among duplicates), distances to float32
     rounding, whether the bounds prove the first candidate or many rows must be measured, and
     with the brute-force fallback of queries with more than ``cap`` rows to measure."""
-    rng = np.random.default_rng(0)
-    bank = {"low rank": low_rank_rows(rng, 900, dims=24),
-            "isotropic": rng.standard_normal((900, 24)).astype(np.float32),
-            "duplicated": np.repeat(low_rank_rows(rng, 100, dims=24), 3, axis=0),
-            "tiny": low_rank_rows(rng, 2, dims=24)}[case]  # fewer rows than cap
-    queries = low_rank_rows(rng, 70, dims=24)
-    if case == "isotropic":  # half of the queries close to a bank row, half anywhere
-        queries = np.concatenate([bank[:35] + np.float32(0.01) * rng.standard_normal((35, 24)),
-                                  rng.standard_normal((35, 24))]).astype(np.float32)
+    bank, queries = bank_case(case, np.random.default_rng(0))
     layer = BankSearch(bank, 128, head=3, cap=cap)
     ref_dist, ref_index = float64_nearest(queries, bank)
     with paddle.no_grad():
-        eager = [t.numpy() for t in _Nearest(layer)(paddle.to_tensor(queries))]
+        eager = [t.numpy() for t in NearestLayer(layer)(paddle.to_tensor(queries))]
         turned = layer.center(paddle.to_tensor(queries))
         q_sq = (turned * turned).sum(axis=1)
         tail = turned[:, 3:]
@@ -341,7 +357,7 @@ def test_pruned_graph_search_equals_float64_brute_force(case, cap, tmp_path):
         bounds = (lifted @ layer.bounds.T + q_sq.unsqueeze(1)).numpy()
     # how many rows the bounds leave (to float32 rounding): on the isotropic bank, cap 4 sends
     # some queries to the brute-force fallback and keeps others on the pruned search
-    within = (bounds <= (ref_dist**2)[:, None] * (1 + 1e-5)).sum(axis=1)
+    within = rows_within(bounds, ref_dist)
     assert within.min() >= 1
     if case == "isotropic":
         assert (within > 4).any() and (within <= 4).any()

@@ -120,12 +120,14 @@ def test_patchcore_kernel_export_runs_in_infer(fmt, checkpoints, references, ima
 
 @pytest.mark.bad_input
 def test_kernel_head_of_spade_or_16_bit_patchcore_is_one_line(checkpoints, tmp_path):
-    proc = run("export_model.py", "--model_path", checkpoints["spade"], "--save_dir", tmp_path / "x",
-               "--head", "kernel")
-    assert_one_line_error(proc, "--head kernel: --method spade has no compiled scoring head "
-                          "(ortho, padim and patchcore have)", "export it with --head matmul")
+    """Refused before anything is written, SPADE's missing head first (with a 16-bit request too)."""
+    no_head = "--head kernel: --method spade has no compiled scoring head (ortho, padim and patchcore have)"
+    for extra in ([], ["--head_precision", "fp16"]):
+        proc = run("export_model.py", "--model_path", checkpoints["spade"], "--save_dir", tmp_path / "x",
+                   "--head", "kernel", *extra)
+        assert_one_line_error(proc, no_head, "export it with --head matmul")
     proc = run("export_model.py", "--model_path", checkpoints["patchcore"], "--save_dir", tmp_path / "x",
                "--head", "kernel", "--head_precision", "fp16")
-    assert_one_line_error(proc, "--head_precision fp16: only the Mahalanobis head of ortho and padim "
-                          "stores its statistics in 16 bits, not --method patchcore", "drop --head_precision")
-    assert not (tmp_path / "x").exists()
+    half = "--head_precision fp16: only ortho's and padim's head stores its statistics in 16 bits"
+    assert_one_line_error(proc, half, "not --method patchcore's; drop --head_precision")
+    assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".*"))

@@ -20,7 +20,16 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from test_bank_methods import _Nearest, float64_nearest, graph_nearest, low_rank_rows
+from scipy.spatial.distance import cdist
+from test_bank_methods import (
+    BANK_CASES,
+    NearestLayer,
+    bank_case,
+    float64_nearest,
+    graph_nearest,
+    low_rank_rows,
+    rows_within,
+)
 from test_deploy import (
     RTOL,
     SIZE,
@@ -37,14 +46,14 @@ from test_deploy import (
 
 from core.errors import ConfigError, InputError
 from core.inference import Predictor, PredictorOptions
-from core.kernels import MAHALANOBIS_HEAD
+from core.kernels import MAHALANOBIS_HEAD, packed_tiles
 from core.runtime import Runtime, save_static
 from deploy import DeployedModel, export_model, read_manifest
 from deploy.manifest import HALF_FORMAT_VERSION
 from deploy.runner import load_kernels
 from models import load_model, model_config
-from models.components.knn import BankSearch
-from models.components.layers import MahalanobisMap, packed_factor, packed_tiles, stored_factor
+from models.components.knn import BankSearch, principal_axes
+from models.components.layers import MahalanobisMap, packed_factor, stored_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_compiler = pytest.mark.skipif(shutil.which("g++") is None,
@@ -140,30 +149,38 @@ def tied_across_the_seed(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     return bank, (bank[130] + np.float32(0.05) * rng.standard_normal((7, 24))).astype(np.float32)
 
 
+def float64_bounds(bank: np.ndarray, queries: np.ndarray, head: int) -> np.ndarray:
+    """The lower bounds (Q, M) |q_h - b_h|^2 + (|q_t| - |b_t|)^2 in the bank's principal basis, float64."""
+    mean = bank.mean(axis=0, dtype=np.float64)
+    basis = principal_axes(bank - mean)
+    rows, turned = (bank - mean) @ basis, (queries - mean) @ basis
+    gap = np.linalg.norm(turned[:, head:], axis=1)[:, None] - np.linalg.norm(rows[:, head:], axis=1)[None]
+    return cdist(turned[:, :head], rows[:, :head], "sqeuclidean") + gap**2
+
+
 @needs_compiler
-@pytest.mark.parametrize("case", ["low rank", "isotropic", "duplicated", "tiny", "tied across the seed"])
+@pytest.mark.parametrize("case", [*BANK_CASES, "long", "tied across the seed"])
 def test_nearest_row_operator_equals_float64_brute_force(case, tmp_path):
     """The compiled search (eager, PIR + oneDNN, PIR without it, legacy IR) returns the float64
-    nearest row (lowest index among repeated rows) and its distance to float32 rounding, whether
-    the bounds prove the first rows or many rows must be measured, on banks of odd tile counts
-    (900 rows: 112 pairs of tiles and a last tile) and of one tile; a NaN query gets NaN and row 0
-    and changes no other query's row."""
+    nearest row (lowest index among repeated rows, also when the seed pass meets the later one
+    first) and its distance to float32 rounding, whether the bounds prove a few rows or many must
+    be measured; on a bank of 113 tiles (56 pairs and a last tile whose pair is a seed pair), of
+    one tile, and of 20,000 rows (3 chunks of the seed pass); a NaN query gets NaN and row 0 and
+    changes no other query's row."""
     rng = np.random.default_rng(1)
-    queries = low_rank_rows(rng, 70, dims=24)  # 35 per thread: groups of 6 and a group of 5
-    bank = {"low rank": low_rank_rows(rng, 900, dims=24),
-            "isotropic": rng.standard_normal((900, 24)).astype(np.float32),
-            "duplicated": np.repeat(low_rank_rows(rng, 300, dims=24), 3, axis=0),
-            "tiny": low_rank_rows(rng, 2, dims=24)}.get(case)
-    if case == "isotropic":  # half of the queries close to a bank row, half anywhere
-        queries = np.concatenate([bank[:35] + np.float32(0.01) * rng.standard_normal((35, 24)),
-                                  rng.standard_normal((35, 24))]).astype(np.float32)
-    if bank is None:
+    if case == "long":
+        bank, queries = low_rank_rows(rng, 20_000, dims=24), low_rank_rows(rng, 70, dims=24)
+    elif case == "tied across the seed":
         bank, queries = tied_across_the_seed(rng)
+    else:
+        bank, queries = bank_case(case, rng)
     layer = BankSearch(bank, 128, head=3, kernel=True)
     assert layer.tiles.shape == [-(-len(bank) // 8), 5, 8] and not hasattr(layer, "bounds")
     ref_dist, ref_index = float64_nearest(queries, bank)
+    if case == "isotropic":  # some queries have dozens of rows that no bound rules out
+        assert rows_within(float64_bounds(bank, queries, 3), ref_dist).max() > 50
     with paddle.no_grad():
-        eager = [t.numpy() for t in _Nearest(layer)(paddle.to_tensor(queries))]
+        eager = [t.numpy() for t in NearestLayer(layer)(paddle.to_tensor(queries))]
     runs = {"eager": eager, "onednn": graph_nearest(layer, queries, tmp_path),
             "plain": graph_nearest(layer, queries, tmp_path, mkldnn=False),
             "legacy": graph_nearest(layer, queries, tmp_path, legacy=True)}
@@ -174,12 +191,57 @@ def test_nearest_row_operator_equals_float64_brute_force(case, tmp_path):
     if case == "tied across the seed":
         assert (ref_index == 5).all()
     nan = queries.copy()
-    nan[5 % len(nan), 2] = np.nan
+    nan[5, 2] = np.nan
     dist, index = graph_nearest(layer, nan, tmp_path)
-    assert np.isnan(dist[5 % len(nan)]) and index[5 % len(nan)] == 0
-    others = np.arange(len(nan)) != 5 % len(nan)
-    np.testing.assert_array_equal(index[others], ref_index[others])
-    assert not np.isnan(dist[others]).any()
+    assert np.isnan(dist[5]) and index[5] == 0
+    np.testing.assert_array_equal(np.delete(index, 5), np.delete(ref_index, 5))
+    assert not np.isnan(np.delete(dist, 5)).any()
+
+
+@needs_compiler
+def test_nearest_row_operator_on_any_number_of_queries():
+    """0 to 13 queries (register groups of 1 to 6 queries, on one thread or two), and a query
+    holding an infinity (NaN and row 0, like NaN)."""
+    rng = np.random.default_rng(2)
+    bank, queries = low_rank_rows(rng, 500, dims=24), low_rank_rows(rng, 13, dims=24)
+    layer = BankSearch(bank, 128, head=3, kernel=True)
+    ref_dist, ref_index = float64_nearest(queries, bank)
+    with paddle.no_grad():
+        for count in (0, 1, 2, 3, 7, 13):
+            dist, index = (t.numpy() for t in NearestLayer(layer)(paddle.to_tensor(queries[:count])))
+            assert dist.shape == index.shape == (count,)
+            np.testing.assert_array_equal(index, ref_index[:count])
+            np.testing.assert_allclose(dist, ref_dist[:count], rtol=1e-5)
+        far = queries.copy()
+        far[3, 0] = np.inf
+        dist, index = (t.numpy() for t in NearestLayer(layer)(paddle.to_tensor(far)))
+    assert np.isnan(dist[3]) and index[3] == 0
+    np.testing.assert_array_equal(np.delete(index, 3), np.delete(ref_index, 3))
+
+
+@needs_compiler
+def test_nearest_row_operator_needs_its_rounding_margin():
+    """Rows 1,000 from the bank's mean whose distances to a query differ by less than the float32
+    rounding of their bounds (the bounds are otherwise exact: the rows lie in the 3 leading
+    coordinates). With its margin the operator returns the float64 nearest rows; without it (a
+    negative control) the rounding rules out some of them."""
+    rng = np.random.default_rng(3)
+    centres = np.array([[1000.0, 0, 0, 0], [-1000.0, 0, 0, 0]])
+    spread = np.array([1.0, 1.0, 1.0, 0.0])
+    bank = (np.repeat(centres, 400, axis=0) + rng.standard_normal((800, 4)) * spread).astype(np.float32)
+    queries = (centres[0] + rng.standard_normal((400, 4)) * spread).astype(np.float32)
+    exact = cdist(queries.astype(np.float64), bank.astype(np.float64), "sqeuclidean")
+    nearest_two = np.sort(exact, axis=1)[:, :2]
+    queries = queries[nearest_two[:, 1] - nearest_two[:, 0] > 1e-2]  # no tie within the turn's rounding
+    ref_dist, ref_index = float64_nearest(queries, bank)
+    layer = BankSearch(bank, 128, head=3, kernel=True)
+    with paddle.no_grad():
+        turned = layer.center(paddle.to_tensor(queries))
+        index = layer.nearest(turned)[1].numpy()
+        unsafe = layer.op(turned, layer.tiles, layer.lifted, 0.0, layer.radius)[1].numpy()
+    assert len(queries) > 300
+    np.testing.assert_array_equal(index, ref_index)
+    assert (unsafe != ref_index).any()
 
 
 def test_compiled_search_needs_bounds():
@@ -442,6 +504,12 @@ def previous_version(tmp_path_factory):
     return folder
 
 
+def run_previous(folder: Path, script: str, *args: object) -> subprocess.CompletedProcess:
+    """``python script args`` of the previous version unpacked in ``folder``."""
+    return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
+                          cwd=folder, timeout=600)
+
+
 @needs_compiler
 def test_exports_of_the_previous_version_and_to_it(previous_version, kernel_exports, images_dir, tmp_path):
     """The previous version's export_model.py --head kernel (a deploy.json without head_precision,
@@ -449,14 +517,9 @@ def test_exports_of_the_previous_version_and_to_it(previous_version, kernel_expo
     version's fp16 export, given to the previous infer.py, is refused there in one line."""
     folder, (_, _, scores) = kernel_exports["ortho"]
     checkpoint = folder.parent / "ortho.npz"
-
-    def previous(script: str, *args: object) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True,
-                              cwd=previous_version, timeout=600)
-
     old = tmp_path / "old"
-    proc = previous("export_model.py", "--method", "ortho", "--img_size", SIZE, "--model_path", checkpoint,
-                    "--save_dir", old, "--head", "kernel")
+    proc = run_previous(previous_version, "export_model.py", "--method", "ortho", "--img_size", SIZE,
+                        "--model_path", checkpoint, "--save_dir", old, "--head", "kernel")
     assert proc.returncode == 0, proc.stderr
     record = json.loads((old / "deploy.json").read_text())
     assert "head_precision" not in record and record["format_version"] == 1
@@ -466,11 +529,26 @@ def test_exports_of_the_previous_version_and_to_it(previous_version, kernel_expo
     np.testing.assert_allclose([row["score"] for row in read_results(tmp_path / "out")], scores, rtol=RTOL)
     new = export_with_script(checkpoint, tmp_path / "new", "ortho", "json", "--head", "kernel",
                              "--head_precision", "fp16")
-    proc = previous("infer.py", "--model_file", new / "model.json", "--params_file", new / "model.pdiparams",
-                    "--input_file", images_dir, "--save_path", tmp_path / "out_previous")
+    proc = run_previous(previous_version, "infer.py", "--model_file", new / "model.json", "--params_file",
+                        new / "model.pdiparams", "--input_file", images_dir,
+                        "--save_path", tmp_path / "out_previous")
     assert_one_line_error(proc, "deploy.json: not a deploy.json of this toolkit (format_version 2, "
                                 "this version reads 1)", "export again with export_model.py")
     assert not (tmp_path / "out_previous").exists()
+
+
+@needs_compiler
+def test_patchcore_kernel_export_in_the_previous_version(previous_version, demo_root, images_dir, tmp_path):
+    """This version's PatchCore --head kernel export keeps format_version 1; the previous infer.py
+    refuses it in one line naming the operator it does not have, and writes nothing."""
+    config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE, pretrained="none")
+    checkpoint = fit_checkpoint(config, demo_root, tmp_path / "patchcore.npz")
+    new = export_with_script(checkpoint, tmp_path / "new", "patchcore", "json", "--head", "kernel")
+    proc = run_previous(previous_version, "infer.py", "--model_file", new / "model.json", "--params_file",
+                        new / "model.pdiparams", "--input_file", images_dir, "--save_path", tmp_path / "out")
+    assert_one_line_error(proc, "needs the operator 'orthoad_nearest_row', which this toolkit does not have",
+                          "export the model again with this version")
+    assert not (tmp_path / "out").exists()
 
 
 @needs_compiler

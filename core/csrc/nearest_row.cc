@@ -15,11 +15,13 @@
 // |b|^2, -2 |b_t|] = |q_h - b_h|^2 + (|q_t| - |b_t|)^2. The sweep computes that bound for a
 // register tile of 6 queries x 16 rows at a time and measures a row exactly (coordinate
 // differences, float64) only when its bound is within the query's nearest distance so far plus
-// margin * (|q| + radius)^2, which covers the bound's float32 rounding: every other row is provably
-// farther. Rows come in index order, and a measured row replaces the nearest only when strictly
-// nearer, so ties go to the lowest index. Only the amount of measuring depends on the data: a few
-// hundred rows per query on patch features, every row when the bounds prove nothing (then the
-// sweep costs the brute force plus the bounds).
+// margin * (|q| + radius)^2, which covers the bound's float32 rounding (the caller rounds margin
+// and radius up to float32): every other row is provably farther. A first pass sweeps one pair of
+// tiles in kSeedStride (spread over the bank), the second all the others in index order; a
+// measured row replaces the nearest when nearer, or as near with a lower index, so ties go to the
+// lowest index whatever the pass. Only the amount of measuring depends on the data: about 80 of
+// 77,824 rows per query on the magnetic-tile bank of docs/benchmarks.md (simulated), every row when
+// the bounds prove nothing (then the sweep costs the brute force plus the bounds).
 //
 // Each OpenMP thread takes a contiguous share of the queries and passes them all over one chunk of
 // the bank (kChunkTiles tiles, 135 KB at W = 66) before the next, so the chunk is read from the
@@ -44,6 +46,7 @@ constexpr int64_t kLanes = 8;        // bank rows per tile (one AVX2 register of
 constexpr int kGroup = 6;            // queries per register tile
 constexpr int64_t kChunkTiles = 64;  // bank tiles swept by a thread's queries before the next ones
 constexpr int64_t kSeedStride = 16;  // one pair of tiles in this many is swept first (Seeded)
+static_assert(kChunkTiles % 2 == 0, "chunks must start on a pair of tiles in both passes");
 
 // One query's search state.
 struct Search {
@@ -56,6 +59,7 @@ struct Search {
 
 // The float32 at or above x (the comparison may only err towards measuring).
 float RoundedUp(double x) {
+  if (x >= std::numeric_limits<float>::max()) return std::numeric_limits<float>::infinity();
   float f = static_cast<float>(x);
   if (static_cast<double>(f) < x) f = std::nextafter(f, std::numeric_limits<float>::infinity());
   return f;
@@ -93,7 +97,8 @@ inline void Bounds(const float* ql, const float* tile, int64_t w, float (&acc)[G
 // The full register tile (6 queries x 2 tiles) with its 12 accumulators in named registers: held
 // in an array, GCC stores every one of them to the stack on each step.
 template <>
-inline void Bounds<kGroup, 2>(const float* ql, const float* tile, int64_t w, float (&acc)[kGroup][2][kLanes]) {
+inline void Bounds<kGroup, 2>(const float* ql, const float* tile, int64_t w,
+                              float (&acc)[kGroup][2][kLanes]) {
   __m256 s00 = _mm256_setzero_ps(), s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00;
   __m256 s30 = s00, s31 = s00, s40 = s00, s41 = s00, s50 = s00, s51 = s00;
   const float* t0 = tile;
@@ -160,7 +165,9 @@ void SweepChunk(const float* ql, const float* bounds, int64_t w, int64_t t0, int
     if (Seeded(t / 2) != seed) continue;
     SweepTiles<G, 2>(ql, bounds + t * w * kLanes, w, t * kLanes, m, queries, lifted, d, search);
   }
-  if (t < t1 && !seed) SweepTiles<G, 1>(ql, bounds + t * w * kLanes, w, t * kLanes, m, queries, lifted, d, search);
+  if (t < t1 && !seed) {
+    SweepTiles<G, 1>(ql, bounds + t * w * kLanes, w, t * kLanes, m, queries, lifted, d, search);
+  }
 }
 
 using ChunkFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, bool, int64_t, const float*,
@@ -187,7 +194,7 @@ void SearchQueries(const float* queries, const float* bounds, const float* lifte
     s.squared = squared;
     const double reach = std::sqrt(squared) + radius;
     s.slack = margin * reach * reach;
-    if (!std::isfinite(squared)) s.limit = -std::numeric_limits<float>::infinity();  // never measured
+    if (!std::isfinite(squared)) s.limit = std::numeric_limits<float>::quiet_NaN();  // no row is ever <= NaN
     float* row = ql.data() + i * w;
     std::copy(q, q + head, row);
     row[head] = 1.0f;

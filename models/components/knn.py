@@ -21,8 +21,7 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from core.kernels import NEAREST_ROW, load_kernel
-from models.components.layers import packed_tiles
+from core.kernels import NEAREST_ROW, load_kernel, packed_tiles
 from models.components.static_ops import arg_min, non_negative, reduce_sum, sqrt
 
 BLOCK = 1 << 22
@@ -200,6 +199,12 @@ class HeadBounds:
         return np.einsum("ij,ij->i", diff, diff)
 
 
+def _float32_up(value: float) -> float:
+    """The float32 at or above ``value``."""
+    rounded = np.float32(value)
+    return float(rounded if rounded >= value else np.nextafter(rounded, np.float32(np.inf)))
+
+
 def _smallest(values: np.ndarray, k: int) -> np.ndarray:
     """Column indices (rows, min(k, cols)) of the k smallest values of each row, in no order."""
     if k == 1:
@@ -231,7 +236,7 @@ class BankSearch(nn.Layer):
 
     ``kernel=True`` (with ``head`` > 0) runs :meth:`nearest` as one compiled CPU operator instead
     (core/csrc/nearest_row.cc, CPU only): the same bounds, stored as tiles of 8 rows (``tiles``
-    (ceil(M / 8), head + 2, 8), :func:`~models.components.layers.packed_tiles`), computed
+    (ceil(M / 8), head + 2, 8), :func:`core.kernels.packed_tiles`), computed
     for a few queries and rows at a time and compared with each query's nearest distance so far,
     so no (R, slice) block is written and the bank is swept once; the same rule, so the same rows.
     """
@@ -262,7 +267,8 @@ class BankSearch(nn.Layer):
                 self.register_buffer("tiles", paddle.to_tensor(packed_tiles(bounds.lifted)), persistable=True)
             else:
                 self.register_buffer("bounds", paddle.to_tensor(bounds.lifted), persistable=True)
-            # the graph forms |q|^2 and |q_t| in float32 (numpy: float64): widen the margin by their rounding
+            # the graph forms |q|^2 and |q_t| in float32 (numpy and the operator: float64): widen the
+            # margin by their rounding (for the operator it only measures a few rows more)
             self.radius = bounds.radius
             self.margin = bounds.margin + rounding_margin(2 * self.dims)
         self.slices = [(s, min(s + slice_rows, self.size)) for s in range(0, self.size, slice_rows)]
@@ -315,8 +321,9 @@ class BankSearch(nn.Layer):
         if not self.head:
             best, best_index = self._lowest(self._with_ones(queries), self.lifted)
             return self._distance(best, queries), best_index
-        if self.op is not None:
-            return self.op(queries, self.tiles, self.lifted, self.margin, self.radius)
+        if self.op is not None:  # its float attributes rounded up, so that the margin stays a bound
+            return self.op(queries, self.tiles, self.lifted, _float32_up(self.margin),
+                           _float32_up(self.radius))
         return self._pruned(queries)
 
     def _measure(self, queries: paddle.Tensor, owner: paddle.Tensor, row: paddle.Tensor) -> paddle.Tensor:

@@ -19,7 +19,7 @@ import paddle
 from paddle import nn
 
 from core.errors import ConfigError
-from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD, check_precision, load_kernel
+from core.kernels import FACTOR_DTYPES, MAHALANOBIS_HEAD, check_precision, load_kernel, packed_tiles
 from core.resample import bilinear_matrix, nearest_indices, smoothing_matrix
 from models.components.static_ops import non_negative, reduce_sum, sqrt
 
@@ -145,8 +145,6 @@ def block_edges(k: int, blocks: int) -> list[int]:
 
 
 _SLICE = 256  # positions per float64 Cholesky slice
-KERNEL_LANES = 8
-"""Positions per tile of the compiled head (kLanes in core/csrc/mahalanobis_head.cc)."""
 FACTOR_BLOCKS = 2
 """Column blocks of the packed Cholesky factor: 2 reads 3/4 of the full matrices' bytes with one
 extra matmul; more blocks read less but each small matmul costs a oneDNN call (measured in
@@ -160,7 +158,7 @@ class MahalanobisMap(nn.Layer):
     returns sqrt((z - mean)^T inv_cov (z - mean)) as (N, 1, h, w), computed as ||(z - mean) @ L||
     from the lower-triangular column blocks of :func:`factor_blocks` (or from ``inv_cov`` itself if
     ``blocks`` is 0 or a matrix has no Cholesky factor). ``kernel=True`` computes it instead with
-    the compiled CPU operator of core/csrc/mahalanobis_head.cc over :func:`packed_tiles` of the
+    the compiled CPU operator of core/csrc/mahalanobis_head.cc over :func:`core.kernels.packed_tiles` of the
     whole factor: one op reading k(k+1)/2 values per position (CPU only), stored as ``precision``
     (a key of core.kernels.FACTOR_DTYPES, see :func:`stored_factor`).
     """
@@ -221,18 +219,6 @@ def packed_factor(inv_cov: np.ndarray) -> np.ndarray:
         raise ConfigError("--head kernel: an inverse covariance has no Cholesky factor (not "
                           "positive definite in float64); export with --head matmul") from exc
     return packed
-
-
-def packed_tiles(values: np.ndarray) -> np.ndarray:
-    """Per-position values (P, m) as tiles of KERNEL_LANES positions: float32 (ceil(P / lanes), m, lanes).
-
-    The padding positions of the last tile hold zeros.
-    """
-    positions, width = values.shape
-    tiles = -(-positions // KERNEL_LANES)
-    padded = np.zeros((tiles * KERNEL_LANES, width), dtype=np.float32)
-    padded[:positions] = values
-    return np.ascontiguousarray(padded.reshape(tiles, KERNEL_LANES, width).transpose(0, 2, 1))
 
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)

@@ -155,9 +155,7 @@ class PatchCoreModel(MemoryBankModel):
     def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
         """:meth:`fused_layer` with its nearest-patch search as one compiled CPU operator (the same
         rows and distances); the bank stays float32, so ``precision`` must be fp32."""
-        if precision != "fp32":
-            raise ConfigError(f"--head_precision {precision}: PatchCore's compiled search reads its "
-                              "bank in float32; drop --head_precision")
+        self.check_kernel_head(precision)
         return self._scorer_layer(kernel=True)
 
     def _scorer_layer(self, kernel: bool) -> PatchCoreScorer:
