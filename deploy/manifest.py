@@ -15,7 +15,7 @@ from typing import Any
 
 from core.errors import InputError
 from core.io import atomic_write_text
-from core.kernels import FACTOR_DTYPES, HALF_KERNELS, MAHALANOBIS_HEAD
+from core.kernels import FACTOR_DTYPES, HALF_KERNELS
 
 MANIFEST = "deploy.json"
 FORMAT_VERSION = 1
@@ -109,7 +109,7 @@ def read_manifest(folder: Path) -> Manifest:
                              f"not one of {', '.join(FACTOR_DTYPES)}")
         if manifest.head_precision != "fp32" and not HALF_KERNELS & set(manifest.kernels):
             raise ValueError(f"head_precision {manifest.head_precision} without the compiled head "
-                             f"({MAHALANOBIS_HEAD}) in kernels")
+                             f"({', '.join(sorted(HALF_KERNELS))}) in kernels")
         return manifest
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a deploy.json of this toolkit ({exc}); export again "

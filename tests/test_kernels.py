@@ -46,13 +46,13 @@ from test_deploy import (
 
 from core.errors import ConfigError, InputError
 from core.inference import Predictor, PredictorOptions
-from core.kernels import MAHALANOBIS_HEAD, packed_tiles
+from core.kernels import MAHALANOBIS_HEAD, NEAREST_ROW, packed_tiles
 from core.runtime import Runtime, save_static
 from deploy import DeployedModel, export_model, read_manifest
 from deploy.manifest import HALF_FORMAT_VERSION
 from deploy.runner import load_kernels
 from models import load_model, model_config
-from models.components.knn import BankSearch, principal_axes
+from models.components.knn import BankSearch, float32_up, principal_axes
 from models.components.layers import MahalanobisMap, packed_factor, stored_factor
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,14 +200,14 @@ def test_nearest_row_operator_equals_float64_brute_force(case, tmp_path):
 
 @needs_compiler
 def test_nearest_row_operator_on_any_number_of_queries():
-    """0 to 13 queries (register groups of 1 to 6 queries, on one thread or two), and a query
-    holding an infinity (NaN and row 0, like NaN)."""
+    """0 to 13 queries (register groups of 1 to 6 queries whether eager Paddle gives the operator
+    one thread or two), and a query holding an infinity (NaN and row 0, like NaN)."""
     rng = np.random.default_rng(2)
     bank, queries = low_rank_rows(rng, 500, dims=24), low_rank_rows(rng, 13, dims=24)
     layer = BankSearch(bank, 128, head=3, kernel=True)
     ref_dist, ref_index = float64_nearest(queries, bank)
     with paddle.no_grad():
-        for count in (0, 1, 2, 3, 7, 13):
+        for count in (0, 1, 2, 3, 5, 7, 11, 13):
             dist, index = (t.numpy() for t in NearestLayer(layer)(paddle.to_tensor(queries[:count])))
             assert dist.shape == index.shape == (count,)
             np.testing.assert_array_equal(index, ref_index[:count])
@@ -241,7 +241,20 @@ def test_nearest_row_operator_needs_its_rounding_margin():
         unsafe = layer.op(turned, layer.tiles, layer.lifted, 0.0, layer.radius)[1].numpy()
     assert len(queries) > 300
     np.testing.assert_array_equal(index, ref_index)
-    assert (unsafe != ref_index).any()
+    wrong = np.flatnonzero(unsafe != ref_index)
+    assert len(wrong)
+    exact = cdist(queries.astype(np.float64), bank.astype(np.float64), "sqeuclidean")
+    farther = exact[wrong, unsafe[wrong]] - exact[wrong, ref_index[wrong]]
+    assert (farther > 0).all() and (farther < 1.0).all()  # near rows lost to the bounds' rounding
+
+
+def test_float32_attributes_are_rounded_up():
+    """The compiled search's margin and radius go to the operator as float32 at or above the
+    float64 values (one float32 step at most), so the margin stays a bound."""
+    for value in (1e-6, 3.0000001, 0.1, 1234.5678901, 2.0):
+        up = float32_up(value)
+        assert up >= value and float(np.float32(up)) == up
+        assert float(np.nextafter(np.float32(up), np.float32(0.0))) < value or up == value
 
 
 def test_compiled_search_needs_bounds():
@@ -466,6 +479,8 @@ def test_kernel_export_on_a_gpu_or_with_an_unknown_operator(kernel_exports, tmp_
     for update, message in (({"head_precision": "fp8"}, "head_precision 'fp8', not one of fp32, fp16, bf16"),
                             ({"head_precision": "fp16", "kernels": []},
                              "head_precision fp16 without the compiled head"),
+                            ({"head_precision": "fp16", "kernels": [NEAREST_ROW]},
+                             f"head_precision fp16 without the compiled head \\({MAHALANOBIS_HEAD}\\)"),
                             ({"format_version": 3}, "format_version 3, this version reads 1 and 2")):
         (copy / "deploy.json").write_text(json.dumps({**record, **update}))
         with pytest.raises(InputError, match="deploy.json: not a deploy.json of this toolkit \\(" + message):
@@ -544,6 +559,7 @@ def test_patchcore_kernel_export_in_the_previous_version(previous_version, demo_
     config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE, pretrained="none")
     checkpoint = fit_checkpoint(config, demo_root, tmp_path / "patchcore.npz")
     new = export_with_script(checkpoint, tmp_path / "new", "patchcore", "json", "--head", "kernel")
+    assert json.loads((new / "deploy.json").read_text())["format_version"] == 1
     proc = run_previous(previous_version, "infer.py", "--model_file", new / "model.json", "--params_file",
                         new / "model.pdiparams", "--input_file", images_dir, "--save_path", tmp_path / "out")
     assert_one_line_error(proc, "needs the operator 'orthoad_nearest_row', which this toolkit does not have",

@@ -199,10 +199,12 @@ class HeadBounds:
         return np.einsum("ij,ij->i", diff, diff)
 
 
-def _float32_up(value: float) -> float:
-    """The float32 at or above ``value``."""
+def float32_up(value: float) -> float:
+    """The float32 at or above ``value`` (the compiled search's float attributes)."""
     rounded = np.float32(value)
-    return float(rounded if rounded >= value else np.nextafter(rounded, np.float32(np.inf)))
+    if float(rounded) < value:  # compared as Python floats: numpy 2 would cast value to float32
+        rounded = np.nextafter(rounded, np.float32(np.inf))
+    return float(rounded)
 
 
 def _smallest(values: np.ndarray, k: int) -> np.ndarray:
@@ -322,8 +324,7 @@ class BankSearch(nn.Layer):
             best, best_index = self._lowest(self._with_ones(queries), self.lifted)
             return self._distance(best, queries), best_index
         if self.op is not None:  # its float attributes rounded up, so that the margin stays a bound
-            return self.op(queries, self.tiles, self.lifted, _float32_up(self.margin),
-                           _float32_up(self.radius))
+            return self.op(queries, self.tiles, self.lifted, float32_up(self.margin), float32_up(self.radius))
         return self._pruned(queries)
 
     def _measure(self, queries: paddle.Tensor, owner: paddle.Tensor, row: paddle.Tensor) -> paddle.Tensor:
