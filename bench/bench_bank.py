@@ -163,7 +163,8 @@ def main() -> int:
     body = "\n".join(lines)
     print(body)
     if not args.no_doc:
-        update_section("bench_bank" + arch.replace(" --arch ", "_"), body)
+        section = "bench_bank" + arch.replace(" --arch ", "_")
+        update_section(section, body)
     return 0
 
 
