@@ -553,13 +553,23 @@ def test_exports_of_the_previous_version_and_to_it(previous_version, kernel_expo
 
 
 @needs_compiler
-def test_patchcore_kernel_export_in_the_previous_version(previous_version, demo_root, images_dir, tmp_path):
-    """This version's PatchCore --head kernel export keeps format_version 1; the previous infer.py
-    refuses it in one line naming the operator it does not have, and writes nothing."""
-    config = model_config("patchcore", arch="resnet18", image_size=SIZE, resize=SIZE, pretrained="none")
-    checkpoint = fit_checkpoint(config, demo_root, tmp_path / "patchcore.npz")
+def test_patchcore_kernel_export_across_versions(previous_version, demo_root, images_dir, tmp_path):
+    """A PatchCore checkpoint written by the previous version's train.py, run as users type it,
+    exports with this export_model.py --head kernel and runs in this infer.py with the dynamic
+    graph's maps and scores; that export keeps format_version 1, and the previous infer.py refuses
+    it in one line naming the operator it does not have, writing nothing."""
+    trained = tmp_path / "trained"
+    proc = run_previous(previous_version, "train.py", "--data_path", demo_root, "--category", "tiles",
+                        "--method", "patchcore", "--coreset_ratio", "0.5", "--pretrained", "none",
+                        "--arch", "resnet18", "--resize", SIZE, "--batch_size", 8, "--cpu_threads", 2,
+                        "--save_path", trained)
+    assert proc.returncode == 0, proc.stderr
+    checkpoint = trained / "patchcore_resnet18" / "tiles.npz"
+    reference = dynamic_references({"patchcore": checkpoint}, images_dir)["patchcore"]
     new = export_with_script(checkpoint, tmp_path / "new", "patchcore", "json", "--head", "kernel")
+    assert read_manifest(new).kernels == [NEAREST_ROW]
     assert json.loads((new / "deploy.json").read_text())["format_version"] == 1
+    check_export(new, images_dir, reference, tmp_path)
     proc = run_previous(previous_version, "infer.py", "--model_file", new / "model.json", "--params_file",
                         new / "model.pdiparams", "--input_file", images_dir, "--save_path", tmp_path / "out")
     assert_one_line_error(proc, "needs the operator 'orthoad_nearest_row', which this toolkit does not have",
