@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="how --head kernel stores its statistics: fp32 (default), or fp16 / bf16 "
                              "(half the bytes read per image; the map moves by about 1e-4 / 1e-3 "
                              "relative, recorded in deploy.json)")
+    parser.add_argument("--split", action="store_true",
+                        help="cut the fused graph in two (ortho, padim): model.pdmodel, images to the "
+                             "embedding in standard ops (legacy IR), which infer.py --use_openvino True "
+                             "runs in Paddle Inference's OpenVINO engine; head.json|pdmodel scores it")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx with paddle2onnx (requirements-deploy.txt)")
     add_identity_args(parser, size_flags=("--img_size", "--crop_size"))
@@ -86,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     for path, save_dir in export_jobs(source, args.category, Path(args.save_dir)):
         model = load_model(str(path), expect=expect, runtime=Runtime(engine="dynamic"), final=True)
         manifest = export_model(model, save_dir, args.format, args.fuse, args.onnx, str(path),
-                                args.head, args.head_precision)
-        layout = "fused" if manifest.fused else "unfused"
+                                args.head, args.head_precision, args.split)
+        layout = "split" if manifest.head_file else "fused" if manifest.fused else "unfused"
         print(f"exported {layout} {manifest.run_name} "
               f"({manifest.category or 'no category'}) to {save_dir}: {', '.join(manifest.files)}, "
               "deploy.json")

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="TensorRT subgraphs on the GPU (default False)")
     parser.add_argument("--precision", default="fp32",
                         help="fp32 or fp16; fp16 needs --use_gpu True (default fp32)")
+    parser.add_argument("--use_openvino", type=str2bool, default=False,
+                        help="CPU: run the graph in Paddle Inference's OpenVINO engine (a legacy-IR "
+                             "export without compiled operators, or a --split export's features)")
     parser.add_argument("--enable_mkldnn", type=str2bool, default=True,
                         help="oneDNN on the CPU (default True)")
     parser.add_argument("--cpu_threads", type=positive_int, default=2, help="CPU math threads (default 2)")
@@ -75,6 +78,7 @@ def options_from(args: argparse.Namespace) -> PredictorOptions:
     return PredictorOptions(use_gpu=args.use_gpu, gpu_id=args.gpu_id, gpu_mem=args.gpu_mem,
                             cpu_threads=args.cpu_threads, enable_mkldnn=args.enable_mkldnn,
                             use_tensorrt=args.use_tensorrt, precision=args.precision,
+                            use_openvino=args.use_openvino,
                             max_batch_size=args.batch_size)
 
 

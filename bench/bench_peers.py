@@ -16,10 +16,13 @@ on 100), 256 px, random-initialised backbones, batch 1, 2 threads:
   the ``model.fit`` that train.py runs), exported fused (export_model.py's ``export_model``,
   model.json) with each ``--head`` (matmul, the default, and kernel) and with ``--head kernel
   --head_precision fp16``, and run by Paddle Inference (oneDNN), as infer.py's inference stage
-  does; the exports and the trunk alone take turns on every test image; the fp16 export's maps
-  are compared with the default export's on every test image;
-- the limit of each export: our trunk alone (layer1-3, exported the same way) plus the time to
-  read its statistics once (its params minus the trunk's) at the bandwidth of a numpy copy;
+  does; the two kernel exports again with ``--split``, run as ``infer.py --use_openvino True``
+  runs them (features in Paddle Inference's OpenVINO engine, head with oneDNN); the exports and
+  the trunk alone (oneDNN and OpenVINO engine) take turns on every test image; the fp16 and split
+  exports' maps are compared with the default export's on every test image;
+- the limit of each export: our trunk alone (layer1-3, exported the same way; in the OpenVINO
+  engine for the split exports) plus the time to read its statistics once (its params minus the
+  trunk's) at the bandwidth of a numpy copy;
 - anomalib's PaDiM (``n_features=k``, ``pre_trained=False``) fitted on the same images, then eager
   PyTorch, ONNX Runtime and OpenVINO (f32 hint and default precision), and its backbone's layer1-3
   alone on OpenVINO f32 (what our "trunk alone" is to our exports), in the peer venv through
@@ -32,6 +35,7 @@ a Markdown section and writes it to docs/benchmarks.md (``--no_doc``: print only
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -52,12 +56,17 @@ from core.runtime import Runtime, save_static  # noqa: E402
 from datasets import AnomalyDataset, Preprocess, list_samples  # noqa: E402
 from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import export_model  # noqa: E402
+from deploy.export import ir_guard  # noqa: E402
+from deploy.runner import DeployedModel  # noqa: E402
 from engine.workflow import calibration_indices  # noqa: E402
 from models import build_model, model_config  # noqa: E402
 
 SIZE, THREADS, BATCH = 256, 2, 32
-EXPORTS = {"matmul": ("matmul", "fp32"), "kernel": ("kernel", "fp32"), "kernel_fp16": ("kernel", "fp16")}
-"""Our exports: name -> (--head, --head_precision)."""
+EXPORTS = {"matmul": ("matmul", "fp32", False), "kernel": ("kernel", "fp32", False),
+           "kernel_fp16": ("kernel", "fp16", False), "split": ("kernel", "fp32", True),
+           "split_fp16": ("kernel", "fp16", True)}
+"""Our exports: name -> (--head, --head_precision, --split); a split export runs its features graph
+in Paddle Inference's OpenVINO engine (infer.py --use_openvino True)."""
 PEER_PACKAGES = ("torch", "torchvision", "anomalib[core]", "openvino", "onnxruntime", "onnx", "onnxscript")
 CONFIGS = {"resnet18": (100, 0), "wide_resnet50_2": (300, 100)}
 """backbone: (k, training images; 0 = all)."""
@@ -142,19 +151,24 @@ def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, fo
     fit_seconds = time.perf_counter() - start
     model.calibrate([train[:16]])
     options = PredictorOptions(cpu_threads=THREADS, enable_mkldnn=True, max_batch_size=1)
+    openvino = dataclasses.replace(options, use_openvino=True)
     trunk_file = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk" / "model"))
+    with ir_guard("pdmodel"):
+        trunk_ov = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk_ov" / "model"))
     trunk_bytes = (folder / "trunk" / "model.pdiparams").stat().st_size
     out: dict = {"fit_seconds": fit_seconds}
-    graphs = {"trunk": Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options).run}
-    for name, (head, precision) in EXPORTS.items():
-        export_model(model, folder / name, "json", head=head, head_precision=precision)
-        graphs[name] = Predictor(str(folder / name / "model.json"), str(folder / name / "model.pdiparams"),
-                                 options).run
-        out[f"{name}_statistics_bytes"] = (folder / name / "model.pdiparams").stat().st_size - trunk_bytes
+    graphs = {"trunk": Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options).run,
+              "trunk_ov": Predictor(trunk_ov, str(folder / "trunk_ov" / "model.pdiparams"), openvino).run}
+    for name, (head, precision, split) in EXPORTS.items():
+        export_model(model, folder / name, "json", head=head, head_precision=precision, split=split)
+        graphs[name] = DeployedModel.load(folder / name, options=openvino if split else options).forward
+        params = sum(path.stat().st_size for path in (folder / name).glob("*.pdiparams"))
+        out[f"{name}_statistics_bytes"] = params - trunk_bytes
     out.update({f"{name}_ms": ms for name, ms in per_image_ms(graphs, test, warmup).items()})
-    pairs = [(graphs["kernel_fp16"](image[None])[0], graphs["matmul"](image[None])[0]) for image in test]
-    out["fp16_map_error"] = max(float(np.abs(a - b).max()) for a, b in pairs) / max(
-        float(np.abs(b).max()) for _, b in pairs)
+    for name in ("kernel_fp16", "split", "split_fp16"):
+        pairs = [(graphs[name](image[None])[0], graphs["matmul"](image[None])[0]) for image in test]
+        out[f"{name}_map_error"] = max(float(np.abs(a - b).max()) for a, b in pairs) / max(
+            float(np.abs(b).max()) for _, b in pairs)
     return out
 
 
@@ -220,8 +234,10 @@ def measure(arch: str, args: argparse.Namespace, bandwidth: float) -> dict:
         if args.fit_only:
             return {"arch": arch, "k": k, "ours": our_fit(arch, k, train), "peers": peer}
         mine = ours(arch, k, train, test, args.warmup, folder)
-    trunk_ms = float(np.median(mine["trunk_ms"]))
-    limits = {name: trunk_ms + 1000.0 * mine[f"{name}_statistics_bytes"] / bandwidth for name in EXPORTS}
+    trunk_ms = {name: float(np.median(mine["trunk_ov_ms" if split else "trunk_ms"]))
+                for name, (_, _, split) in EXPORTS.items()}
+    limits = {name: trunk_ms[name] + 1000.0 * mine[f"{name}_statistics_bytes"] / bandwidth
+              for name in EXPORTS}
     return {"arch": arch, "k": k, "ours": mine, "peers": peer, "limit_ms": limits}
 
 
@@ -234,14 +250,20 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}; {load_note(*loads)}.", "",
         f"{SIZE} px magnetic-tile images, random-initialised backbones, batch 1, {THREADS} threads; "
         f"median ms per image over {args.images} test images after {args.warmup} warm-up images, the "
-        "same preprocessed images for every side (our three exports and trunk taking turns on each "
-        "image; the peers in their own process, before ours). Numpy copy bandwidth (read + write): "
+        "same preprocessed images for every side (our five exports and two trunks taking turns on "
+        "each image; the peers in their own process, before ours). `--split` exports run their "
+        "features graph in Paddle Inference's OpenVINO engine (`infer.py --use_openvino True`), their "
+        "head graph with oneDNN. Numpy copy bandwidth (read + write): "
         f"{bandwidth / 1e9:.1f} GB/s.", "",
         "| backbone, k | ours, fused (Paddle Inference fp32, oneDNN) | its limit | ours, `--head kernel` "
-        "| its limit | ours, `--head kernel --head_precision fp16` | its limit | anomalib eager "
-        "| anomalib ONNX Runtime | anomalib OpenVINO f32 | anomalib OpenVINO default "
-        "| trunk alone: ours / OpenVINO f32 | fit s: ours / anomalib (images) |",
-        "|---" * 13 + "|",
+        "| its limit | ours, `--head kernel --head_precision fp16` | its limit "
+        "| ours, `--head kernel --split`, OpenVINO engine | its limit "
+        "| ours, `--head kernel --head_precision fp16 --split`, OpenVINO engine | its limit "
+        "| anomalib eager | anomalib ONNX Runtime | anomalib OpenVINO f32 | anomalib OpenVINO default "
+        "| anomalib OpenVINO f32 / ours split (fp16) "
+        "| trunk alone: ours oneDNN / ours OpenVINO engine / anomalib OpenVINO f32 "
+        "| fit s: ours / anomalib (images) |",
+        "|---" * 18 + "|",
     ]
     notes = []
     for r in results:
@@ -250,16 +272,23 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
                  for cell in (f"{np.median(mine[f'{name}_ms']):.1f}", f"{r['limit_ms'][name]:.1f}")]
         cells += [f"{np.median(peer[key]):.1f}" for key in
                   ("eager_ms", "onnxruntime_ms", "openvino_f32_ms", "openvino_default_ms")]
-        cells.append(f"{np.median(mine['trunk_ms']):.1f} / {np.median(peer['openvino_f32_trunk_ms']):.1f}")
+        ratios = [np.median(peer["openvino_f32_ms"]) / np.median(mine[f"{name}_ms"])
+                  for name in ("split", "split_fp16")]
+        cells.append(f"{ratios[0]:.2f}x ({ratios[1]:.2f}x)")
+        cells.append(f"{np.median(mine['trunk_ms']):.1f} / {np.median(mine['trunk_ov_ms']):.1f} / "
+                     f"{np.median(peer['openvino_f32_trunk_ms']):.1f}")
         cells.append(f"{mine['fit_seconds']:.1f} / {peer['fit_seconds']:.1f} ({peer['train_images']})")
         lines.append(f"| {r['arch']}, k={r['k']} | {' | '.join(cells)} |")
         notes.append(
-            f"{r['arch']}: limit = trunk alone {np.median(mine['trunk_ms']):.1f} ms + the statistics "
+            f"{r['arch']}: limit = trunk alone (oneDNN {np.median(mine['trunk_ms']):.1f} ms; OpenVINO "
+            f"engine {np.median(mine['trunk_ov_ms']):.1f} ms for the split exports) + the statistics "
             f"read once: {mine['matmul_statistics_bytes'] / 2**20:.0f} MiB (mean and Cholesky factor "
             f"blocks), {mine['kernel_statistics_bytes'] / 2**20:.0f} MiB with `--head kernel` (mean and "
             f"packed triangular factor), {mine['kernel_fp16_statistics_bytes'] / 2**20:.0f} MiB with "
             "the factor in float16, whose maps differ from the default export's by at most "
-            f"{mine['fp16_map_error']:.2e} of the largest map value; OpenVINO's default "
+            f"{mine['kernel_fp16_map_error']:.2e} of the largest map value (split: "
+            f"{mine['split_map_error']:.2e} in fp32, {mine['split_fp16_map_error']:.2e} in fp16); "
+            "OpenVINO's default "
             f"precision here is {peer['openvino_default_precision']} (f32 hint: "
             f"{peer['openvino_f32_precision']}), its maps differ from the f32 maps by at most "
             f"{peer['default_vs_f32_max_abs']:.3g} ({peer['default_vs_f32_max_rel']:.2e} of the "

@@ -6,9 +6,11 @@ Shared by infer.py (exported models) and by the fit/score runtime (layers compil
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+import paddle
 from paddle import inference
 
 from core.device import check_gpu
@@ -17,7 +19,7 @@ from core.errors import ConfigError, InputError
 
 @dataclass
 class PredictorOptions:
-    """How a predictor runs: device, threads, oneDNN, GPU memory pool, TensorRT, precision."""
+    """How a predictor runs: device, threads, oneDNN or OpenVINO, GPU memory pool, TensorRT, precision."""
 
     use_gpu: bool = False
     gpu_id: int = 0
@@ -28,6 +30,8 @@ class PredictorOptions:
     precision: str = "fp32"
     min_subgraph_size: int = 3
     max_batch_size: int = 1
+    use_openvino: bool = False
+    """Run the graph in Paddle Inference's OpenVINO engine (CPU builds that ship it; legacy IR)."""
 
 
 _PRECISIONS = {"fp32": "Float32", "fp16": "Half"}
@@ -42,6 +46,8 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
         raise ConfigError(f"--precision {opts.precision}: use fp32 or fp16")
     config = inference.Config(model_file, params_file)
     if opts.use_gpu:
+        if opts.use_openvino:
+            raise ConfigError("--use_openvino runs on the CPU: drop --use_gpu True or --use_openvino True")
         check_gpu(opts.gpu_id)
         precision = getattr(inference.PrecisionType, _PRECISIONS[opts.precision])
         # Without TensorRT, fp16 is Paddle's mixed-precision GPU inference (enable_use_gpu's mode).
@@ -59,12 +65,16 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
     else:
         if opts.precision != "fp32" or opts.use_tensorrt:
             raise ConfigError("fp16 and TensorRT need a GPU: add --use_gpu True or drop them")
+        if opts.use_openvino:
+            _check_openvino(model_file)
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(opts.cpu_threads)
         if opts.enable_mkldnn:
             config.enable_mkldnn()
         else:
             config.disable_mkldnn()
+    if opts.use_openvino:
+        config.enable_openvino_engine(inference.PrecisionType.Float32)
     config.switch_ir_optim(True)
     if model_file.endswith(".json"):
         config.enable_new_executor()
@@ -73,13 +83,28 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
     return config
 
 
+def _check_openvino(model_file: str) -> None:
+    """One line unless Paddle Inference's OpenVINO engine can take ``model_file``."""
+    if not model_file.endswith(".pdmodel"):
+        raise ConfigError(f"--use_openvino: {model_file}: Paddle Inference's OpenVINO engine reads "
+                          "legacy-IR graphs; export with --split (or --format pdmodel)")
+    if not hasattr(inference.Config, "enable_openvino_engine"):
+        raise ConfigError(f"--use_openvino: Paddle {paddle.__version__} has no OpenVINO engine; "
+                          "install a paddlepaddle CPU build that has it (3.3.1 has) or drop --use_openvino")
+
+
 class Predictor:
     """A Paddle Inference predictor with zero-copy handles: ``run(x) -> list of outputs``."""
 
     def __init__(self, model_file: str, params_file: str, opts: PredictorOptions) -> None:
         self.options = opts
         self.config = make_config(model_file, params_file, opts)
-        self._predictor = inference.create_predictor(self.config)
+        # The OpenVINO engine caches its compiled model under the optim cache dir, by default
+        # ./__cache__ of the working directory; it is read only while the predictor is built.
+        with tempfile.TemporaryDirectory(prefix="orthoad-openvino-") as cache:
+            if opts.use_openvino:
+                self.config.set_optim_cache_dir(cache)
+            self._predictor = inference.create_predictor(self.config)
         self.input_names = self._predictor.get_input_names()
         self.output_names = self._predictor.get_output_names()
 

@@ -72,12 +72,14 @@ def run_chunked(run: RunFn, images: np.ndarray, chunk: int) -> Chunks:
         yield part, run(np.ascontiguousarray(images[part], dtype=np.float32))
 
 
-def save_static(layer: nn.Layer, input_shape: Sequence[int | None], path_prefix: str) -> str:
-    """Trace ``layer`` for inputs of ``input_shape`` (None = any) and save it; returns the model file.
+def save_static(layer: nn.Layer, input_shape: Sequence[int | None], path_prefix: str,
+                name: str = "image") -> str:
+    """Trace ``layer`` for inputs of ``input_shape`` (None = any) named ``name`` and save it;
+    returns the model file.
 
     The file is ``<prefix>.json`` under Paddle 3's PIR or ``<prefix>.pdmodel`` under the legacy IR.
     """
-    spec = [paddle.static.InputSpec(list(input_shape), "float32", name="image")]
+    spec = [paddle.static.InputSpec(list(input_shape), "float32", name=name)]
     layer.eval()
     static = paddle.jit.to_static(layer, input_spec=spec, full_graph=True)
     paddle.jit.save(static, path_prefix)

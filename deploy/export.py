@@ -6,6 +6,9 @@ Layouts:
   (N,)), with the statistics as its parameters: ``model.json|pdmodel`` + ``model.pdiparams``.
 * unfused: the graph stops at the embedding x (N, F, h, w) (trunk features, layer2/3 nearest-
   upsampled to layer1's grid); ``stats.npz`` holds the rest, finished in numpy (deploy.postprocess).
+* split (``--split``): the fused graph cut in two: ``model.pdmodel`` + ``model.pdiparams`` map images
+  to the embedding z (N, k, h, w) in standard ops and the legacy IR, which Paddle Inference's
+  OpenVINO engine runs; ``head.json|pdmodel`` + ``head.pdiparams`` score z (any ``--head``).
 
 Files are written to a staging folder beside the target, the graph (and the ONNX file) is run once
 on a probe image and compared with the dynamic-graph layer, then the files are moved into place and
@@ -25,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import paddle
+from paddle import nn
 
 from core.errors import ConfigError
 from core.inference import Predictor, PredictorOptions
@@ -36,6 +40,7 @@ from deploy.manifest import (
     FORMAT_VERSION,
     HALF_FORMAT_VERSION,
     MANIFEST,
+    SPLIT_FORMAT_VERSION,
     Manifest,
     sha256_file,
     write_manifest,
@@ -50,7 +55,10 @@ HEADS = ("matmul", "kernel")
 operator of core/csrc (CPU only; deploy.json lists it under ``kernels``): ortho's and padim's
 Mahalanobis head, patchcore's nearest-patch search (AnomalyModel.kernels)."""
 PARAMS = "model.pdiparams"
-ARTEFACTS = ("model.json", "model.pdmodel", PARAMS, f"{PARAMS}.info", STATS, ONNX)
+HEAD = "head"
+"""File stem of a split export's scoring graph and its params."""
+ARTEFACTS = ("model.json", "model.pdmodel", PARAMS, f"{PARAMS}.info", STATS, ONNX,
+             f"{HEAD}.json", f"{HEAD}.pdmodel", f"{HEAD}.pdiparams", f"{HEAD}.pdiparams.info")
 """Files an export may leave in its folder; those a new export does not write are removed."""
 PROBE_TOLERANCE = 1e-3
 """Largest accepted |exported - dynamic| / max|dynamic| on the probe image."""
@@ -140,7 +148,7 @@ def _identity(model: AnomalyModel) -> dict[str, object]:
 
 def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: bool = True,
                  onnx: bool = False, source: str = "", head: str = "matmul",
-                 head_precision: str = "fp32") -> Manifest:
+                 head_precision: str = "fp32", split: bool = False) -> Manifest:
     """Export ``model`` to ``save_dir`` (see the module docstring) and return its deploy.json.
 
     Every method exports fused (its ``fused_layer``); ``fuse=False`` needs a method with
@@ -148,11 +156,12 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
     with :meth:`kernel_layer` (see :data:`HEADS`; patchcore's too, with ``head_precision`` fp32),
     its factor stored as ``head_precision`` (a key of core.kernels.FACTOR_DTYPES; a 16-bit export
     records its deviation from the float32 head on the probe images in deploy.json's
-    ``verified.fp32_max_rel_diff``).
+    ``verified.fp32_max_rel_diff``). ``split`` writes the split layout (:meth:`split_layers`).
     """
-    check_head(head, fuse, onnx, head_precision)
+    check_head(head, fuse, onnx, head_precision, split)
     if head == "kernel":
         model.check_kernel_head(head_precision)
+    parts = model.split_layers(head, head_precision) if split else None
     model.check_statistics(source or f"{model.config.method} model", "fit it again")
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
@@ -167,21 +176,24 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
         raise ConfigError(f"--save_dir {save_dir}: cannot write there ({exc.strerror}); "
                           "pass a writable folder") from exc
     try:
-        manifest = _build(model, staging, fmt, fuse, onnx, source, head, head_precision)
+        manifest = _build(model, staging, fmt, fuse, onnx, source, head, head_precision, parts)
         _publish(staging, save_dir, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest
 
 
-def check_head(head: str, fuse: bool, onnx: bool, precision: str = "fp32") -> None:
-    """One line for a head (or head precision) that does not fit the other export options."""
+def check_head(head: str, fuse: bool, onnx: bool, precision: str = "fp32", split: bool = False) -> None:
+    """One line for a head (or head precision, or ``--split``) that does not fit the other options."""
     if head not in HEADS:
         raise ConfigError(f"--head {head}: use {' or '.join(HEADS)}")
     check_precision(precision)
     if head == "kernel" and (not fuse or onnx):
         raise ConfigError(f"--head kernel: a compiled CPU operator inside the fused graph, so it "
                           f"cannot go with {'--no-fuse' if not fuse else '--onnx'}; drop one of them")
+    if split and (not fuse or onnx):
+        raise ConfigError(f"--split: cuts the fused graph in two for Paddle Inference, so it cannot go "
+                          f"with {'--no-fuse' if not fuse else '--onnx'}; drop one of them")
     if precision != "fp32" and head != "kernel":
         raise ConfigError(f"--head_precision {precision}: stores the compiled head's statistics in 16 "
                           "bits, so it needs --head kernel; add it, or drop --head_precision")
@@ -199,8 +211,8 @@ def check_precision_cost(outputs: list[np.ndarray], reference: list[np.ndarray],
     return worst
 
 
-def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
-           source: str, head: str, head_precision: str) -> Manifest:
+def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool, source: str,
+           head: str, head_precision: str, parts: tuple[nn.Layer, nn.Layer] | None) -> Manifest:
     """Write the export's files into ``staging`` and return their manifest."""
     if onnx:
         require("paddle2onnx", "--onnx")
@@ -221,12 +233,17 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
     verified: dict[str, float | None] = {}
     if reference is not None:
         verified["fp32_max_rel_diff"] = check_precision_cost(expected_all, reference, head_precision)
-    with ir_guard(fmt):
-        model_file = Path(save_static(layer, [None, 3, size, size], str(staging / "model")))
+    with ir_guard(fmt if parts is None else "pdmodel"):
+        model_file = Path(save_static(layer if parts is None else parts[0], [None, 3, size, size],
+                                      str(staging / "model")))
     predictor = Predictor(str(model_file), str(staging / PARAMS), PredictorOptions())
-    verified["paddle_max_rel_diff"] = check_outputs(predictor.run, expected, probe, model_file)
-    batch_diff = verified["paddle_batch_max_rel_diff"] = batch_deviation(predictor.run, probes, expected_all)
+    run, output_names, head_file = predictor.run, predictor.output_names, None
     files = [model_file.name, PARAMS]
+    if parts is not None:
+        head_file, run, output_names = _save_head(parts[1], predictor, staging, fmt, probe)
+        files += [head_file, f"{HEAD}.pdiparams"]
+    verified["paddle_max_rel_diff"] = check_outputs(run, expected, probe, model_file)
+    batch_diff = verified["paddle_batch_max_rel_diff"] = batch_deviation(run, probes, expected_all)
     if unfused is not None:
         write_stats(staging / STATS, {**_identity(model), **unfused.meta, "threshold": model.threshold},
                     unfused.arrays)
@@ -243,15 +260,31 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
         format=fmt, model_file=model_file.name, params_file=PARAMS,
         inputs=[{"name": predictor.input_names[0], "shape": [-1, 3, size, size],
                  "dtype": "float32", "layout": "NCHW", "color": "RGB"}],
-        outputs=_outputs(model, predictor.output_names, unfused), paddle_version=paddle.__version__,
+        outputs=_outputs(model, output_names, unfused), paddle_version=paddle.__version__,
         batched=batch_diff is not None and batch_diff <= PROBE_TOLERANCE,
         stats_file=None if fuse else STATS, onnx_file=ONNX if onnx else None,
         kernels=list(model.kernels) if head == "kernel" else [], head_precision=head_precision,
-        format_version=FORMAT_VERSION if head_precision == "fp32" else HALF_FORMAT_VERSION,
+        head_file=head_file, format_version=SPLIT_FORMAT_VERSION if parts is not None else
+        FORMAT_VERSION if head_precision == "fp32" else HALF_FORMAT_VERSION,
         files={name: sha256_file(staging / name) for name in files}, verified=verified,
         source={"checkpoint": source,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds")},
     )
+
+
+def _save_head(tail: nn.Layer, features: Predictor, staging: Path, fmt: str,
+               probe: np.ndarray) -> tuple[str, RunFn, list[str]]:
+    """Save a split export's scoring graph (its input shaped like the features graph's output on
+    ``probe``); returns its file name, the two graphs chained, and the chain's output names."""
+    shape = features.run(probe)[0].shape
+    with ir_guard(fmt):
+        head_file = Path(save_static(tail, [None, *shape[1:]], str(staging / HEAD), name="embedding"))
+    scorer = Predictor(str(head_file), str(staging / f"{HEAD}.pdiparams"), PredictorOptions())
+
+    def chained(images: np.ndarray) -> list[np.ndarray]:
+        return scorer.run(features.run(images)[0])
+
+    return head_file.name, chained, scorer.output_names
 
 
 def _publish(staging: Path, save_dir: Path, manifest: Manifest) -> None:

@@ -23,6 +23,11 @@ HALF_FORMAT_VERSION = 2
 """The version of an export whose compiled head stores 16-bit statistics (``head_precision``): a
 toolkit that reads only version 1 would build an operator that takes float32 only, so it refuses
 the file with one line instead."""
+SPLIT_FORMAT_VERSION = 3
+"""The version of a split export (``head_file``): its ``model_file`` graph ends at the embedding,
+so a toolkit that reads only versions 1 and 2 would take the embedding for the anomaly map; it
+refuses the file with one line instead."""
+VERSIONS = (FORMAT_VERSION, HALF_FORMAT_VERSION, SPLIT_FORMAT_VERSION)
 IDENTITY = ("method", "arch", "k", "category", "image_size", "resize")
 """Fields that a stats file must share with the manifest."""
 
@@ -54,6 +59,9 @@ class Manifest:
     """Compiled CPU operators (core.kernels) the graph holds; loaded before the predictor."""
     head_precision: str = "fp32"
     """How the compiled head stores its statistics (core.kernels.FACTOR_DTYPES); fp32 otherwise."""
+    head_file: str | None = None
+    """A split export's scoring graph (embedding -> anomaly map, image score), beside
+    ``head.pdiparams``; ``model_file`` then maps images to the embedding (``--split``)."""
     files: dict[str, str] = field(default_factory=dict)
     verified: dict[str, float | None] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
@@ -97,9 +105,9 @@ def read_manifest(folder: Path) -> Manifest:
         )
     try:
         record = json.loads(path.read_text())
-        if record.get("format_version") not in (FORMAT_VERSION, HALF_FORMAT_VERSION):
+        if record.get("format_version") not in VERSIONS:
             raise ValueError(f"format_version {record.get('format_version')}, "
-                             f"this version reads {FORMAT_VERSION} and {HALF_FORMAT_VERSION}")
+                             f"this version reads {', '.join(map(str, VERSIONS))}")
         known = {f.name for f in dataclasses.fields(Manifest)}
         manifest = Manifest(**{key: value for key, value in record.items() if key in known})
         if not isinstance(manifest.kernels, list) or not all(isinstance(n, str) for n in manifest.kernels):
@@ -110,6 +118,9 @@ def read_manifest(folder: Path) -> Manifest:
         if manifest.head_precision != "fp32" and not HALF_KERNELS & set(manifest.kernels):
             raise ValueError(f"head_precision {manifest.head_precision} without the compiled head "
                              f"({', '.join(sorted(HALF_KERNELS))}) in kernels")
+        if (manifest.head_file is None) != (manifest.format_version != SPLIT_FORMAT_VERSION):
+            raise ValueError(f"format_version {manifest.format_version} with head_file "
+                             f"{manifest.head_file!r}: a split export has both, others neither")
         return manifest
     except (OSError, UnicodeDecodeError, ValueError, TypeError, AttributeError) as exc:
         raise InputError(f"{path}: not a deploy.json of this toolkit ({exc}); export again "

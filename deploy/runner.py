@@ -8,6 +8,7 @@ Every file is checked against deploy.json (identity and SHA-256) before anything
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,10 @@ def _paddle_runner(model_file: Path, params_file: Path, options: PredictorOption
         raise
     except Exception as exc:  # Paddle raises assorted C++ error types for unloadable graphs
         reason = " ".join(str(exc).split())[:200]
+        if options.use_openvino:
+            raise ConfigError(f"--use_openvino: {model_file}: Paddle Inference {paddle.__version__} could "
+                              f"not build its OpenVINO engine ({type(exc).__name__}: {reason}); run "
+                              "without --use_openvino") from exc
         raise InputError(f"{model_file}: Paddle Inference {paddle.__version__} cannot load it with "
                          f"{params_file} ({type(exc).__name__}: {reason}); pass the params file exported "
                          "with it, or export again with this Paddle version") from exc
@@ -96,6 +101,9 @@ class DeployedModel:
         if backend not in BACKENDS:
             raise ConfigError(f"--backend {backend}: use {' or '.join(BACKENDS)}")
         options = options or PredictorOptions()
+        if backend == "onnxruntime" and (options.use_tensorrt or options.precision != "fp32"
+                                         or options.use_openvino):
+            raise ConfigError("--use_tensorrt, --use_openvino and --precision fp16 apply to --backend paddle")
         given = Path(model_file)
         folder = given if given.is_dir() else given.parent
         manifest = read_manifest(folder)
@@ -108,21 +116,35 @@ class DeployedModel:
         check_file(manifest, folder, model_path, "model")
         head = cls._head(manifest, folder, stats_file)
         if backend == "onnxruntime":
-            if options.use_tensorrt or options.precision != "fp32":
-                raise ConfigError("--use_tensorrt and --precision fp16 apply to --backend paddle")
             runner = OnnxRunner(model_path, options.cpu_threads, options.use_gpu, options.gpu_id)
             return cls(manifest, runner.run, 0, head, runner.status, folder)
         params = Path(params_file) if params_file else folder / manifest.params_file
         check_file(manifest, folder, params, "params")
+        if options.use_openvino and manifest.kernels and not manifest.head_file:
+            raise ConfigError(f"--use_openvino: {folder} holds a compiled operator inside its graph, "
+                              "which OpenVINO cannot run; export it again with --split")
         # A batch goes to the graph in one call when the export checked that oneDNN gives the same
         # results for it (deploy.json "batched"): then the statistics are read once per batch.
         # Otherwise oneDNN runs one image per call: Paddle 3.3's oneDNN has given wrong results
         # for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
         load_kernels(manifest, folder, options)
-        one_by_one = options.enable_mkldnn and not options.use_gpu and not manifest.batched
+        one_by_one = (options.enable_mkldnn or options.use_openvino) and not options.use_gpu \
+            and not manifest.batched
         chunk = 1 if one_by_one else 0
         predictor = _paddle_runner(model_path, params, options)
-        return cls(manifest, predictor.run, chunk, head, paddle_status(predictor), folder)
+        status = paddle_status(predictor)
+        if manifest.head_file is None:
+            return cls(manifest, predictor.run, chunk, head, status, folder)
+        head_model = folder / manifest.head_file
+        head_params = folder / f"{Path(manifest.head_file).stem}.pdiparams"
+        for path, what in ((head_model, "head model"), (head_params, "head params")):
+            check_file(manifest, folder, path, what)
+        scorer = _paddle_runner(head_model, head_params, dataclasses.replace(options, use_openvino=False))
+
+        def split_run(images: np.ndarray) -> list[np.ndarray]:
+            return scorer.run(predictor.run(images)[0])
+
+        return cls(manifest, split_run, chunk, head, status, folder)
 
     @staticmethod
     def _head(manifest: Manifest, folder: Path, stats_file: str | Path | None) -> GaussianHead | None:

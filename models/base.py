@@ -264,6 +264,14 @@ class AnomalyModel(ABC):
         self.check_kernel_head(precision)
         raise NotImplementedError(f"{type(self).__name__} lists kernels but builds no kernel layer")
 
+    def split_layers(self, head: str = "matmul", precision: str = "fp32") -> tuple[nn.Layer, nn.Layer]:
+        """The fused layer of ``--head head`` cut in two (``export_model.py --split``): features
+        mapping images (N, 3, S, S) to the embedding z (N, k, h, w) in standard ops only, and the
+        scoring head mapping z to (anomaly map (N, 1, S, S), image score (N,)). Methods whose
+        embedding ends in a Gaussian head override it."""
+        raise ConfigError(f"--split: --method {self.config.method} has no split layout (ortho and "
+                          "padim have); drop --split")
+
     def check_kernel_head(self, precision: str = "fp32") -> None:
         """One line if ``--head kernel --head_precision precision`` does not fit this method."""
         if not self.kernels:

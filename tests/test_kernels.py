@@ -481,7 +481,7 @@ def test_kernel_export_on_a_gpu_or_with_an_unknown_operator(kernel_exports, tmp_
                              "head_precision fp16 without the compiled head"),
                             ({"head_precision": "fp16", "kernels": [NEAREST_ROW]},
                              f"head_precision fp16 without the compiled head \\({MAHALANOBIS_HEAD}\\)"),
-                            ({"format_version": 3}, "format_version 3, this version reads 1 and 2")):
+                            ({"format_version": 4}, "format_version 4, this version reads 1, 2, 3")):
         (copy / "deploy.json").write_text(json.dumps({**record, **update}))
         with pytest.raises(InputError, match="deploy.json: not a deploy.json of this toolkit \\(" + message):
             DeployedModel.load(copy)

@@ -322,16 +322,27 @@ class GaussianModel(AnomalyModel):
 
     def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray, kernel: bool = False,
                        precision: str = "fp32") -> nn.Layer:
+        return Pipeline(self.trunk, self.embedding(), *self._head_layers(mean, inv_cov, kernel, precision))
+
+    def _head_layers(self, mean: np.ndarray, inv_cov: np.ndarray, kernel: bool,
+                     precision: str) -> tuple[nn.Layer, nn.Layer]:
+        """The distance map z (N, k, h, w) -> (N, 1, h, w) and the map head that upsamples and
+        smooths it into (anomaly map (N, 1, S, S), image score (N,))."""
         distance = MahalanobisMap(mean, inv_cov, self.grid, kernel=kernel, precision=precision)
         size = (self.config.image_size, self.config.image_size)
-        head = AnomalyMapHead(self.grid, size, self.config.sigma)
-        return Pipeline(self.trunk, self.embedding(), distance, head)
+        return distance, AnomalyMapHead(self.grid, size, self.config.sigma)
 
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
 
     def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov, kernel=True, precision=precision)
+
+    def split_layers(self, head: str = "matmul", precision: str = "fp32") -> tuple[nn.Layer, nn.Layer]:
+        if head == "kernel":
+            self.check_kernel_head(precision)
+        tail = self._head_layers(self.mean, self.inv_cov, head == "kernel", precision)
+        return Pipeline(self.trunk, self.embedding()), nn.Sequential(*tail)
 
     def unfused_parts(self) -> UnfusedParts:
         """The graph up to x and the statistics that finish it (deploy.postprocess)."""

@@ -1,0 +1,239 @@
+"""Paddle Inference's OpenVINO engine (``infer.py --use_openvino True``) and the split export
+(``export_model.py --split``) that lets it run the features of a ``--head kernel`` export.
+
+The engine ships inside the paddlepaddle CPU wheel: these tests run the real engine on exports
+made by export_model.py as users type it, and check that it was the engine that ran (its CPU
+plugin is loaded into the process only when it builds).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+from test_deploy import (
+    RTOL,
+    SIZE,
+    K,
+    assert_one_line_error,
+    assert_rel_close,
+    check_infer_outputs,
+    dynamic_references,
+    export_with_script,
+    fit_checkpoint,
+    run,
+)
+from test_kernels import needs_compiler, previous_version, run_previous  # noqa: F401 - a fixture
+
+from core.errors import ConfigError, InputError
+from core.inference import PredictorOptions, make_config
+from core.runtime import Runtime
+from datasets import AnomalyDataset, Preprocess, list_samples
+from deploy import DeployedModel, export_model, read_manifest
+from deploy.manifest import SPLIT_FORMAT_VERSION
+from deploy.runner import _paddle_runner, load_kernels
+from models import build_model, load_model, model_config
+from models.components.gaussian_model import Pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN = "libopenvino_intel_cpu_plugin"
+"""OpenVINO's CPU plugin: mapped into a process only once an OpenVINO engine has been built."""
+
+
+@pytest.fixture(scope="module")
+def padim(demo_root, images_dir, tmp_path_factory):
+    """(checkpoint fitted on the demo images, (images, maps, scores) of its dynamic graph)."""
+    root = tmp_path_factory.mktemp("openvino")
+    config = model_config("padim", arch="resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
+    checkpoint = fit_checkpoint(config, demo_root, root / "padim.npz")
+    return checkpoint, dynamic_references({"padim": checkpoint}, images_dir)["padim"]
+
+
+def engine_loaded(folder: Path, images: np.ndarray, openvino: bool, tmp_path: Path) -> bool:
+    """Whether a fresh process that loads ``folder`` with ``--use_openvino openvino`` and scores
+    ``images`` has OpenVINO's CPU plugin mapped; its maps are saved to ``tmp_path/maps.npy``."""
+    np.save(tmp_path / "images.npy", images)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(exist_ok=True)
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "import numpy as np; from core.inference import PredictorOptions; "
+            "from deploy import DeployedModel; "
+            f"m = DeployedModel.load({str(folder)!r}, options=PredictorOptions(use_openvino={openvino})); "
+            f"x = np.load({str(tmp_path / 'images.npy')!r}); "
+            f"np.save({str(tmp_path / 'maps.npy')!r}, m.score(x)[0]); "
+            f"print({PLUGIN!r} in open('/proc/self/maps').read())")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(cwd.iterdir())  # the engine's compiled-model cache (./__cache__) is not left behind
+    return proc.stdout.strip().splitlines()[-1] == "True"
+
+
+@needs_compiler
+@pytest.mark.parametrize(("head", "fmt"), [("kernel", "json"), ("matmul", "pdmodel")])
+def test_split_export_runs_in_the_openvino_engine(head, fmt, padim, images_dir, tmp_path):
+    """export_model.py --split as users type it: the features graph in the legacy IR, the head in
+    --format; infer.py and the Python API give the dynamic graph's maps and scores with the
+    OpenVINO engine (batches of 2) and without it (oneDNN, batches of 3)."""
+    checkpoint, (images, maps, scores) = padim
+    folder = export_with_script(checkpoint, tmp_path / "export", "padim", fmt, "--head", head, "--split")
+    manifest = read_manifest(folder)
+    assert manifest.format_version == SPLIT_FORMAT_VERSION and manifest.fused
+    assert (manifest.model_file, manifest.head_file) == ("model.pdmodel", f"head.{fmt}")
+    assert sorted(manifest.files) == sorted(["model.pdmodel", "model.pdiparams", f"head.{fmt}",
+                                             "head.pdiparams"])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest.files, "deploy.json"])
+    assert manifest.verified["paddle_max_rel_diff"] < 1e-5
+    assert manifest.kernels == (["orthoad_mahalanobis_head"] if head == "kernel" else [])
+    for openvino, batch in ((True, 2), (False, 3)):
+        save = tmp_path / f"openvino_{openvino}"
+        proc = run("infer.py", "--model_file", folder, "--input_file", images_dir, "--save_path", save,
+                   "--use_openvino", openvino, "--batch_size", batch)
+        check_infer_outputs(proc, save, images_dir, scores, manifest.threshold)
+        assert engine_loaded(folder, images, openvino, tmp_path) == openvino
+        assert_rel_close(np.load(tmp_path / "maps.npy"), maps, f"maps, OpenVINO engine {openvino}")
+
+
+def test_a_fused_legacy_export_runs_whole_in_the_openvino_engine(padim, images_dir, tmp_path):
+    """A fused standard-op export in the legacy IR needs no --split: the whole graph goes to the
+    engine, with the dynamic graph's maps."""
+    checkpoint, (images, maps, _) = padim
+    folder = export_with_script(checkpoint, tmp_path / "export", "padim", "pdmodel")
+    assert engine_loaded(folder, images, True, tmp_path)
+    assert_rel_close(np.load(tmp_path / "maps.npy"), maps, "maps of the whole graph in OpenVINO")
+
+
+def test_two_exports_with_one_program_keep_their_own_engines(padim, demo_root, images_dir, tmp_path):
+    """Two fused legacy-IR exports whose graph files are byte-identical (same method, backbone,
+    k and seed, each written by its own export_model.py process) and whose statistics differ
+    (fitted on all of the demo images and on half of them), loaded with the OpenVINO engine into
+    one process: each keeps its own parameters (Paddle keys its engines by the graph's variable
+    names and node ids)."""
+    checkpoint, (images, maps, scores) = padim
+    model = load_model(str(checkpoint), runtime=Runtime(engine="dynamic"))
+    half = build_model(model.config, Runtime(engine="dynamic"))
+    half.category = model.category
+    dataset = AnomalyDataset(list_samples(demo_root, "tiles", "train"), Preprocess(SIZE))
+    half.fit([np.stack([dataset[i]["image"] for i in range(0, len(dataset), 2)])])
+    half.calibrate([np.stack([dataset[i]["image"] for i in range(len(dataset))])])
+    half.save(str(tmp_path / "half.npz"))
+    half_maps, half_scores = dynamic_references({"padim": tmp_path / "half.npz"}, images_dir)["padim"][1:]
+    assert np.abs(half_scores - scores).max() > 1e-3 * np.abs(scores).max()
+    first = export_with_script(checkpoint, tmp_path / "first", "padim", "pdmodel")
+    second = export_with_script(tmp_path / "half.npz", tmp_path / "second", "padim", "pdmodel")
+    assert (first / "model.pdmodel").read_bytes() == (second / "model.pdmodel").read_bytes()
+    options = PredictorOptions(use_openvino=True)
+    loaded = [DeployedModel.load(first, options=options), DeployedModel.load(second, options=options)]
+    for deployed, (want_maps, want_scores) in zip(loaded, ((maps, scores), (half_maps, half_scores)),
+                                                  strict=True):
+        got_maps, got_scores = deployed.score(images)
+        assert_rel_close(got_maps, want_maps, "maps of one of two exports in one process")
+        np.testing.assert_allclose(got_scores, want_scores, rtol=RTOL)
+
+
+def test_split_layers_compose_to_the_fused_layer(padim):
+    """The two halves of split_layers, run one after the other, are the fused layer."""
+    checkpoint, (images, maps, scores) = padim
+    model = load_model(str(checkpoint), runtime=Runtime(engine="dynamic"))
+    features, head = model.split_layers("matmul")
+    assert isinstance(features, Pipeline) and not features.tail
+    with paddle.no_grad():
+        z = features(paddle.to_tensor(images))
+        assert z.shape == [len(images), K, *model.grid]
+        amap, score = head(z)
+    assert_rel_close(amap.numpy()[:, 0], maps, "maps of the two halves")
+    np.testing.assert_allclose(score.numpy(), scores, rtol=RTOL)
+
+
+@needs_compiler
+@pytest.mark.bad_input
+def test_openvino_refusals_are_one_line(padim, images_dir, tmp_path):
+    checkpoint, _ = padim
+    kernel = export_with_script(checkpoint, tmp_path / "kernel", "padim", "json", "--head", "kernel")
+    proc = run("infer.py", "--model_file", kernel, "--input_file", images_dir, "--use_openvino", "True",
+               "--save_path", tmp_path / "out")
+    assert_one_line_error(proc, "holds a compiled operator inside its graph, which OpenVINO cannot run",
+                          "export it again with --split")
+    plain = export_with_script(checkpoint, tmp_path / "plain", "padim", "json")
+    proc = run("infer.py", "--model_file", plain, "--input_file", images_dir, "--use_openvino", "True",
+               "--save_path", tmp_path / "out")
+    assert_one_line_error(proc, "Paddle Inference's OpenVINO engine reads legacy-IR graphs",
+                          "export with --split (or --format pdmodel)")
+    for extra, fragment in ((["--no-fuse"], "cannot go with --no-fuse"),
+                            (["--onnx"], "cannot go with --onnx")):
+        proc = run("export_model.py", "--model_path", checkpoint, "--save_dir", tmp_path / "x", "--split",
+                   *extra)
+        assert_one_line_error(proc, "--split: cuts the fused graph in two for Paddle Inference", fragment)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="--use_openvino runs on the CPU: drop --use_gpu True"):
+        make_config(str(kernel / "model.json"), str(kernel / "model.pdiparams"),
+                    PredictorOptions(use_gpu=True, use_openvino=True))
+    split = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--split")
+    with pytest.raises(ConfigError, match="--use_tensorrt, --use_openvino and --precision fp16 apply"):
+        DeployedModel.load(split, options=PredictorOptions(use_openvino=True), backend="onnxruntime")
+    # past those checks, the engine's own failure (OpenVINO cannot convert our operator) is one line too
+    legacy = export_with_script(checkpoint, tmp_path / "legacy", "padim", "pdmodel", "--head", "kernel")
+    options = PredictorOptions(use_openvino=True)
+    load_kernels(read_manifest(legacy), legacy, options)
+    with pytest.raises(ConfigError, match="could not build its OpenVINO engine .*run without --use_openvino"):
+        _paddle_runner(legacy / "model.pdmodel", legacy / "model.pdiparams", options)
+
+
+@pytest.mark.bad_input
+def test_split_needs_a_gaussian_head(demo_root, tmp_path):
+    config = model_config("spade", arch="resnet18", image_size=SIZE, resize=SIZE, pretrained="none")
+    checkpoint = fit_checkpoint(config, demo_root, tmp_path / "spade.npz")
+    proc = run("export_model.py", "--model_path", checkpoint, "--save_dir", tmp_path / "x", "--split")
+    assert_one_line_error(proc, "--split: --method spade has no split layout (ortho and padim have)",
+                          "drop --split")
+    assert not (tmp_path / "x").exists()
+
+
+@needs_compiler
+@pytest.mark.bad_input
+def test_a_split_export_with_a_foreign_part_is_refused(padim, tmp_path):
+    """A head graph or params from another export, or a deploy.json whose version and head_file
+    disagree, is one InputError before anything runs."""
+    checkpoint, _ = padim
+    split = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--head", "kernel", "--split")
+    other = export_with_script(checkpoint, tmp_path / "other", "padim", "json", "--split")
+    copy = shutil.copytree(split, tmp_path / "copy")
+    shutil.copy(other / "head.pdiparams", copy / "head.pdiparams")
+    with pytest.raises(InputError, match="head.pdiparams: not the head params file exported with"):
+        DeployedModel.load(copy)
+    record = json.loads((split / "deploy.json").read_text())
+    for update, message in (({"format_version": 1}, "format_version 1 with head_file 'head.json'"),
+                            ({"head_file": None}, "format_version 3 with head_file None"),
+                            ({"format_version": 4}, "format_version 4, this version reads 1, 2, 3")):
+        (copy / "deploy.json").write_text(json.dumps({**record, **update}))
+        with pytest.raises(InputError, match="deploy.json: not a deploy.json of this toolkit \\(" + message):
+            DeployedModel.load(copy)
+
+
+@needs_compiler
+def test_the_previous_infer_refuses_a_split_export(previous_version, padim, images_dir,  # noqa: F811
+                                                   tmp_path):
+    """The previous version reads format_version 1 only: it would have taken the embedding for the
+    anomaly map, and refuses a split export in one line instead, writing nothing."""
+    checkpoint, _ = padim
+    split = export_with_script(checkpoint, tmp_path / "split", "padim", "pdmodel", "--split")
+    proc = run_previous(previous_version, "infer.py", "--model_file", split / "model.pdmodel",
+                        "--params_file", split / "model.pdiparams", "--input_file", images_dir,
+                        "--save_path", tmp_path / "out")
+    assert_one_line_error(proc, "deploy.json: not a deploy.json of this toolkit (format_version 3, "
+                                "this version reads 1)", "export again with export_model.py")
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_model_api_splits_too(padim, tmp_path):
+    """export_model(split=True) from Python writes the same layout as the script."""
+    checkpoint, (images, maps, _) = padim
+    model = load_model(str(checkpoint), runtime=Runtime(engine="dynamic"))
+    manifest = export_model(model, tmp_path / "api", "pdmodel", split=True)
+    assert manifest.head_file == "head.pdmodel"
+    assert_rel_close(DeployedModel.load(tmp_path / "api").score(images)[0], maps, "maps of the API export")
