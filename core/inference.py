@@ -5,8 +5,10 @@ Shared by infer.py (exported models) and by the fit/score runtime (layers compil
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,7 +89,7 @@ def _check_openvino(model_file: str) -> None:
     """One line unless Paddle Inference's OpenVINO engine can take ``model_file``."""
     if not model_file.endswith(".pdmodel"):
         raise ConfigError(f"--use_openvino: {model_file}: Paddle Inference's OpenVINO engine reads "
-                          "legacy-IR graphs; export with --split (or --format pdmodel)")
+                          "legacy-IR graphs; export with --split (ortho, padim) or --format pdmodel")
     if not hasattr(inference.Config, "enable_openvino_engine"):
         raise ConfigError(f"--use_openvino: Paddle {paddle.__version__} has no OpenVINO engine; "
                           "install a paddlepaddle CPU build that has it (3.3.1 has) or drop --use_openvino")
@@ -101,9 +103,10 @@ class Predictor:
         self.config = make_config(model_file, params_file, opts)
         # The OpenVINO engine caches its compiled model under the optim cache dir, by default
         # ./__cache__ of the working directory; it is read only while the predictor is built.
-        with tempfile.TemporaryDirectory(prefix="orthoad-openvino-") as cache:
-            if opts.use_openvino:
-                self.config.set_optim_cache_dir(cache)
+        cache = tempfile.TemporaryDirectory(prefix="orthoad-openvino-") if opts.use_openvino else None
+        with cache or contextlib.nullcontext():
+            if cache is not None:
+                self.config.set_optim_cache_dir(cache.name)
             self._predictor = inference.create_predictor(self.config)
         self.input_names = self._predictor.get_input_names()
         self.output_names = self._predictor.get_output_names()
@@ -116,3 +119,12 @@ class Predictor:
             handle.copy_from_cpu(np.ascontiguousarray(array))
         self._predictor.run()
         return [self._predictor.get_output_handle(n).copy_to_cpu() for n in self.output_names]
+
+
+def chained(first: Predictor, second: Predictor) -> Callable[[np.ndarray], list[np.ndarray]]:
+    """A run function feeding ``first``'s first output to ``second`` (a split export's two graphs)."""
+
+    def run(images: np.ndarray) -> list[np.ndarray]:
+        return second.run(first.run(images)[0])
+
+    return run

@@ -31,7 +31,7 @@ import paddle
 from paddle import nn
 
 from core.errors import ConfigError
-from core.inference import Predictor, PredictorOptions
+from core.inference import Predictor, PredictorOptions, chained
 from core.io import remove_stale_temporaries, staging_dir
 from core.kernels import check_precision
 from core.runtime import RunFn, compile_layer, save_static
@@ -39,6 +39,8 @@ from datasets import IMAGENET_MEAN, IMAGENET_STD
 from deploy.manifest import (
     FORMAT_VERSION,
     HALF_FORMAT_VERSION,
+    HEAD,
+    HEAD_PARAMS,
     MANIFEST,
     SPLIT_FORMAT_VERSION,
     Manifest,
@@ -55,10 +57,8 @@ HEADS = ("matmul", "kernel")
 operator of core/csrc (CPU only; deploy.json lists it under ``kernels``): ortho's and padim's
 Mahalanobis head, patchcore's nearest-patch search (AnomalyModel.kernels)."""
 PARAMS = "model.pdiparams"
-HEAD = "head"
-"""File stem of a split export's scoring graph and its params."""
 ARTEFACTS = ("model.json", "model.pdmodel", PARAMS, f"{PARAMS}.info", STATS, ONNX,
-             f"{HEAD}.json", f"{HEAD}.pdmodel", f"{HEAD}.pdiparams", f"{HEAD}.pdiparams.info")
+             f"{HEAD}.json", f"{HEAD}.pdmodel", HEAD_PARAMS, f"{HEAD}.pdiparams.info")
 """Files an export may leave in its folder; those a new export does not write are removed."""
 PROBE_TOLERANCE = 1e-3
 """Largest accepted |exported - dynamic| / max|dynamic| on the probe image."""
@@ -156,13 +156,14 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
     with :meth:`kernel_layer` (see :data:`HEADS`; patchcore's too, with ``head_precision`` fp32),
     its factor stored as ``head_precision`` (a key of core.kernels.FACTOR_DTYPES; a 16-bit export
     records its deviation from the float32 head on the probe images in deploy.json's
-    ``verified.fp32_max_rel_diff``). ``split`` writes the split layout (:meth:`split_layers`).
+    ``verified.fp32_max_rel_diff``). ``split`` writes the split layout (``model.split_layer``).
     """
     check_head(head, fuse, onnx, head_precision, split)
     if head == "kernel":
         model.check_kernel_head(head_precision)
-    parts = model.split_layers(head, head_precision) if split else None
     model.check_statistics(source or f"{model.config.method} model", "fit it again")
+    if split:
+        model.check_split()
     if save_dir.exists() and not save_dir.is_dir():
         raise ConfigError(f"--save_dir {save_dir}: is a file; pass a folder")
     if not fuse and model.unfused_parts() is None:
@@ -176,7 +177,7 @@ def export_model(model: AnomalyModel, save_dir: Path, fmt: str = "json", fuse: b
         raise ConfigError(f"--save_dir {save_dir}: cannot write there ({exc.strerror}); "
                           "pass a writable folder") from exc
     try:
-        manifest = _build(model, staging, fmt, fuse, onnx, source, head, head_precision, parts)
+        manifest = _build(model, staging, fmt, fuse, onnx, source, head, head_precision, split)
         _publish(staging, save_dir, manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -212,7 +213,7 @@ def check_precision_cost(outputs: list[np.ndarray], reference: list[np.ndarray],
 
 
 def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool, source: str,
-           head: str, head_precision: str, parts: tuple[nn.Layer, nn.Layer] | None) -> Manifest:
+           head: str, head_precision: str, split: bool) -> Manifest:
     """Write the export's files into ``staging`` and return their manifest."""
     if onnx:
         require("paddle2onnx", "--onnx")
@@ -233,6 +234,7 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
     verified: dict[str, float | None] = {}
     if reference is not None:
         verified["fp32_max_rel_diff"] = check_precision_cost(expected_all, reference, head_precision)
+    parts = model.split_layer(layer) if split else None
     with ir_guard(fmt if parts is None else "pdmodel"):
         model_file = Path(save_static(layer if parts is None else parts[0], [None, 3, size, size],
                                       str(staging / "model")))
@@ -241,7 +243,7 @@ def _build(model: AnomalyModel, staging: Path, fmt: str, fuse: bool, onnx: bool,
     files = [model_file.name, PARAMS]
     if parts is not None:
         head_file, run, output_names = _save_head(parts[1], predictor, staging, fmt, probe)
-        files += [head_file, f"{HEAD}.pdiparams"]
+        files += [head_file, HEAD_PARAMS]
     verified["paddle_max_rel_diff"] = check_outputs(run, expected, probe, model_file)
     batch_diff = verified["paddle_batch_max_rel_diff"] = batch_deviation(run, probes, expected_all)
     if unfused is not None:
@@ -279,12 +281,8 @@ def _save_head(tail: nn.Layer, features: Predictor, staging: Path, fmt: str,
     shape = features.run(probe)[0].shape
     with ir_guard(fmt):
         head_file = Path(save_static(tail, [None, *shape[1:]], str(staging / HEAD), name="embedding"))
-    scorer = Predictor(str(head_file), str(staging / f"{HEAD}.pdiparams"), PredictorOptions())
-
-    def chained(images: np.ndarray) -> list[np.ndarray]:
-        return scorer.run(features.run(images)[0])
-
-    return head_file.name, chained, scorer.output_names
+    scorer = Predictor(str(head_file), str(staging / HEAD_PARAMS), PredictorOptions())
+    return head_file.name, chained(features, scorer), scorer.output_names
 
 
 def _publish(staging: Path, save_dir: Path, manifest: Manifest) -> None:

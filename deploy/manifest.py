@@ -28,6 +28,9 @@ SPLIT_FORMAT_VERSION = 3
 so a toolkit that reads only versions 1 and 2 would take the embedding for the anomaly map; it
 refuses the file with one line instead."""
 VERSIONS = (FORMAT_VERSION, HALF_FORMAT_VERSION, SPLIT_FORMAT_VERSION)
+HEAD = "head"
+"""File stem of a split export's head graph (``head.json`` or ``head.pdmodel``) and params."""
+HEAD_PARAMS = f"{HEAD}.pdiparams"
 IDENTITY = ("method", "arch", "k", "category", "image_size", "resize")
 """Fields that a stats file must share with the manifest."""
 
@@ -118,6 +121,8 @@ def read_manifest(folder: Path) -> Manifest:
         if manifest.head_precision != "fp32" and not HALF_KERNELS & set(manifest.kernels):
             raise ValueError(f"head_precision {manifest.head_precision} without the compiled head "
                              f"({', '.join(sorted(HALF_KERNELS))}) in kernels")
+        if manifest.head_file not in (None, f"{HEAD}.json", f"{HEAD}.pdmodel"):
+            raise ValueError(f"head_file {manifest.head_file!r}, not {HEAD}.json or {HEAD}.pdmodel")
         if (manifest.head_file is None) != (manifest.format_version != SPLIT_FORMAT_VERSION):
             raise ValueError(f"format_version {manifest.format_version} with head_file "
                              f"{manifest.head_file!r}: a split export has both, others neither")

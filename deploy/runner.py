@@ -17,12 +17,12 @@ import numpy as np
 import paddle
 
 from core.errors import ConfigError, InputError, ToolkitError
-from core.inference import Predictor, PredictorOptions
+from core.inference import Predictor, PredictorOptions, chained
 from core.kernels import SOURCES, load_kernel
 from core.runtime import RunFn, run_chunked
 from datasets import Preprocess
 from deploy.benchmark import Timer, timed
-from deploy.manifest import MANIFEST, Manifest, check_file, read_manifest
+from deploy.manifest import HEAD_PARAMS, MANIFEST, Manifest, check_file, read_manifest
 from deploy.onnx_model import OnnxRunner
 from deploy.postprocess import GaussianHead
 from deploy.report import BadInputs, Result, batches
@@ -41,11 +41,24 @@ def _paddle_runner(model_file: Path, params_file: Path, options: PredictorOption
         reason = " ".join(str(exc).split())[:200]
         if options.use_openvino:
             raise ConfigError(f"--use_openvino: {model_file}: Paddle Inference {paddle.__version__} could "
-                              f"not build its OpenVINO engine ({type(exc).__name__}: {reason}); run "
-                              "without --use_openvino") from exc
+                              f"not build its OpenVINO engine for it ({type(exc).__name__}: {reason}); run "
+                              "without --use_openvino (which also shows whether the graph itself loads)"
+                              ) from exc
         raise InputError(f"{model_file}: Paddle Inference {paddle.__version__} cannot load it with "
                          f"{params_file} ({type(exc).__name__}: {reason}); pass the params file exported "
                          "with it, or export again with this Paddle version") from exc
+
+
+def _check_split_files(manifest: Manifest, folder: Path, model_path: Path, params: Path) -> None:
+    """A split export runs its features graph with its params, then its head graph: refuse any other
+    file given as the model or params, and a head graph or params not of this export."""
+    for given, expected, what in ((model_path, manifest.model_file, "--model_file"),
+                                  (params, manifest.params_file, "--params_file")):
+        if given.name != expected:
+            raise InputError(f"{what} {given}: {folder} is a split export, whose first graph is "
+                             f"{expected} (its head runs after it); pass the export folder")
+    check_file(manifest, folder, folder / str(manifest.head_file), "head model")
+    check_file(manifest, folder, folder / HEAD_PARAMS, "head params")
 
 
 def load_kernels(manifest: Manifest, folder: Path, options: PredictorOptions) -> None:
@@ -66,6 +79,7 @@ def paddle_status(predictor: Predictor) -> dict[str, object]:
     return {"runtime_device": "gpu" if config.use_gpu() else "cpu", "ir_optim": config.ir_optim(),
             "enable_memory_optim": True, "enable_tensorrt": config.tensorrt_engine_enabled(),
             "precision": predictor.options.precision, "enable_mkldnn": config.mkldnn_enabled(),
+            "enable_openvino": predictor.options.use_openvino,
             "cpu_math_library_num_threads": config.cpu_math_library_num_threads()}
 
 
@@ -122,29 +136,25 @@ class DeployedModel:
         check_file(manifest, folder, params, "params")
         if options.use_openvino and manifest.kernels and not manifest.head_file:
             raise ConfigError(f"--use_openvino: {folder} holds a compiled operator inside its graph, "
-                              "which OpenVINO cannot run; export it again with --split")
+                              "which OpenVINO cannot run; export it again with --split (ortho, padim) "
+                              "or with --head matmul --format pdmodel")
+        if manifest.head_file is not None:
+            _check_split_files(manifest, folder, model_path, params)
         # A batch goes to the graph in one call when the export checked that oneDNN gives the same
         # results for it (deploy.json "batched"): then the statistics are read once per batch.
         # Otherwise oneDNN runs one image per call: Paddle 3.3's oneDNN has given wrong results
-        # for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul).
+        # for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul). The OpenVINO engine,
+        # which the export does not run, always gets one image per call.
         load_kernels(manifest, folder, options)
-        one_by_one = (options.enable_mkldnn or options.use_openvino) and not options.use_gpu \
-            and not manifest.batched
-        chunk = 1 if one_by_one else 0
+        one_by_one = options.enable_mkldnn and not options.use_gpu and not manifest.batched
+        chunk = 1 if one_by_one or options.use_openvino else 0
         predictor = _paddle_runner(model_path, params, options)
         status = paddle_status(predictor)
         if manifest.head_file is None:
             return cls(manifest, predictor.run, chunk, head, status, folder)
-        head_model = folder / manifest.head_file
-        head_params = folder / f"{Path(manifest.head_file).stem}.pdiparams"
-        for path, what in ((head_model, "head model"), (head_params, "head params")):
-            check_file(manifest, folder, path, what)
-        scorer = _paddle_runner(head_model, head_params, dataclasses.replace(options, use_openvino=False))
-
-        def split_run(images: np.ndarray) -> list[np.ndarray]:
-            return scorer.run(predictor.run(images)[0])
-
-        return cls(manifest, split_run, chunk, head, status, folder)
+        scorer = _paddle_runner(folder / manifest.head_file, folder / HEAD_PARAMS,
+                                dataclasses.replace(options, use_openvino=False))
+        return cls(manifest, chained(predictor, scorer), chunk, head, status, folder)
 
     @staticmethod
     def _head(manifest: Manifest, folder: Path, stats_file: str | Path | None) -> GaussianHead | None:

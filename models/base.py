@@ -185,6 +185,8 @@ class AnomalyModel(ABC):
     train/good, datasets.validation_split) and hands them to :meth:`fit_validation`."""
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     """The method's options class (fields, defaults, checks)."""
+    splits: ClassVar[bool] = False
+    """Whether :meth:`split_layer` cuts the fused layer after the embedding (``--split``)."""
     kernels: ClassVar[tuple[str, ...]] = ()
     """Compiled CPU operators (core.kernels) that :meth:`kernel_layer` puts in its graph; none: the
     method has no ``--head kernel``."""
@@ -264,13 +266,19 @@ class AnomalyModel(ABC):
         self.check_kernel_head(precision)
         raise NotImplementedError(f"{type(self).__name__} lists kernels but builds no kernel layer")
 
-    def split_layers(self, head: str = "matmul", precision: str = "fp32") -> tuple[nn.Layer, nn.Layer]:
-        """The fused layer of ``--head head`` cut in two (``export_model.py --split``): features
-        mapping images (N, 3, S, S) to the embedding z (N, k, h, w) in standard ops only, and the
-        scoring head mapping z to (anomaly map (N, 1, S, S), image score (N,)). Methods whose
-        embedding ends in a Gaussian head override it."""
-        raise ConfigError(f"--split: --method {self.config.method} has no split layout (ortho and "
-                          "padim have); drop --split")
+    def split_layer(self, fused: nn.Layer) -> tuple[nn.Layer, nn.Layer]:
+        """``fused`` (this model's :meth:`fused_layer` or :meth:`kernel_layer`) cut in two
+        (``export_model.py --split``): features mapping images (N, 3, S, S) to the embedding z
+        (N, k, h, w) in standard ops only, and the scoring head mapping z to (anomaly map
+        (N, 1, S, S), image score (N,)). Methods with :attr:`splits` override it."""
+        self.check_split()
+        raise NotImplementedError(f"{type(self).__name__} splits but cuts no layer")
+
+    def check_split(self) -> None:
+        """One line if ``--split`` does not fit this method."""
+        if not self.splits:
+            raise ConfigError(f"--split: --method {self.config.method} has no split layout (ortho and "
+                              "padim have); drop --split")
 
     def check_kernel_head(self, precision: str = "fp32") -> None:
         """One line if ``--head kernel --head_precision precision`` does not fit this method."""

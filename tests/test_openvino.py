@@ -47,12 +47,20 @@ PLUGIN = "libopenvino_intel_cpu_plugin"
 
 
 @pytest.fixture(scope="module")
-def padim(demo_root, images_dir, tmp_path_factory):
-    """(checkpoint fitted on the demo images, (images, maps, scores) of its dynamic graph)."""
+def fitted(demo_root, images_dir, tmp_path_factory):
+    """method -> (checkpoint fitted on the demo images, (images, maps, scores) of its dynamic graph)."""
     root = tmp_path_factory.mktemp("openvino")
-    config = model_config("padim", arch="resnet18", k=K, image_size=SIZE, resize=SIZE, pretrained="none")
-    checkpoint = fit_checkpoint(config, demo_root, root / "padim.npz")
-    return checkpoint, dynamic_references({"padim": checkpoint}, images_dir)["padim"]
+    checkpoints = {method: fit_checkpoint(model_config(method, arch="resnet18", k=K, image_size=SIZE,
+                                                       resize=SIZE, pretrained="none"),
+                                          demo_root, root / f"{method}.npz")
+                   for method in ("ortho", "padim")}
+    references = dynamic_references(checkpoints, images_dir)
+    return {method: (path, references[method]) for method, path in checkpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def padim(fitted):
+    return fitted["padim"]
 
 
 def engine_loaded(folder: Path, images: np.ndarray, openvino: bool, tmp_path: Path) -> bool:
@@ -75,13 +83,15 @@ def engine_loaded(folder: Path, images: np.ndarray, openvino: bool, tmp_path: Pa
 
 
 @needs_compiler
-@pytest.mark.parametrize(("head", "fmt"), [("kernel", "json"), ("matmul", "pdmodel")])
-def test_split_export_runs_in_the_openvino_engine(head, fmt, padim, images_dir, tmp_path):
+@pytest.mark.parametrize(("method", "head", "fmt"),
+                         [("ortho", "kernel", "json"), ("padim", "matmul", "pdmodel")])
+def test_split_export_runs_in_the_openvino_engine(method, head, fmt, fitted, images_dir, tmp_path):
     """export_model.py --split as users type it: the features graph in the legacy IR, the head in
     --format; infer.py and the Python API give the dynamic graph's maps and scores with the
-    OpenVINO engine (batches of 2) and without it (oneDNN, batches of 3)."""
-    checkpoint, (images, maps, scores) = padim
-    folder = export_with_script(checkpoint, tmp_path / "export", "padim", fmt, "--head", head, "--split")
+    OpenVINO engine (oneDNN on and off for the head graph) and without it. A fused export written
+    over it afterwards leaves no head files behind."""
+    checkpoint, (images, maps, scores) = fitted[method]
+    folder = export_with_script(checkpoint, tmp_path / "export", method, fmt, "--head", head, "--split")
     manifest = read_manifest(folder)
     assert manifest.format_version == SPLIT_FORMAT_VERSION and manifest.fused
     assert (manifest.model_file, manifest.head_file) == ("model.pdmodel", f"head.{fmt}")
@@ -90,13 +100,18 @@ def test_split_export_runs_in_the_openvino_engine(head, fmt, padim, images_dir, 
     assert sorted(p.name for p in folder.iterdir()) == sorted([*manifest.files, "deploy.json"])
     assert manifest.verified["paddle_max_rel_diff"] < 1e-5
     assert manifest.kernels == (["orthoad_mahalanobis_head"] if head == "kernel" else [])
-    for openvino, batch in ((True, 2), (False, 3)):
-        save = tmp_path / f"openvino_{openvino}"
+    for openvino, mkldnn, batch in ((True, True, 2), (True, False, 3), (False, True, 3)):
+        save = tmp_path / f"openvino_{openvino}_{mkldnn}"
         proc = run("infer.py", "--model_file", folder, "--input_file", images_dir, "--save_path", save,
-                   "--use_openvino", openvino, "--batch_size", batch)
+                   "--use_openvino", openvino, "--enable_mkldnn", mkldnn, "--batch_size", batch,
+                   "--enable_benchmark", True)
         check_infer_outputs(proc, save, images_dir, scores, manifest.threshold)
+        assert f"enable_openvino: {openvino}" in proc.stdout
         assert engine_loaded(folder, images, openvino, tmp_path) == openvino
         assert_rel_close(np.load(tmp_path / "maps.npy"), maps, f"maps, OpenVINO engine {openvino}")
+    fused = export_with_script(checkpoint, folder, method, fmt)
+    assert sorted(p.name for p in fused.iterdir()) == sorted([*read_manifest(fused).files, "deploy.json"])
+    assert not list(fused.glob("head.*"))
 
 
 def test_a_fused_legacy_export_runs_whole_in_the_openvino_engine(padim, images_dir, tmp_path):
@@ -136,11 +151,12 @@ def test_two_exports_with_one_program_keep_their_own_engines(padim, demo_root, i
         np.testing.assert_allclose(got_scores, want_scores, rtol=RTOL)
 
 
-def test_split_layers_compose_to_the_fused_layer(padim):
-    """The two halves of split_layers, run one after the other, are the fused layer."""
+def test_split_layer_composes_to_the_fused_layer(padim):
+    """The two halves of split_layer, run one after the other, are the fused layer; a layer that
+    is not the model's fused layer is refused."""
     checkpoint, (images, maps, scores) = padim
     model = load_model(str(checkpoint), runtime=Runtime(engine="dynamic"))
-    features, head = model.split_layers("matmul")
+    features, head = model.split_layer(model.fused_layer())
     assert isinstance(features, Pipeline) and not features.tail
     with paddle.no_grad():
         z = features(paddle.to_tensor(images))
@@ -148,6 +164,8 @@ def test_split_layers_compose_to_the_fused_layer(padim):
         amap, score = head(z)
     assert_rel_close(amap.numpy()[:, 0], maps, "maps of the two halves")
     np.testing.assert_allclose(score.numpy(), scores, rtol=RTOL)
+    with pytest.raises(TypeError, match="split_layer cuts this model's fused_layer"):
+        model.split_layer(features)
 
 
 @needs_compiler
@@ -158,12 +176,13 @@ def test_openvino_refusals_are_one_line(padim, images_dir, tmp_path):
     proc = run("infer.py", "--model_file", kernel, "--input_file", images_dir, "--use_openvino", "True",
                "--save_path", tmp_path / "out")
     assert_one_line_error(proc, "holds a compiled operator inside its graph, which OpenVINO cannot run",
-                          "export it again with --split")
+                          "export it again with --split (ortho, padim)",
+                          "or with --head matmul --format pdmodel")
     plain = export_with_script(checkpoint, tmp_path / "plain", "padim", "json")
     proc = run("infer.py", "--model_file", plain, "--input_file", images_dir, "--use_openvino", "True",
                "--save_path", tmp_path / "out")
     assert_one_line_error(proc, "Paddle Inference's OpenVINO engine reads legacy-IR graphs",
-                          "export with --split (or --format pdmodel)")
+                          "export with --split (ortho, padim) or --format pdmodel")
     for extra, fragment in ((["--no-fuse"], "cannot go with --no-fuse"),
                             (["--onnx"], "cannot go with --onnx")):
         proc = run("export_model.py", "--model_path", checkpoint, "--save_dir", tmp_path / "x", "--split",
@@ -197,18 +216,26 @@ def test_split_needs_a_gaussian_head(demo_root, tmp_path):
 @needs_compiler
 @pytest.mark.bad_input
 def test_a_split_export_with_a_foreign_part_is_refused(padim, tmp_path):
-    """A head graph or params from another export, or a deploy.json whose version and head_file
-    disagree, is one InputError before anything runs."""
+    """A head graph or params from another export, the head graph or params given as the first
+    graph's, or a deploy.json whose version and head_file disagree or whose head_file is not a
+    head graph's name, is one InputError before anything runs."""
     checkpoint, _ = padim
     split = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--head", "kernel", "--split")
     other = export_with_script(checkpoint, tmp_path / "other", "padim", "json", "--split")
+    for name, what in (("head.pdiparams", "head params"), ("head.json", "head model")):
+        copy = shutil.copytree(split, tmp_path / f"copy_{what}".replace(" ", "_"))
+        shutil.copy(other / name, copy / name)
+        with pytest.raises(InputError, match=f"{name}: not the {what} file exported with"):
+            DeployedModel.load(copy)
+    with pytest.raises(InputError, match="is a split export, whose first graph is model.pdmodel"):
+        DeployedModel.load(split / "head.json")
+    with pytest.raises(InputError, match="is a split export, whose first graph is model.pdiparams"):
+        DeployedModel.load(split, params_file=split / "head.pdiparams")
     copy = shutil.copytree(split, tmp_path / "copy")
-    shutil.copy(other / "head.pdiparams", copy / "head.pdiparams")
-    with pytest.raises(InputError, match="head.pdiparams: not the head params file exported with"):
-        DeployedModel.load(copy)
     record = json.loads((split / "deploy.json").read_text())
     for update, message in (({"format_version": 1}, "format_version 1 with head_file 'head.json'"),
                             ({"head_file": None}, "format_version 3 with head_file None"),
+                            ({"head_file": 5}, "head_file 5, not head.json or head.pdmodel"),
                             ({"format_version": 4}, "format_version 4, this version reads 1, 2, 3")):
         (copy / "deploy.json").write_text(json.dumps({**record, **update}))
         with pytest.raises(InputError, match="deploy.json: not a deploy.json of this toolkit \\(" + message):
@@ -218,8 +245,9 @@ def test_a_split_export_with_a_foreign_part_is_refused(padim, tmp_path):
 @needs_compiler
 def test_the_previous_infer_refuses_a_split_export(previous_version, padim, images_dir,  # noqa: F811
                                                    tmp_path):
-    """The previous version reads format_version 1 only: it would have taken the embedding for the
-    anomaly map, and refuses a split export in one line instead, writing nothing."""
+    """The version before --head_precision (test_kernels.PREVIOUS) reads format_version 1 only; a
+    version that reads 1 or 2 would have taken the embedding for the anomaly map. It refuses a
+    split export in one line instead, writing nothing."""
     checkpoint, _ = padim
     split = export_with_script(checkpoint, tmp_path / "split", "padim", "pdmodel", "--split")
     proc = run_previous(previous_version, "infer.py", "--model_file", split / "model.pdmodel",

@@ -135,6 +135,7 @@ class GaussianModel(AnomalyModel):
     Options = GaussianOptions
     folds_count: ClassVar[int] = 2
     kernels = (MAHALANOBIS_HEAD,)
+    splits = True
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
@@ -322,15 +323,10 @@ class GaussianModel(AnomalyModel):
 
     def _scoring_layer(self, mean: np.ndarray, inv_cov: np.ndarray, kernel: bool = False,
                        precision: str = "fp32") -> nn.Layer:
-        return Pipeline(self.trunk, self.embedding(), *self._head_layers(mean, inv_cov, kernel, precision))
-
-    def _head_layers(self, mean: np.ndarray, inv_cov: np.ndarray, kernel: bool,
-                     precision: str) -> tuple[nn.Layer, nn.Layer]:
-        """The distance map z (N, k, h, w) -> (N, 1, h, w) and the map head that upsamples and
-        smooths it into (anomaly map (N, 1, S, S), image score (N,))."""
         distance = MahalanobisMap(mean, inv_cov, self.grid, kernel=kernel, precision=precision)
         size = (self.config.image_size, self.config.image_size)
-        return distance, AnomalyMapHead(self.grid, size, self.config.sigma)
+        head = AnomalyMapHead(self.grid, size, self.config.sigma)
+        return Pipeline(self.trunk, self.embedding(), distance, head)
 
     def fused_layer(self) -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov)
@@ -338,11 +334,10 @@ class GaussianModel(AnomalyModel):
     def kernel_layer(self, precision: str = "fp32") -> nn.Layer:
         return self._scoring_layer(self.mean, self.inv_cov, kernel=True, precision=precision)
 
-    def split_layers(self, head: str = "matmul", precision: str = "fp32") -> tuple[nn.Layer, nn.Layer]:
-        if head == "kernel":
-            self.check_kernel_head(precision)
-        tail = self._head_layers(self.mean, self.inv_cov, head == "kernel", precision)
-        return Pipeline(self.trunk, self.embedding()), nn.Sequential(*tail)
+    def split_layer(self, fused: nn.Layer) -> tuple[nn.Layer, nn.Layer]:
+        if not isinstance(fused, Pipeline) or len(fused.tail) != 2:
+            raise TypeError("split_layer cuts this model's fused_layer() or kernel_layer()")
+        return Pipeline(fused.trunk, fused.embedding), nn.Sequential(*fused.tail)
 
     def unfused_parts(self) -> UnfusedParts:
         """The graph up to x and the statistics that finish it (deploy.postprocess)."""
