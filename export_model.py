@@ -57,7 +57,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", action="store_true",
                         help="cut the fused graph in two (ortho, padim): model.pdmodel, images to the "
                              "embedding in standard ops (legacy IR), which infer.py --use_openvino True "
-                             "runs in Paddle Inference's OpenVINO engine; head.json|pdmodel scores it")
+                             "runs in Paddle Inference's OpenVINO engine (--precision bf16: in "
+                             "bfloat16); head.json|pdmodel scores it")
     parser.add_argument("--onnx", action="store_true",
                         help="also write model.onnx with paddle2onnx (requirements-deploy.txt)")
     add_identity_args(parser, size_flags=("--img_size", "--crop_size"))

@@ -27,7 +27,7 @@ from deploy.runner import BACKENDS, DeployedModel
 
 DEFAULT_SAVE_DIR = "./output/inference"
 """export_model.py's default --save_dir."""
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--use_tensorrt", type=str2bool, default=False,
                         help="TensorRT subgraphs on the GPU (default False)")
     parser.add_argument("--precision", default="fp32",
-                        help="fp32 or fp16; fp16 needs --use_gpu True (default fp32)")
+                        help="fp32 (default); fp16 with --use_gpu True; bf16 on a CPU with bfloat16 "
+                             "instructions: a --split export's features graph in bfloat16 (oneDNN, or "
+                             "the OpenVINO engine with --use_openvino True), its head in float32")
     parser.add_argument("--use_openvino", type=str2bool, default=False,
                         help="CPU: run the graph in Paddle Inference's OpenVINO engine (a legacy-IR "
                              "export without compiled operators, or a --split export's features)")
@@ -88,7 +90,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch_size {args.batch_size}: must be at least 1")
     if args.precision == "int8":
         raise ConfigError("--precision int8: needs a quantised (calibrated int8) model, which "
-                          "export_model.py does not make; use --precision fp32, or fp16 with --use_gpu True")
+                          "export_model.py does not make; use --precision fp32, fp16 with --use_gpu True, "
+                          "or bf16 on the CPU")
     if args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision}: use {' or '.join(PRECISIONS)}")
     if args.use_gpu and args.backend == "paddle":

@@ -58,6 +58,7 @@ from datasets.magnetic_tile import CATEGORY, convert  # noqa: E402
 from deploy import export_model  # noqa: E402
 from deploy.export import ir_guard  # noqa: E402
 from deploy.runner import DeployedModel  # noqa: E402
+from engine.evaluate import ScoredSet, metrics  # noqa: E402
 from engine.workflow import calibration_indices  # noqa: E402
 from models import build_model, model_config  # noqa: E402
 
@@ -67,6 +68,12 @@ EXPORTS = {"matmul": ("matmul", "fp32", False), "kernel": ("kernel", "fp32", Fal
            "split_fp16": ("kernel", "fp16", True)}
 """Our exports: name -> (--head, --head_precision, --split); a split export runs its features graph
 in Paddle Inference's OpenVINO engine (infer.py --use_openvino True)."""
+RUNS = {**{name: (name, "fp32") for name in EXPORTS}, "split_bf16": ("split_fp16", "bf16")}
+"""What is timed: name -> (export, infer.py --precision); split_bf16 runs split_fp16's features graph
+in bfloat16 (infer.py --use_openvino True --precision bf16)."""
+BATCHED = ("kernel", "split", "split_bf16", "trunk", "trunk_ov")
+"""The runs also timed at batch :data:`BATCH_LARGE` (the trunks on their own predictors)."""
+BATCH_LARGE = 8
 PEER_PACKAGES = ("torch", "torchvision", "anomalib[core]", "openvino", "onnxruntime", "onnx", "onnxscript")
 CONFIGS = {"resnet18": (100, 0), "wide_resnet50_2": (300, 100)}
 """backbone: (k, training images; 0 = all)."""
@@ -84,7 +91,7 @@ def parse_args() -> argparse.Namespace:
                         help="converted magnetic-tile root (made from ../shared/data if missing)")
     parser.add_argument("--fit_images", type=int, default=None,
                         help="training images for both fits (default: all for resnet18, 100 for wrn50)")
-    parser.add_argument("--images", type=int, default=30, help="timed test images (default 30)")
+    parser.add_argument("--images", type=int, default=35, help="timed test images (default 35)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed test images first (default 5)")
     parser.add_argument("--fit_only", action="store_true",
                         help="time the fits only: ours as train.py runs it (fit pass, threshold, "
@@ -111,20 +118,21 @@ def load_images(root: Path, split: str, count: int) -> np.ndarray:
 
 
 def per_image_ms(runs: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
-                 warmup: int) -> dict[str, np.ndarray]:
-    """Milliseconds of each of ``runs`` on each image (batch 1) after ``warmup`` untimed ones; the
-    runs take turns on every image (in a rotating order), so a slower or faster spell of the
-    machine falls on all of them alike."""
+                 warmup: int, batch: int = 1) -> dict[str, np.ndarray]:
+    """Milliseconds per image of each of ``runs`` on each batch of ``batch`` images after ``warmup``
+    untimed batches; the runs take turns on every batch (in a rotating order), so a slower or
+    faster spell of the machine falls on all of them alike."""
     names = list(runs)
-    for image in images[:warmup]:
+    batches = [images[first : first + batch] for first in range(0, len(images) - batch + 1, batch)]
+    for images_in in batches[:warmup]:
         for name in names:
-            runs[name](image[None])
+            runs[name](images_in)
     times: dict[str, list[float]] = {name: [] for name in names}
-    for step, image in enumerate(images[warmup:]):
+    for step, images_in in enumerate(batches[warmup:]):
         for name in names[step % len(names):] + names[:step % len(names)]:
             start = time.perf_counter()
-            runs[name](image[None])
-            times[name].append(1000.0 * (time.perf_counter() - start))
+            runs[name](images_in)
+            times[name].append(1000.0 * (time.perf_counter() - start) / batch)
     return {name: np.asarray(values) for name, values in times.items()}
 
 
@@ -140,9 +148,12 @@ def copy_bandwidth(megabytes: int = 512) -> float:
     return 2 * src.nbytes / best
 
 
-def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, folder: Path) -> dict:
-    """Fit seconds, ms per image of our exports and the trunk alone (taking turns), statistics
-    bytes of each export, and the fp16 export's largest map deviation from the default export."""
+def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, folder: Path,
+         root: Path) -> dict:
+    """Fit seconds, ms per image of our runs and the trunk alone (taking turns; batch 1, and batch
+    :data:`BATCH_LARGE` for :data:`BATCHED`), statistics bytes of each export, each reduced-precision
+    run's largest map deviation from the default export, and our whole fused model in the OpenVINO
+    engine at bf16 (what OpenVINO's default precision makes of it)."""
     config = model_config("padim", arch=arch, k=k, image_size=SIZE, resize=SIZE, pretrained="none", seed=0)
     model = build_model(config, Runtime(cpu_threads=THREADS))
     model.category = CATEGORY
@@ -156,20 +167,52 @@ def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, fo
     with ir_guard("pdmodel"):
         trunk_ov = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk_ov" / "model"))
     trunk_bytes = (folder / "trunk" / "model.pdiparams").stat().st_size
+    trunk_ov_params = str(folder / "trunk_ov" / "model.pdiparams")
     out: dict = {"fit_seconds": fit_seconds}
     graphs = {"trunk": Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options).run,
-              "trunk_ov": Predictor(trunk_ov, str(folder / "trunk_ov" / "model.pdiparams"), openvino).run}
+              "trunk_ov": Predictor(trunk_ov, trunk_ov_params, openvino).run,
+              "trunk_ov_bf16": Predictor(trunk_ov, trunk_ov_params,
+                                         dataclasses.replace(openvino, precision="bf16")).run}
     for name, (head, precision, split) in EXPORTS.items():
         export_model(model, folder / name, "json", head=head, head_precision=precision, split=split)
-        graphs[name] = DeployedModel.load(folder / name, options=openvino if split else options).forward
         params = sum(path.stat().st_size for path in (folder / name).glob("*.pdiparams"))
         out[f"{name}_statistics_bytes"] = params - trunk_bytes
+    for name, (export, precision) in RUNS.items():
+        base = openvino if EXPORTS[export][2] else options
+        graphs[name] = DeployedModel.load(folder / export, options=dataclasses.replace(
+            base, precision=precision)).forward
+    export_model(model, folder / "whole", "pdmodel")
+    graphs["whole_ov_bf16"] = Predictor(str(folder / "whole" / "model.pdmodel"),
+                                        str(folder / "whole" / "model.pdiparams"),
+                                        dataclasses.replace(openvino, precision="bf16")).run
     out.update({f"{name}_ms": ms for name, ms in per_image_ms(graphs, test, warmup).items()})
-    for name in ("kernel_fp16", "split", "split_fp16"):
-        pairs = [(graphs[name](image[None])[0], graphs["matmul"](image[None])[0]) for image in test]
-        out[f"{name}_map_error"] = max(float(np.abs(a - b).max()) for a, b in pairs) / max(
-            float(np.abs(b).max()) for _, b in pairs)
+    out.update({f"{name}_batch_ms": ms for name, ms in per_image_ms(
+        {name: graphs[name] for name in BATCHED}, test, 1, BATCH_LARGE).items()})
+    reference = [graphs["matmul"](image[None])[0] for image in test]
+    scale = max(float(np.abs(b).max()) for b in reference)
+    for name in ("kernel_fp16", "split", "split_fp16", "split_bf16", "whole_ov_bf16"):
+        out[f"{name}_map_error"] = max(float(np.abs(graphs[name](image[None])[0] - b).max())
+                                       for image, b in zip(test, reference, strict=True)) / scale
+    out["accuracy"] = {name: accuracy(graphs[name], root)
+                       for name in ("matmul", "split_bf16", "whole_ov_bf16")}
     return out
+
+
+def accuracy(run: Callable[[np.ndarray], list[np.ndarray]], root: Path) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and PRO of a fused run (first output: maps (N, 1, S, S); second:
+    scores (N,)) on every magnetic-tile test image under ``root``, scored one by one."""
+    dataset = AnomalyDataset(list_samples(root, CATEGORY, "test"), Preprocess(SIZE))
+    labels, scores, maps, masks = [], [], [], []
+    for index in range(len(dataset)):
+        item = dataset[index]
+        amap, score = run(item["image"][None].astype(np.float32))[:2]
+        labels.append(item["label"])
+        scores.append(float(score.reshape(-1)[0]))
+        maps.append(amap[0, 0])
+        masks.append(item["mask"] > 0)
+    scored = ScoredSet(np.asarray(scores), np.asarray(labels), np.stack(maps), np.stack(masks))
+    row = metrics(scored, CATEGORY, eval_pro=True, rule="trapezoid")
+    return {key: float(row[key]) for key in ("image_auroc", "pixel_auroc", "pro")}
 
 
 def our_fit(arch: str, k: int, train: np.ndarray) -> dict[str, tuple[float, float]]:
@@ -233,76 +276,122 @@ def measure(arch: str, args: argparse.Namespace, bandwidth: float) -> dict:
         train = np.load(arrays["train"], mmap_mode="r")
         if args.fit_only:
             return {"arch": arch, "k": k, "ours": our_fit(arch, k, train), "peers": peer}
-        mine = ours(arch, k, train, test, args.warmup, folder)
-    trunk_ms = {name: float(np.median(mine["trunk_ov_ms" if split else "trunk_ms"]))
-                for name, (_, _, split) in EXPORTS.items()}
-    limits = {name: trunk_ms[name] + 1000.0 * mine[f"{name}_statistics_bytes"] / bandwidth
-              for name in EXPORTS}
+        mine = ours(arch, k, train, test, args.warmup, folder, root)
+    limits = {}
+    for name, (export, precision) in RUNS.items():
+        trunk = ("trunk_ov" if EXPORTS[export][2] else "trunk") + ("_bf16" if precision == "bf16" else "")
+        limits[name] = (float(np.median(mine[f"{trunk}_ms"]))
+                        + 1000.0 * mine[f"{export}_statistics_bytes"] / bandwidth)
     return {"arch": arch, "k": k, "ours": mine, "peers": peer, "limit_ms": limits}
 
 
+def _ms(values: np.ndarray) -> str:
+    return f"{np.median(values):.1f}"
+
+
 def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loads: tuple) -> str:
-    """The docs/benchmarks.md section."""
+    """The docs/benchmarks.md section: float32 against the peers, the reduced-precision options,
+    and batch 8."""
     lines = [
         "## Against anomalib's PaDiM (bench/bench_peers.py)", "",
         f"Command: `python bench/bench_peers.py --configs {' '.join(args.configs)}"
         f"{'' if args.fit_images is None else f' --fit_images {args.fit_images}'} --images "
         f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}; {load_note(*loads)}.", "",
-        f"{SIZE} px magnetic-tile images, random-initialised backbones, batch 1, {THREADS} threads; "
-        f"median ms per image over {args.images} test images after {args.warmup} warm-up images, the "
-        "same preprocessed images for every side (our five exports and two trunks taking turns on "
-        "each image; the peers in their own process, before ours). `--split` exports run their "
-        "features graph in Paddle Inference's OpenVINO engine (`infer.py --use_openvino True`), their "
-        "head graph with oneDNN. Numpy copy bandwidth (read + write): "
+        f"{SIZE} px magnetic-tile images, random-initialised backbones, {THREADS} threads; median ms "
+        f"per image over {args.images} test images after {args.warmup} warm-up images, batch 1, the "
+        "same preprocessed images for every side (our runs and trunks taking turns on each image; "
+        "the peers in their own process, before ours). `--split` exports run their features graph "
+        "in Paddle Inference's OpenVINO engine (`infer.py --use_openvino True`), their head graph "
+        "with oneDNN. Limit = the trunk alone (on the same engine, at the same precision) + its "
+        "statistics read once at the numpy copy bandwidth (read + write): "
         f"{bandwidth / 1e9:.1f} GB/s.", "",
-        "| backbone, k | ours, fused (Paddle Inference fp32, oneDNN) | its limit | ours, `--head kernel` "
-        "| its limit | ours, `--head kernel --head_precision fp16` | its limit "
+        "### float32", "",
+        "| backbone, k | ours, fused (oneDNN) | its limit | ours, `--head kernel` | its limit "
         "| ours, `--head kernel --split`, OpenVINO engine | its limit "
-        "| ours, `--head kernel --head_precision fp16 --split`, OpenVINO engine | its limit "
-        "| anomalib eager | anomalib ONNX Runtime | anomalib OpenVINO f32 | anomalib OpenVINO default "
-        "| anomalib OpenVINO f32 / ours split (fp16) "
+        "| anomalib eager | anomalib ONNX Runtime | anomalib OpenVINO f32 "
+        "| anomalib OpenVINO f32 / ours split "
         "| trunk alone: ours oneDNN / ours OpenVINO engine / anomalib OpenVINO f32 "
         "| fit s: ours / anomalib (images) |",
-        "|---" * 18 + "|",
+        "|---" * 13 + "|",
     ]
-    notes = []
     for r in results:
         mine, peer = r["ours"], r["peers"]
-        cells = [cell for name in EXPORTS
-                 for cell in (f"{np.median(mine[f'{name}_ms']):.1f}", f"{r['limit_ms'][name]:.1f}")]
-        cells += [f"{np.median(peer[key]):.1f}" for key in
-                  ("eager_ms", "onnxruntime_ms", "openvino_f32_ms", "openvino_default_ms")]
-        ratios = [np.median(peer["openvino_f32_ms"]) / np.median(mine[f"{name}_ms"])
-                  for name in ("split", "split_fp16")]
-        cells.append(f"{ratios[0]:.2f}x ({ratios[1]:.2f}x)")
-        cells.append(f"{np.median(mine['trunk_ms']):.1f} / {np.median(mine['trunk_ov_ms']):.1f} / "
-                     f"{np.median(peer['openvino_f32_trunk_ms']):.1f}")
+        cells = [cell for name in ("matmul", "kernel", "split")
+                 for cell in (_ms(mine[f"{name}_ms"]), f"{r['limit_ms'][name]:.1f}")]
+        cells += [_ms(peer[key]) for key in ("eager_ms", "onnxruntime_ms", "openvino_f32_ms")]
+        cells.append(f"{np.median(peer['openvino_f32_ms']) / np.median(mine['split_ms']):.2f}x")
+        cells.append(f"{_ms(mine['trunk_ms'])} / {_ms(mine['trunk_ov_ms'])} / "
+                     f"{_ms(peer['openvino_f32_trunk_ms'])}")
         cells.append(f"{mine['fit_seconds']:.1f} / {peer['fit_seconds']:.1f} ({peer['train_images']})")
         lines.append(f"| {r['arch']}, k={r['k']} | {' | '.join(cells)} |")
-        notes.append(
-            f"{r['arch']}: limit = trunk alone (oneDNN {np.median(mine['trunk_ms']):.1f} ms; OpenVINO "
-            f"engine {np.median(mine['trunk_ov_ms']):.1f} ms for the split exports) + the statistics "
-            f"read once: {mine['matmul_statistics_bytes'] / 2**20:.0f} MiB (mean and Cholesky factor "
-            f"blocks), {mine['kernel_statistics_bytes'] / 2**20:.0f} MiB with `--head kernel` (mean and "
-            f"packed triangular factor), {mine['kernel_fp16_statistics_bytes'] / 2**20:.0f} MiB with "
-            "the factor in float16, whose maps differ from the default export's by at most "
-            f"{mine['kernel_fp16_map_error']:.2e} of the largest map value (split: "
-            f"{mine['split_map_error']:.2e} in fp32, {mine['split_fp16_map_error']:.2e} in fp16); "
-            "OpenVINO's default "
-            f"precision here is {peer['openvino_default_precision']} (f32 hint: "
-            f"{peer['openvino_f32_precision']}), its maps differ from the f32 maps by at most "
-            f"{peer['default_vs_f32_max_abs']:.3g} ({peer['default_vs_f32_max_rel']:.2e} of the "
-            "largest map value)."
-            + (f" anomalib's fit raised `{peer['fit_error']}` in torch.linalg.inv; the worker inverted "
-               "the same covariances with numpy (float64) so that inference could be timed (the fit time "
-               "shown stops at the failure)." if peer.get("fit_error") else ""))
+    lines += [
+        "", "### Reduced precision", "",
+        "Map error: the largest deviation of the maps from our float32 fused export's (anomalib: "
+        "from its own OpenVINO f32 maps) over the timed images, as a fraction of the largest map "
+        "value. Accuracy: image AUROC / pixel AUROC / PRO on all magnetic-tile test images.", "",
+        "| backbone, k | run | ms/image | its limit | statistics MiB | map error | accuracy "
+        "| anomalib OpenVINO default / this |",
+        "|---" * 8 + "|",
+    ]
+    labels = {"matmul": "ours, fused float32 (the reference)",
+              "kernel_fp16": "ours, `--head kernel --head_precision fp16`",
+              "split_fp16": "ours, `--head_precision fp16 --split`, OpenVINO engine",
+              "split_bf16": "ours, `--head_precision fp16 --split`, `infer.py --use_openvino True "
+                            "--precision bf16`"}
+    for r in results:
+        mine, peer = r["ours"], r["peers"]
+        default_ms = float(np.median(peer["openvino_default_ms"]))
+        for name, label in labels.items():
+            export = RUNS[name][0]
+            scores = mine["accuracy"].get(name)
+            lines.append(" | ".join([
+                f"| {r['arch']}, k={r['k']}", label, _ms(mine[f"{name}_ms"]), f"{r['limit_ms'][name]:.1f}",
+                f"{mine[f'{export}_statistics_bytes'] / 2**20:.0f}",
+                "0" if name == "matmul" else f"{mine[f'{name}_map_error']:.2e}",
+                " / ".join(f"{v:.4f}" for v in scores.values()) if scores else "",
+                f"{default_ms / np.median(mine[f'{name}_ms']):.2f}x |"]))
+        whole = " / ".join(f"{v:.4f}" for v in mine["accuracy"]["whole_ov_bf16"].values())
+        lines.append(f"| {r['arch']}, k={r['k']} | ours, fused, whole graph in the OpenVINO engine at bf16 "
+                     f"(`--format pdmodel`, not offered) | {_ms(mine['whole_ov_bf16_ms'])} | | | "
+                     f"{mine['whole_ov_bf16_map_error']:.2e} | {whole} | |")
+        lines.append(f"| {r['arch']}, k={r['k']} | anomalib, OpenVINO default "
+                     f"({peer['openvino_default_precision']}) | {default_ms:.1f} | | | "
+                     f"{peer['default_vs_f32_max_rel']:.2e} | | 1.00x |")
+    lines += [
+        "", f"### Batch {BATCH_LARGE}", "",
+        f"Median ms per image over batches of {BATCH_LARGE} (after one warm-up batch), against batch 1 "
+        "above; the OpenVINO engine gets one image per call (infer.py's rule), the fused oneDNN "
+        "export a whole batch when its export checked batches (deploy.json `batched`). Best gain "
+        "possible = batch-1 time / (the trunk's batch time per image + the statistics read once per "
+        "batch).", "",
+        f"| backbone, k | run | batch 1 | batch {BATCH_LARGE}, per image | throughput gain "
+        "| best gain possible |",
+        "|---" * 6 + "|",
+    ]
+    for r in results:
+        mine = r["ours"]
+        for name in BATCHED:
+            one, many = float(np.median(mine[f"{name}_ms"])), float(np.median(mine[f"{name}_batch_ms"]))
+            best = ""
+            if name in RUNS:
+                export, precision = RUNS[name]
+                trunk = ("trunk_ov" if EXPORTS[export][2] else "trunk")
+                floor = (float(np.median(mine[f"{trunk}_batch_ms"])) * (1 if precision == "fp32" else
+                         float(np.median(mine["trunk_ov_bf16_ms"]) / np.median(mine["trunk_ov_ms"])))
+                         + 1000.0 * mine[f"{export}_statistics_bytes"] / bandwidth / BATCH_LARGE)
+                best = f"{one / floor:.2f}x"
+            lines.append(f"| {r['arch']}, k={r['k']} | {name} | {one:.1f} | {many:.1f} | {one / many:.2f}x "
+                         f"| {best} |")
     peer = results[0]["peers"]
     flags = ", ".join(peer["bf16_flags"]) or "none"
-    lines += ["", *[f"- {note}" for note in notes],
-              f"- Peers: torch {peer['torch']}, OpenVINO {peer['openvino']}, ONNX Runtime "
+    lines += ["", f"- Peers: torch {peer['torch']}, OpenVINO {peer['openvino']}, ONNX Runtime "
               f"{peer['onnxruntime']}; CPU bf16 flags: {flags}. Fit: both sides from the same "
               f"in-memory images in batches of {BATCH} (anomalib: PadimModel's training forward and "
               "fit(), without Lightning's loop); ours: model.fit as train.py runs it."]
+    lines += [f"- {r['arch']}: anomalib's fit raised `{r['peers']['fit_error']}` in torch.linalg.inv; the "
+              "worker inverted the same covariances with numpy (float64) so that inference could be "
+              "timed (the fit time shown stops at the failure)."
+              for r in results if r["peers"].get("fit_error")]
     return "\n".join(lines)
 
 

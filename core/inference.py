@@ -30,13 +30,18 @@ class PredictorOptions:
     enable_mkldnn: bool = True
     use_tensorrt: bool = False
     precision: str = "fp32"
+    """fp32; fp16 (GPU); bf16 (CPU with bfloat16 instructions: oneDNN runs :data:`BF16_OPS` in
+    bfloat16, the OpenVINO engine the whole graph)."""
     min_subgraph_size: int = 3
     max_batch_size: int = 1
     use_openvino: bool = False
     """Run the graph in Paddle Inference's OpenVINO engine (CPU builds that ship it; legacy IR)."""
 
 
-_PRECISIONS = {"fp32": "Float32", "fp16": "Half"}
+_PRECISIONS = {"fp32": "Float32", "fp16": "Half", "bf16": "Bfloat16"}
+BF16_OPS = ("conv2d", "fused_conv2d", "pool2d")
+"""The operators oneDNN runs in bfloat16 at ``precision="bf16"``: the backbone's convolutions and
+poolings; everything after them (the statistics' products, resampling, smoothing) stays float32."""
 
 
 def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> inference.Config:
@@ -45,9 +50,12 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
         if not os.path.isfile(path):
             raise InputError(f"{path}: {what} file not found; export one with export_model.py")
     if opts.precision not in _PRECISIONS:
-        raise ConfigError(f"--precision {opts.precision}: use fp32 or fp16")
+        raise ConfigError(f"--precision {opts.precision}: use fp32, fp16 (GPU) or bf16 (CPU)")
     config = inference.Config(model_file, params_file)
     if opts.use_gpu:
+        if opts.precision == "bf16":
+            raise ConfigError("--precision bf16 runs on the CPU: use --precision fp16 on a GPU, "
+                              "or drop --use_gpu True")
         if opts.use_openvino:
             raise ConfigError("--use_openvino runs on the CPU: drop --use_gpu True or --use_openvino True")
         check_gpu(opts.gpu_id)
@@ -65,18 +73,23 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
                 use_calib_mode=False,
             )
     else:
-        if opts.precision != "fp32" or opts.use_tensorrt:
+        if opts.precision == "fp16" or opts.use_tensorrt:
             raise ConfigError("fp16 and TensorRT need a GPU: add --use_gpu True or drop them")
         if opts.use_openvino:
             _check_openvino(model_file)
+        if opts.precision == "bf16":
+            _check_bf16(opts)
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(opts.cpu_threads)
         if opts.enable_mkldnn:
             config.enable_mkldnn()
+            if opts.precision == "bf16" and not opts.use_openvino:
+                config.enable_mkldnn_bfloat16()
+                config.set_bfloat16_op(set(BF16_OPS))
         else:
             config.disable_mkldnn()
     if opts.use_openvino:
-        config.enable_openvino_engine(inference.PrecisionType.Float32)
+        config.enable_openvino_engine(getattr(inference.PrecisionType, _PRECISIONS[opts.precision]))
     config.switch_ir_optim(True)
     if model_file.endswith(".json"):
         config.enable_new_executor()
@@ -93,6 +106,16 @@ def _check_openvino(model_file: str) -> None:
     if not hasattr(inference.Config, "enable_openvino_engine"):
         raise ConfigError(f"--use_openvino: Paddle {paddle.__version__} has no OpenVINO engine; "
                           "install a paddlepaddle CPU build that has it (3.3.1 has) or drop --use_openvino")
+
+
+def _check_bf16(opts: PredictorOptions) -> None:
+    """One line unless this CPU and these options can run a graph in bfloat16."""
+    if not paddle.base.core.supports_bfloat16_fast_performance():
+        raise ConfigError("--precision bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); "
+                          "use --precision fp32")
+    if not (opts.enable_mkldnn or opts.use_openvino):
+        raise ConfigError("--precision bf16 runs through oneDNN or the OpenVINO engine: drop "
+                          "--enable_mkldnn False, or add --use_openvino True")
 
 
 class Predictor:

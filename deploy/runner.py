@@ -117,7 +117,8 @@ class DeployedModel:
         options = options or PredictorOptions()
         if backend == "onnxruntime" and (options.use_tensorrt or options.precision != "fp32"
                                          or options.use_openvino):
-            raise ConfigError("--use_tensorrt, --use_openvino and --precision fp16 apply to --backend paddle")
+            raise ConfigError("--use_tensorrt, --use_openvino and --precision fp16 or bf16 apply to "
+                              "--backend paddle")
         given = Path(model_file)
         folder = given if given.is_dir() else given.parent
         manifest = read_manifest(folder)
@@ -140,6 +141,10 @@ class DeployedModel:
                               "or with --head matmul --format pdmodel")
         if manifest.head_file is not None:
             _check_split_files(manifest, folder, model_path, params)
+        elif options.precision == "bf16" and not options.use_gpu:
+            raise ConfigError(f"--precision bf16: runs the features graph of a --split export in bfloat16 "
+                              f"and its head in float32; {folder} is not split: export it with --split "
+                              "(ortho, padim) or drop --precision bf16")
         # A batch goes to the graph in one call when the export checked that oneDNN gives the same
         # results for it (deploy.json "batched"): then the statistics are read once per batch.
         # Otherwise oneDNN runs one image per call: Paddle 3.3's oneDNN has given wrong results
@@ -153,7 +158,7 @@ class DeployedModel:
         if manifest.head_file is None:
             return cls(manifest, predictor.run, chunk, head, status, folder)
         scorer = _paddle_runner(folder / manifest.head_file, folder / HEAD_PARAMS,
-                                dataclasses.replace(options, use_openvino=False))
+                                dataclasses.replace(options, use_openvino=False, precision="fp32"))
         return cls(manifest, chained(predictor, scorer), chunk, head, status, folder)
 
     @staticmethod

@@ -27,6 +27,7 @@ from test_deploy import (
     dynamic_references,
     export_with_script,
     fit_checkpoint,
+    read_results,
     run,
 )
 from test_kernels import needs_compiler, previous_version, run_previous  # noqa: F401 - a fixture
@@ -193,7 +194,7 @@ def test_openvino_refusals_are_one_line(padim, images_dir, tmp_path):
         make_config(str(kernel / "model.json"), str(kernel / "model.pdiparams"),
                     PredictorOptions(use_gpu=True, use_openvino=True))
     split = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--split")
-    with pytest.raises(ConfigError, match="--use_tensorrt, --use_openvino and --precision fp16 apply"):
+    with pytest.raises(ConfigError, match="--use_openvino and --precision fp16 or bf16 apply"):
         DeployedModel.load(split, options=PredictorOptions(use_openvino=True), backend="onnxruntime")
     # past those checks, the engine's own failure (OpenVINO cannot convert our operator) is one line too
     legacy = export_with_script(checkpoint, tmp_path / "legacy", "padim", "pdmodel", "--head", "kernel")
@@ -265,3 +266,91 @@ def test_export_model_api_splits_too(padim, tmp_path):
     manifest = export_model(model, tmp_path / "api", "pdmodel", split=True)
     assert manifest.head_file == "head.pdmodel"
     assert_rel_close(DeployedModel.load(tmp_path / "api").score(images)[0], maps, "maps of the API export")
+
+
+needs_bf16 = pytest.mark.skipif(not paddle.base.core.supports_bfloat16_fast_performance(),
+                                reason="this CPU has no bfloat16 instructions (AVX512-BF16 or AMX)")
+
+
+def bf16_deviation(maps: np.ndarray, reference: np.ndarray) -> float:
+    """The largest deviation of ``maps`` from ``reference`` as a fraction of its largest value."""
+    return float(np.abs(maps - reference).max() / np.abs(reference).max())
+
+
+@needs_compiler
+@needs_bf16
+def test_bf16_runs_the_features_in_bfloat16_and_the_head_in_float32(padim, images_dir, tmp_path):
+    """infer.py --precision bf16 on a split export as users type it, with the OpenVINO engine and
+    with oneDNN: the maps move by bfloat16's rounding of the features (more than float32's 1e-5,
+    less than 5e-2 of the largest map value), and all of it comes from the features graph: the
+    same maps (to float32 rounding) come out of that graph in bfloat16 fed by hand to a float32
+    head predictor."""
+    checkpoint, (images, maps, scores) = padim
+    folder = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--head", "kernel",
+                                "--head_precision", "fp16", "--split")
+    manifest = read_manifest(folder)
+    for openvino in (True, False):
+        save = tmp_path / f"bf16_{openvino}"
+        proc = run("infer.py", "--model_file", folder, "--input_file", images_dir, "--save_path", save,
+                   "--use_openvino", openvino, "--precision", "bf16", "--enable_benchmark", True)
+        assert proc.returncode == 0, proc.stderr
+        assert "precision: bf16" in proc.stdout and f"enable_openvino: {openvino}" in proc.stdout
+        options = PredictorOptions(use_openvino=openvino, precision="bf16")
+        deployed = DeployedModel.load(folder, options=options)
+        got, got_scores = deployed.score(images)
+        assert 1e-4 < bf16_deviation(got, maps) < 5e-2, bf16_deviation(got, maps)
+        assert 1e-5 < bf16_deviation(got_scores, scores) < 5e-2
+        load_kernels(manifest, folder, options)
+        features = _paddle_runner(folder / "model.pdmodel", folder / "model.pdiparams", options)
+        head = _paddle_runner(folder / "head.json", folder / "head.pdiparams", PredictorOptions())
+        by_hand = np.concatenate([head.run(features.run(image[None])[0])[0] for image in images])
+        assert bf16_deviation(deployed.forward(images)[0], by_hand) < 1e-6  # float32 rounding only
+
+
+@needs_compiler
+@pytest.mark.bad_input
+def test_bf16_refusals_are_one_line(padim, images_dir, tmp_path, monkeypatch):
+    checkpoint, _ = padim
+    fused = export_with_script(checkpoint, tmp_path / "fused", "padim", "pdmodel")
+    proc = run("infer.py", "--model_file", fused, "--input_file", images_dir, "--precision", "bf16",
+               "--save_path", tmp_path / "out")
+    assert_one_line_error(proc, "--precision bf16: runs the features graph of a --split export in",
+                          "export it with --split (ortho, padim) or drop --precision bf16")
+    assert not (tmp_path / "out").exists()
+    split = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--split")
+    model, params = str(split / "model.pdmodel"), str(split / "model.pdiparams")
+    with pytest.raises(ConfigError, match="--precision bf16 runs on the CPU: use --precision fp16 on a GPU"):
+        make_config(model, params, PredictorOptions(use_gpu=True, precision="bf16"))
+    monkeypatch.setattr(paddle.base.core, "supports_bfloat16_fast_performance", lambda: True)
+    with pytest.raises(ConfigError, match="--precision bf16 runs through oneDNN or the OpenVINO engine"):
+        make_config(model, params, PredictorOptions(enable_mkldnn=False, precision="bf16"))
+    monkeypatch.setattr(paddle.base.core, "supports_bfloat16_fast_performance", lambda: False)
+    with pytest.raises(ConfigError, match="this CPU has no bfloat16 instructions .AVX512-BF16 or AMX.; "
+                                          "use --precision fp32"):
+        make_config(model, params, PredictorOptions(use_openvino=True, precision="bf16"))
+
+
+@needs_compiler
+def test_a_checkpoint_of_the_previous_version_splits(previous_version, demo_root, images_dir,  # noqa: F811
+                                                     tmp_path):
+    """A padim checkpoint written by the previous version's train.py, run as users type it, exports
+    with this export_model.py --head kernel --head_precision fp16 --split and runs in this infer.py
+    in the OpenVINO engine with the dynamic graph's scores (to the fp16 rounding of the
+    statistics), and with --precision bf16 (where the CPU has it) within bfloat16's rounding."""
+    trained = tmp_path / "trained"
+    proc = run_previous(previous_version, "train.py", "--data_path", demo_root, "--category", "tiles",
+                        "--method", "padim", "--k", K, "--pretrained", "none", "--arch", "resnet18",
+                        "--resize", SIZE, "--batch_size", 8, "--cpu_threads", 2, "--save_path", trained)
+    assert proc.returncode == 0, proc.stderr
+    checkpoint = trained / f"padim_resnet18_{K}" / "tiles.npz"
+    scores = dynamic_references({"padim": checkpoint}, images_dir)["padim"][2]
+    folder = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--head", "kernel",
+                                "--head_precision", "fp16", "--split")
+    has_bf16 = paddle.base.core.supports_bfloat16_fast_performance()
+    bounds = {"fp32": 1e-3, **({"bf16": 5e-2} if has_bf16 else {})}
+    for precision, bound in bounds.items():
+        save = tmp_path / precision
+        proc = run("infer.py", "--model_file", folder, "--input_file", images_dir, "--save_path", save,
+                   "--use_openvino", True, "--precision", precision)
+        assert proc.returncode == 0, proc.stderr
+        assert bf16_deviation(np.array([row["score"] for row in read_results(save)]), scores) < bound

@@ -49,25 +49,46 @@ inline const float* Widen(const paddle::bfloat16* f, float* buffer) {  // the up
   return buffer;
 }
 
-// Squared distances (G, kLanes) of G images' centred features d (G, k, kLanes) in one tile.
+// Squared distances (G, kLanes) of G images' centred features d (G, k, kLanes) in one tile. Each
+// column's dot products run in kChains independent sums per image (rows i, i + 1, ... taken in
+// turn), so that consecutive multiply-adds do not wait for each other: with one sum per image the
+// loop is bound by the FMA latency, not by reading the factor.
 template <int G, typename T>
 void TileDistance(const T* factor, const float* d, int64_t k, float* squared) {
+  constexpr int kChains = G >= 4 ? 1 : 4 / G;
   float total[G][kLanes] = {};
   const T* f = factor;
   for (int64_t j = 0; j < k; ++j) {
-    float acc[G][kLanes] = {};
-    for (int64_t i = j; i < k; ++i, f += kLanes) {
+    float acc[kChains][G][kLanes] = {};
+    int64_t i = j;
+    for (; i + kChains <= k; i += kChains) {
+      for (int c = 0; c < kChains; ++c, f += kLanes) {
+        float buffer[kLanes];
+        const float* fi = Widen(f, buffer);
+        for (int g = 0; g < G; ++g) {
+          const float* di = d + (g * k + i + c) * kLanes;
+#pragma omp simd
+          for (int64_t l = 0; l < kLanes; ++l) acc[c][g][l] += fi[l] * di[l];
+        }
+      }
+    }
+    for (int c = 0; i < k; ++i, ++c, f += kLanes) {  // the last rows of the column (fewer than kChains)
       float buffer[kLanes];
       const float* fi = Widen(f, buffer);
       for (int g = 0; g < G; ++g) {
         const float* di = d + (g * k + i) * kLanes;
 #pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[g][l] += fi[l] * di[l];
+        for (int64_t l = 0; l < kLanes; ++l) acc[c][g][l] += fi[l] * di[l];
       }
     }
     for (int g = 0; g < G; ++g) {
+      float sum[kLanes] = {};
+      for (int c = 0; c < kChains; ++c) {
 #pragma omp simd
-      for (int64_t l = 0; l < kLanes; ++l) total[g][l] += acc[g][l] * acc[g][l];
+        for (int64_t l = 0; l < kLanes; ++l) sum[l] += acc[c][g][l];
+      }
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) total[g][l] += sum[l] * sum[l];
     }
   }
   for (int g = 0; g < G; ++g) std::copy(total[g], total[g] + kLanes, squared + g * kLanes);
