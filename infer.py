@@ -17,7 +17,7 @@ import numpy as np
 
 from core.device import check_gpu
 from core.errors import ConfigError, InputError
-from core.inference import PredictorOptions
+from core.inference import PredictorOptions, check_run_precision
 from core.script import finite_float, non_negative_int, positive_int, run_main, str2bool
 from datasets.synthetic import DEMO_ROOT
 from deploy.benchmark import AutoLog, RunInfo, StageLog, StageTimes, open_log
@@ -94,6 +94,7 @@ def check_arguments(args: argparse.Namespace) -> None:
                           "or bf16 on the CPU")
     if args.precision not in PRECISIONS:
         raise ConfigError(f"--precision {args.precision}: use {' or '.join(PRECISIONS)}")
+    check_run_precision(options_from(args))
     if args.use_gpu and args.backend == "paddle":
         check_gpu(args.gpu_id)
 

@@ -49,13 +49,9 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
     for path, what in ((model_file, "model"), (params_file, "params")):
         if not os.path.isfile(path):
             raise InputError(f"{path}: {what} file not found; export one with export_model.py")
-    if opts.precision not in _PRECISIONS:
-        raise ConfigError(f"--precision {opts.precision}: use fp32, fp16 (GPU) or bf16 (CPU)")
+    check_run_precision(opts)
     config = inference.Config(model_file, params_file)
     if opts.use_gpu:
-        if opts.precision == "bf16":
-            raise ConfigError("--precision bf16 runs on the CPU: use --precision fp16 on a GPU, "
-                              "or drop --use_gpu True")
         if opts.use_openvino:
             raise ConfigError("--use_openvino runs on the CPU: drop --use_gpu True or --use_openvino True")
         check_gpu(opts.gpu_id)
@@ -77,8 +73,6 @@ def make_config(model_file: str, params_file: str, opts: PredictorOptions) -> in
             raise ConfigError("fp16 and TensorRT need a GPU: add --use_gpu True or drop them")
         if opts.use_openvino:
             _check_openvino(model_file)
-        if opts.precision == "bf16":
-            _check_bf16(opts)
         config.disable_gpu()
         config.set_cpu_math_library_num_threads(opts.cpu_threads)
         if opts.enable_mkldnn:
@@ -108,8 +102,15 @@ def _check_openvino(model_file: str) -> None:
                           "install a paddlepaddle CPU build that has it (3.3.1 has) or drop --use_openvino")
 
 
-def _check_bf16(opts: PredictorOptions) -> None:
-    """One line unless this CPU and these options can run a graph in bfloat16."""
+def check_run_precision(opts: PredictorOptions) -> None:
+    """One line for a precision these options, or this CPU, cannot run (before anything is loaded)."""
+    if opts.precision not in _PRECISIONS:
+        raise ConfigError(f"--precision {opts.precision}: use fp32, fp16 (GPU) or bf16 (CPU)")
+    if opts.precision != "bf16":
+        return
+    if opts.use_gpu:
+        raise ConfigError("--precision bf16 runs on the CPU: use --precision fp16 on a GPU, "
+                          "or drop --use_gpu True")
     if not paddle.base.core.supports_bfloat16_fast_performance():
         raise ConfigError("--precision bf16: this CPU has no bfloat16 instructions (AVX512-BF16 or AMX); "
                           "use --precision fp32")

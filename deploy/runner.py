@@ -149,16 +149,20 @@ class DeployedModel:
         # results for it (deploy.json "batched"): then the statistics are read once per batch.
         # Otherwise oneDNN runs one image per call: Paddle 3.3's oneDNN has given wrong results
         # for PIR graphs fed batches > 1 (a 2-D @ 4-D broadcast matmul). The OpenVINO engine,
-        # which the export does not run, always gets one image per call.
+        # which the export does not run, always gets one image per call, and so does oneDNN in
+        # bfloat16 (the export checked batches in float32 only).
         load_kernels(manifest, folder, options)
-        one_by_one = options.enable_mkldnn and not options.use_gpu and not manifest.batched
+        one_by_one = options.enable_mkldnn and not options.use_gpu and (not manifest.batched
+                                                                         or options.precision == "bf16")
         chunk = 1 if one_by_one or options.use_openvino else 0
         predictor = _paddle_runner(model_path, params, options)
         status = paddle_status(predictor)
         if manifest.head_file is None:
             return cls(manifest, predictor.run, chunk, head, status, folder)
         scorer = _paddle_runner(folder / manifest.head_file, folder / HEAD_PARAMS,
-                                dataclasses.replace(options, use_openvino=False, precision="fp32"))
+                                dataclasses.replace(options, use_openvino=False,
+                                                    precision="fp32" if options.precision == "bf16"
+                                                    else options.precision))
         return cls(manifest, chained(predictor, scorer), chunk, head, status, folder)
 
     @staticmethod

@@ -281,10 +281,11 @@ def bf16_deviation(maps: np.ndarray, reference: np.ndarray) -> float:
 @needs_bf16
 def test_bf16_runs_the_features_in_bfloat16_and_the_head_in_float32(padim, images_dir, tmp_path):
     """infer.py --precision bf16 on a split export as users type it, with the OpenVINO engine and
-    with oneDNN: the maps move by bfloat16's rounding of the features (more than float32's 1e-5,
-    less than 5e-2 of the largest map value), and all of it comes from the features graph: the
-    same maps (to float32 rounding) come out of that graph in bfloat16 fed by hand to a float32
-    head predictor."""
+    with oneDNN: the maps move from the same export's float32 run by bfloat16's rounding of the
+    features (more than 1e-3 of the largest map value, which float32 and the 16-bit statistics
+    stay far below; less than 5e-2), and all of that comes from the features graph: the same maps,
+    to float32 rounding, come out of that graph in bfloat16 fed image by image to the head graph
+    run at float32."""
     checkpoint, (images, maps, scores) = padim
     folder = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--head", "kernel",
                                 "--head_precision", "fp16", "--split")
@@ -295,16 +296,21 @@ def test_bf16_runs_the_features_in_bfloat16_and_the_head_in_float32(padim, image
                    "--use_openvino", openvino, "--precision", "bf16", "--enable_benchmark", True)
         assert proc.returncode == 0, proc.stderr
         assert "precision: bf16" in proc.stdout and f"enable_openvino: {openvino}" in proc.stdout
+        fp32 = DeployedModel.load(folder, options=PredictorOptions(use_openvino=openvino))
+        fp32_maps, fp32_scores = fp32.score(images)
+        assert bf16_deviation(fp32_maps, maps) < 1e-3  # the fp16 statistics alone
         options = PredictorOptions(use_openvino=openvino, precision="bf16")
         deployed = DeployedModel.load(folder, options=options)
         got, got_scores = deployed.score(images)
-        assert 1e-4 < bf16_deviation(got, maps) < 5e-2, bf16_deviation(got, maps)
-        assert 1e-5 < bf16_deviation(got_scores, scores) < 5e-2
+        assert 1e-3 < bf16_deviation(got, fp32_maps) < 5e-2, bf16_deviation(got, fp32_maps)
+        assert 1e-5 < bf16_deviation(got_scores, fp32_scores) < 5e-2
+        np.testing.assert_allclose([row["score"] for row in read_results(save)], got_scores, rtol=1e-5)
         load_kernels(manifest, folder, options)
         features = _paddle_runner(folder / "model.pdmodel", folder / "model.pdiparams", options)
         head = _paddle_runner(folder / "head.json", folder / "head.pdiparams", PredictorOptions())
-        by_hand = np.concatenate([head.run(features.run(image[None])[0])[0] for image in images])
-        assert bf16_deviation(deployed.forward(images)[0], by_hand) < 1e-6  # float32 rounding only
+        for image in images:
+            by_hand = head.run(features.run(image[None])[0])[0]
+            assert bf16_deviation(deployed.forward(image[None])[0], by_hand) < 1e-6
 
 
 @needs_compiler
@@ -318,9 +324,15 @@ def test_bf16_refusals_are_one_line(padim, images_dir, tmp_path, monkeypatch):
                           "export it with --split (ortho, padim) or drop --precision bf16")
     assert not (tmp_path / "out").exists()
     split = export_with_script(checkpoint, tmp_path / "split", "padim", "json", "--split")
+    proc = run("infer.py", "--model_file", split, "--input_file", images_dir, "--precision", "bf16",
+               "--use_gpu", True, "--save_path", tmp_path / "out")
+    assert_one_line_error(proc, "--precision bf16 runs on the CPU: use --precision fp16 on a GPU")
+    if paddle.base.core.supports_bfloat16_fast_performance():  # else the CPU's own line comes first
+        proc = run("infer.py", "--model_file", split, "--input_file", images_dir, "--precision", "bf16",
+                   "--enable_mkldnn", False, "--save_path", tmp_path / "out")
+        assert_one_line_error(proc, "--precision bf16 runs through oneDNN or the OpenVINO engine")
+    assert not (tmp_path / "out").exists()
     model, params = str(split / "model.pdmodel"), str(split / "model.pdiparams")
-    with pytest.raises(ConfigError, match="--precision bf16 runs on the CPU: use --precision fp16 on a GPU"):
-        make_config(model, params, PredictorOptions(use_gpu=True, precision="bf16"))
     monkeypatch.setattr(paddle.base.core, "supports_bfloat16_fast_performance", lambda: True)
     with pytest.raises(ConfigError, match="--precision bf16 runs through oneDNN or the OpenVINO engine"):
         make_config(model, params, PredictorOptions(enable_mkldnn=False, precision="bf16"))
