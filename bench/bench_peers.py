@@ -2,6 +2,7 @@
 
     python bench/bench_peers.py --setup [--venv .venv-peers]   # once: the peers' own venv
     python bench/bench_peers.py [--venv .venv-peers] [--configs resnet18 wide_resnet50_2]
+        [--networks active:0 active:1 active:2 timm:0]
 
 ``--setup`` creates a separate venv (default ``.venv-peers`` in the repo, git-ignored) and installs
 torch, torchvision, anomalib, openvino, onnxruntime, onnx and onnxscript there from PyPI; none of
@@ -10,7 +11,12 @@ own index), so the default wheel comes with its CUDA libraries (about 3 GB, unus
 them (``pip install --no-deps torch``) ``import torch`` fails on the missing libcudnn.
 
 A run, per configuration (resnet18 with k=100 on every training image, wide_resnet50_2 with k=300
-on 100), 256 px, random-initialised backbones, batch 1, 2 threads:
+on 100), 256 px, batch 1, 2 threads, both sides on one network: anomalib's random-initialised
+backbone (the first of ``--networks``: torch seed, and "timm" for timm's initialisation, whose
+``zero_init_last`` makes every residual block start as its shortcut, or "active" for that last
+BatchNorm scale set to 1, as torchvision and Paddle initialise it), which bench/peer_worker.py
+writes as a torchvision state dict and ours converts as ``python -m models.convert_weights`` does
+and loads as ``--pretrained``, with anomalib's channel choice and covariance regulariser:
 
 - ours: ``--method padim`` fitted in this venv on the training images (in memory, batches of 32,
   the ``model.fit`` that train.py runs), exported fused (export_model.py's ``export_model``,
@@ -20,18 +26,21 @@ on 100), 256 px, random-initialised backbones, batch 1, 2 threads:
   runs them (features in Paddle Inference's OpenVINO engine, head with oneDNN), and the fp16
   split export with ``infer.py --use_openvino True --precision bf16`` (features in bfloat16); the
   runs and the trunk alone (oneDNN, OpenVINO engine in float32 and bf16) take turns on every test
-  image, at batch 1 and in batches of 8; the reduced-precision runs' maps are compared with the
-  default export's, and the bf16 run's image AUROC, pixel AUROC and PRO on every test image with
-  the default export's, as are those of our whole fused graph run by the OpenVINO engine at bf16
-  (what OpenVINO's default precision makes of it);
+  image, at batch 1 and in batches of 8; then every magnetic-tile test image is scored by the
+  reduced-precision runs, the default export and our whole fused graph run by the OpenVINO engine
+  at bf16 (what OpenVINO's default precision makes of it): map errors against the default export,
+  and image AUROC, pixel AUROC and PRO of the default export and the two bf16 runs;
 - the limit of each run: our trunk alone (layer1-3, exported the same way; in the OpenVINO
   engine, at the run's precision, for the split exports) plus the time to read its statistics
   once (its params minus the trunk's) at the bandwidth of a numpy copy;
 - anomalib's PaDiM (``n_features=k``, ``pre_trained=False``) fitted on the same images, then eager
   PyTorch, ONNX Runtime and OpenVINO (f32 hint and default precision), and its backbone's layer1-3
   alone on OpenVINO f32 (what our "trunk alone" is to our exports), in the peer venv through
-  bench/peer_worker.py.
+  bench/peer_worker.py; its OpenVINO f32 and default maps of every test image give its map error
+  and accuracy, and the distance of our float32 maps from its own on the same network.
 
+Each further entry of ``--networks`` is another network and channel choice on both sides, fitted
+and scored on every test image without the timings (the bf16 accuracy changes and their spread).
 Every side scores the same preprocessed test images; ms/image is the median after warm-up. Prints
 a Markdown section and writes it to docs/benchmarks.md (``--no_doc``: print only).
 """
@@ -39,6 +48,7 @@ a Markdown section and writes it to docs/benchmarks.md (``--no_doc``: print only
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -64,7 +74,8 @@ from deploy.export import ir_guard  # noqa: E402
 from deploy.runner import DeployedModel  # noqa: E402
 from engine.evaluate import ScoredSet, metrics  # noqa: E402
 from engine.workflow import calibration_indices  # noqa: E402
-from models import build_model, model_config  # noqa: E402
+from models import build_model, convert_weights, model_config  # noqa: E402
+from models.base import ModelConfig  # noqa: E402
 
 SIZE, THREADS, BATCH = 256, 2, 32
 EXPORTS = {"matmul": ("matmul", "fp32", False), "kernel": ("kernel", "fp32", False),
@@ -78,11 +89,37 @@ in bfloat16 (infer.py --use_openvino True --precision bf16)."""
 BATCHED = ("kernel", "split", "split_bf16", "trunk", "trunk_ov")
 """The runs also timed at batch :data:`BATCH_LARGE` (the trunks on their own predictors)."""
 BATCH_LARGE = 8
+ACCURACY = ("matmul", "split_bf16", "whole_ov_bf16")
+"""The runs whose image AUROC, pixel AUROC and PRO are measured on every test image (matmul: the
+float32 reference; whole_ov_bf16: our fused export whole in the OpenVINO engine at bf16)."""
+BORDER = int(4 * ModelConfig.sigma + 0.5)
+"""The blur's radius (16 px at the default sigma 4): our maps follow scipy's "reflect" border (half-sample,
+as PaDiM's reference code's ``gaussian_filter``), anomalib's kornia blur mirrors about the edge pixel;
+beyond this many pixels from the border the two conventions agree."""
+SCORED = ("matmul", "kernel_fp16", "split_fp16", "split_bf16", "whole_ov_bf16")
+"""The runs scored on every test image (map error against matmul's maps)."""
 PEER_PACKAGES = ("torch", "torchvision", "anomalib[core]", "openvino", "onnxruntime", "onnx", "onnxscript")
 CONFIGS = {"resnet18": (100, 0), "wide_resnet50_2": (300, 100)}
 """backbone: (k, training images; 0 = all)."""
+NETWORK_TEXT = {"active": "timm's initialisation with the last BatchNorm scale of every residual block "
+                           "set to 1, as torchvision and Paddle initialise it",
+                "timm": "timm's initialisation, whose `zero_init_last` zeroes that scale, so every "
+                        "residual block starts as its shortcut"}
+"""bench/peer_worker.py's ``network`` kinds."""
+NETWORKS = tuple(NETWORK_TEXT)
+ANOMALIB_EPS = 0.01 + 1e-5
+"""anomalib's covariance regulariser (0.01 I in its fit, 1e-5 I more before the inverse), given to
+ours as ``--eps`` so that both sides fit the same Gaussian."""
 SOURCE = ROOT.parent / "shared" / "data" / "magnetic_tile"
 WORKER = ROOT / "bench" / "peer_worker.py"
+
+
+def network_kind(text: str) -> tuple[str, int]:
+    """``KIND:SEED`` of ``--networks`` -> (kind, seed)."""
+    kind, _, seed = text.partition(":")
+    if kind not in NETWORKS or not seed.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KIND:SEED, KIND one of {', '.join(NETWORKS)}")
+    return kind, int(seed)
 
 
 def parse_args() -> argparse.Namespace:
@@ -97,6 +134,9 @@ def parse_args() -> argparse.Namespace:
                         help="training images for both fits (default: all for resnet18, 100 for wrn50)")
     parser.add_argument("--images", type=int, default=35, help="timed test images (default 35)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed test images first (default 5)")
+    parser.add_argument("--networks", type=network_kind, nargs="+", default=[("active", 0)],
+                        help="KIND:SEED, KIND 'active' or 'timm' (see the docstring): everything on the "
+                             "first, the bf16 accuracy on each (default active:0)")
     parser.add_argument("--fit_only", action="store_true",
                         help="time the fits only: ours as train.py runs it (fit pass, threshold, "
                              "inverse covariances) against anomalib's fit; section bench_peers_fit")
@@ -152,36 +192,56 @@ def copy_bandwidth(megabytes: int = 512) -> float:
     return 2 * src.nbytes / best
 
 
-def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, folder: Path,
-         root: Path) -> dict:
-    """Fit seconds, ms per image of our runs and the trunk alone (taking turns; batch 1, and batch
-    :data:`BATCH_LARGE` for :data:`BATCHED`), statistics bytes of each export, each reduced-precision
-    run's largest map deviation from the default export, and our whole fused model in the OpenVINO
-    engine at bf16 (what OpenVINO's default precision makes of it)."""
-    config = model_config("padim", arch=arch, k=k, image_size=SIZE, resize=SIZE, pretrained="none", seed=0)
+def shared_model(arch: str, k: int, folder: Path, seed: int):
+    """Our PaDiM on the peer's network: the ``network.pth`` that bench/peer_worker.py wrote
+    (torchvision's layout) converted by ``python -m models.convert_weights``'s main (its "wrote"
+    line to stderr) and given as ``--pretrained``, with the peer's channels (sorted: the distances
+    do not depend on their order) and regulariser (:data:`ANOMALIB_EPS`)."""
+    weights = folder / "network.pdparams"
+    with contextlib.redirect_stdout(sys.stderr):
+        convert_weights.main([str(folder / "network.pth"), str(weights), "--arch", arch])
+    config = model_config("padim", arch=arch, k=k, image_size=SIZE, resize=SIZE, pretrained=str(weights),
+                          seed=seed, eps=ANOMALIB_EPS)
     model = build_model(config, Runtime(cpu_threads=THREADS))
+    model.channels = np.sort(np.load(folder / "channels.npy", allow_pickle=False))
     model.category = CATEGORY
+    return model
+
+
+def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, folder: Path,
+         test_set: TestSet, seed: int, timed: bool) -> dict:
+    """Our PaDiM on the peer's network (:func:`shared_model`): fit seconds; with ``timed``, ms per
+    image of our runs and the trunk alone (taking turns; batch 1, and batch :data:`BATCH_LARGE` for
+    :data:`BATCHED`) and statistics bytes of each export; from the :data:`SCORED` runs on every test
+    image, each one's largest map deviation from the default export (``<run>_map_error``), the
+    accuracy of :data:`ACCURACY` and the default export's maps (N, S, S) (``maps``). Without
+    ``timed`` only the runs of :data:`ACCURACY` are built."""
+    model = shared_model(arch, k, folder, seed)
     start = time.perf_counter()
     model.fit([train[i : i + BATCH] for i in range(0, len(train), BATCH)])
-    fit_seconds = time.perf_counter() - start
+    out: dict = {"fit_seconds": time.perf_counter() - start}
     model.calibrate([train[:16]])
     options = PredictorOptions(cpu_threads=THREADS, enable_mkldnn=True, max_batch_size=1)
     openvino = dataclasses.replace(options, use_openvino=True)
-    trunk_file = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk" / "model"))
-    with ir_guard("pdmodel"):
-        trunk_ov = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk_ov" / "model"))
-    trunk_bytes = (folder / "trunk" / "model.pdiparams").stat().st_size
-    trunk_ov_params = str(folder / "trunk_ov" / "model.pdiparams")
-    out: dict = {"fit_seconds": fit_seconds}
-    graphs = {"trunk": Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options).run,
-              "trunk_ov": Predictor(trunk_ov, trunk_ov_params, openvino).run,
-              "trunk_ov_bf16": Predictor(trunk_ov, trunk_ov_params,
-                                         dataclasses.replace(openvino, precision="bf16")).run}
-    for name, (head, precision, split) in EXPORTS.items():
+    graphs: dict[str, Callable[[np.ndarray], list[np.ndarray]]] = {}
+    if timed:
+        trunk_file = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk" / "model"))
+        with ir_guard("pdmodel"):
+            trunk_ov = save_static(model.trunk, [None, 3, SIZE, SIZE], str(folder / "trunk_ov" / "model"))
+        out["trunk_bytes"] = (folder / "trunk" / "model.pdiparams").stat().st_size
+        trunk_ov_params = str(folder / "trunk_ov" / "model.pdiparams")
+        graphs = {"trunk": Predictor(trunk_file, str(folder / "trunk" / "model.pdiparams"), options).run,
+                  "trunk_ov": Predictor(trunk_ov, trunk_ov_params, openvino).run,
+                  "trunk_ov_bf16": Predictor(trunk_ov, trunk_ov_params,
+                                             dataclasses.replace(openvino, precision="bf16")).run}
+    runs = RUNS if timed else {name: RUNS[name] for name in ACCURACY if name in RUNS}
+    for name in dict.fromkeys(export for export, _ in runs.values()):
+        head, precision, split = EXPORTS[name]
         export_model(model, folder / name, "json", head=head, head_precision=precision, split=split)
-        params = sum(path.stat().st_size for path in (folder / name).glob("*.pdiparams"))
-        out[f"{name}_statistics_bytes"] = params - trunk_bytes
-    for name, (export, precision) in RUNS.items():
+        if timed:
+            params = sum(path.stat().st_size for path in (folder / name).glob("*.pdiparams"))
+            out[f"{name}_statistics_bytes"] = params - out["trunk_bytes"]
+    for name, (export, precision) in runs.items():
         base = openvino if EXPORTS[export][2] else options
         graphs[name] = DeployedModel.load(folder / export, options=dataclasses.replace(
             base, precision=precision)).forward
@@ -189,32 +249,57 @@ def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, fo
     graphs["whole_ov_bf16"] = Predictor(str(folder / "whole" / "model.pdmodel"),
                                         str(folder / "whole" / "model.pdiparams"),
                                         dataclasses.replace(openvino, precision="bf16")).run
-    out.update({f"{name}_ms": ms for name, ms in per_image_ms(graphs, test, warmup).items()})
-    out.update({f"{name}_batch_ms": ms for name, ms in per_image_ms(
-        {name: graphs[name] for name in BATCHED}, test, 1, BATCH_LARGE).items()})
-    reference = [graphs["matmul"](image[None])[0] for image in test]
-    scale = max(float(np.abs(b).max()) for b in reference)
-    for name in ("kernel_fp16", "split_fp16", "split_bf16", "whole_ov_bf16"):
-        out[f"{name}_map_error"] = max(float(np.abs(graphs[name](image[None])[0] - b).max())
-                                       for image, b in zip(test, reference, strict=True)) / scale
-    out["accuracy"] = {name: accuracy(graphs[name], root)
-                       for name in ("matmul", "split_bf16", "whole_ov_bf16")}
+    if timed:
+        out.update({f"{name}_ms": ms for name, ms in per_image_ms(graphs, test, warmup).items()})
+        out.update({f"{name}_batch_ms": ms for name, ms in per_image_ms(
+            {name: graphs[name] for name in BATCHED}, test, 1, BATCH_LARGE).items()})
+    scored = {name: score_set(graphs[name], test_set.images) for name in SCORED if name in graphs}
+    out["maps"] = scored["matmul"][0]
+    for name in scored:
+        out[f"{name}_map_error"] = map_error(scored[name][0], out["maps"])
+    out["accuracy"] = {name: accuracy(*scored[name], test_set) for name in ACCURACY}
     return out
 
 
-def accuracy(run: Callable[[np.ndarray], list[np.ndarray]], root: Path) -> dict[str, float]:
-    """Image AUROC, pixel AUROC and PRO of a fused run (first output: maps (N, 1, S, S); second:
-    scores (N,)) on every magnetic-tile test image under ``root``, scored one by one."""
+@dataclasses.dataclass(frozen=True)
+class TestSet:
+    """Every magnetic-tile test image, preprocessed (N, 3, S, S) float32, its label (N,) and its
+    defect mask (N, S, S) bool."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+
+
+def load_test_set(root: Path) -> TestSet:
+    """Every magnetic-tile test image under ``root``, in list_samples' order."""
     dataset = AnomalyDataset(list_samples(root, CATEGORY, "test"), Preprocess(SIZE))
-    labels, scores, maps, masks = [], [], [], []
-    for index in range(len(dataset)):
-        item = dataset[index]
-        amap, score = run(item["image"][None].astype(np.float32))[:2]
-        labels.append(item["label"])
-        scores.append(float(score.reshape(-1)[0]))
+    items = [dataset[index] for index in range(len(dataset))]
+    return TestSet(np.stack([item["image"] for item in items]).astype(np.float32),
+                   np.asarray([item["label"] for item in items]),
+                   np.stack([item["mask"] > 0 for item in items]))
+
+
+def score_set(run: Callable[[np.ndarray], list[np.ndarray]],
+              images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Maps (N, S, S) and image scores (N,) of a fused run (outputs: maps (1, 1, S, S), scores (1,)),
+    one image per call."""
+    maps, scores = [], []
+    for image in images:
+        amap, score = run(image[None])[:2]
         maps.append(amap[0, 0])
-        masks.append(item["mask"] > 0)
-    scored = ScoredSet(np.asarray(scores), np.asarray(labels), np.stack(maps), np.stack(masks))
+        scores.append(float(np.asarray(score).reshape(-1)[0]))
+    return np.stack(maps), np.asarray(scores)
+
+
+def map_error(maps: np.ndarray, reference: np.ndarray) -> float:
+    """Largest deviation of ``maps`` from ``reference`` (both (N, S, S)) over the largest |reference|."""
+    return float(np.abs(maps - reference).max() / np.abs(reference).max())
+
+
+def accuracy(maps: np.ndarray, scores: np.ndarray, test_set: TestSet) -> dict[str, float]:
+    """Image AUROC, pixel AUROC and PRO of maps (N, S, S) and scores (N,) of ``test_set``."""
+    scored = ScoredSet(scores, test_set.labels, maps, test_set.masks)
     row = metrics(scored, CATEGORY, eval_pro=True, rule="trapezoid")
     return {key: float(row[key]) for key in ("image_auroc", "pixel_auroc", "pro")}
 
@@ -246,15 +331,18 @@ def our_fit(arch: str, k: int, train: np.ndarray) -> dict[str, tuple[float, floa
 
 
 def peers(venv: Path, arch: str, k: int, arrays: dict[str, Path], warmup: int, folder: Path,
-          fit_only: bool = False) -> dict:
-    """anomalib's figures from bench/peer_worker.py run by the peer venv's python."""
+          network: tuple[str, int] = ("timm", 0), fit_only: bool = False, timed: bool = True) -> dict:
+    """anomalib's figures from bench/peer_worker.py run by the peer venv's python (its maps of
+    ``arrays["score"]``, when given, in folder; see the worker's docstring)."""
     python = venv / "bin" / "python"
     if not python.exists():
         raise SystemExit(f"error: {python} not found; create the peer venv first: "
                          "python bench/bench_peers.py --setup")
     spec = {"backbone": arch, "n_features": k, "threads": THREADS, "warmup": warmup,
             "train": str(arrays["train"]), "test": str(arrays["test"]),
-            "out": str(folder / "peers.json"), "folder": str(folder), "fit_only": fit_only}
+            "out": str(folder / "peers.json"), "folder": str(folder), "fit_only": fit_only,
+            "network": network[0], "seed": network[1], "timed": timed,
+            "score": str(arrays.get("score", ""))}
     (folder / "spec.json").write_text(json.dumps(spec))
     run = subprocess.run([str(python), str(WORKER), str(folder / "spec.json")], cwd=ROOT,
                          capture_output=True, text=True, check=False)
@@ -263,30 +351,51 @@ def peers(venv: Path, arch: str, k: int, arrays: dict[str, Path], warmup: int, f
     return json.loads((folder / "peers.json").read_text())
 
 
-def measure(arch: str, args: argparse.Namespace, bandwidth: float) -> dict:
-    """Both sides of one configuration on the same images."""
+def measure(arch: str, args: argparse.Namespace, bandwidth: float, test_set: TestSet | None) -> dict:
+    """Both sides of one configuration on the same images, one network at a time: every
+    measurement on the first of ``args.networks``, the scoring of ``test_set`` on each
+    (``networks``)."""
     k, fit_count = CONFIGS[arch]
     fit_count = fit_count if args.fit_images is None else args.fit_images
     root = Path(args.data_path)
     train = load_images(root, "train", fit_count)
     test = load_images(root, "test", args.warmup + args.images)
+    result: dict = {"arch": arch, "k": k, "networks": []}
     with tempfile.TemporaryDirectory(prefix="bench-peers-") as tmp:
         folder = Path(tmp)
         arrays = {"train": folder / "train.npy", "test": folder / "test.npy"}
         np.save(arrays["train"], train)
         np.save(arrays["test"], test)
         del train
-        peer = peers(Path(args.venv), arch, k, arrays, args.warmup, folder, args.fit_only)
-        train = np.load(arrays["train"], mmap_mode="r")
         if args.fit_only:
-            return {"arch": arch, "k": k, "ours": our_fit(arch, k, train), "peers": peer}
-        mine = ours(arch, k, train, test, args.warmup, folder, root)
-    limits = {}
+            peer = peers(Path(args.venv), arch, k, arrays, args.warmup, folder, fit_only=True)
+            train = np.load(arrays["train"], mmap_mode="r")
+            return {**result, "ours": our_fit(arch, k, train), "peers": peer}
+        assert test_set is not None
+        arrays["score"] = folder / "score.npy"
+        np.save(arrays["score"], test_set.images)
+        train = np.load(arrays["train"], mmap_mode="r")
+        for index, network in enumerate(args.networks):
+            timed = index == 0
+            peer = peers(Path(args.venv), arch, k, arrays, args.warmup, folder, network, timed=timed)
+            mine = ours(arch, k, train, test, args.warmup, folder, test_set, network[1], timed)
+            theirs = {name: np.load(folder / f"maps_{name}.npy")
+                      for name in ("openvino_f32", "openvino_default")}
+            peer["accuracy"] = {name: accuracy(maps, maps.max(axis=(1, 2)), test_set)
+                                for name, maps in theirs.items()}
+            peer["default_map_error"] = map_error(theirs["openvino_default"], theirs["openvino_f32"])
+            maps, inner = mine.pop("maps"), np.s_[:, BORDER:-BORDER, BORDER:-BORDER]
+            mine["vs_anomalib_f32"] = map_error(maps, theirs["openvino_f32"])
+            mine["vs_anomalib_f32_inner"] = map_error(maps[inner], theirs["openvino_f32"][inner])
+            result["networks"].append({"network": f"{network[0]}:{network[1]}", "ours": mine, "peers": peer})
+            if timed:
+                result.update(ours=mine, peers=peer)
+    mine, limits = result["ours"], {}
     for name, (export, precision) in RUNS.items():
         trunk = ("trunk_ov" if EXPORTS[export][2] else "trunk") + ("_bf16" if precision == "bf16" else "")
         limits[name] = (float(np.median(mine[f"{trunk}_ms"]))
                         + 1000.0 * mine[f"{export}_statistics_bytes"] / bandwidth)
-    return {"arch": arch, "k": k, "ours": mine, "peers": peer, "limit_ms": limits}
+    return {**result, "limit_ms": limits}
 
 
 def _ms(values: np.ndarray) -> str:
@@ -300,8 +409,15 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         "## Against anomalib's PaDiM (bench/bench_peers.py)", "",
         f"Command: `python bench/bench_peers.py --configs {' '.join(args.configs)}"
         f"{'' if args.fit_images is None else f' --fit_images {args.fit_images}'} --images "
-        f"{args.images} --warmup {args.warmup}` (after `--setup`) on {machine()}; {load_note(*loads)}.", "",
-        f"{SIZE} px magnetic-tile images, random-initialised backbones, {THREADS} threads; median ms "
+        f"{args.images} --warmup {args.warmup} --networks {' '.join(f'{k}:{n}' for k, n in args.networks)}` "
+        "(after `--setup`) "
+        f"on {machine()}; {load_note(*loads)}.", "",
+        "Both sides run one network: anomalib's random-initialised backbone "
+        f"(`{args.networks[0][0]}:{args.networks[0][1]}`: {NETWORK_TEXT[args.networks[0][0]]}), "
+        "written by the peer worker as a torchvision state dict, converted by `python -m "
+        "models.convert_weights` and loaded by ours as `--pretrained`, with anomalib's channel "
+        f"choice and regulariser (`--eps {ANOMALIB_EPS}`). "
+        f"{SIZE} px magnetic-tile images, {THREADS} threads; median ms "
         f"per image over {args.images} test images after {args.warmup} warm-up images, batch 1, the "
         "same preprocessed images for every side (our runs and trunks taking turns on each image; "
         "the peers in their own process, before ours). `--split` exports run their features graph "
@@ -331,8 +447,8 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
     lines += [
         "", "### Reduced precision", "",
         "Map error: the largest deviation of the maps from our float32 fused export's (anomalib: "
-        "from its own OpenVINO f32 maps) over the warm-up and timed images, as a fraction of the "
-        "largest map value. Accuracy: image AUROC / pixel AUROC / PRO on all magnetic-tile test images.", "",
+        "from its own OpenVINO f32 maps) over all magnetic-tile test images, as a fraction of the "
+        "largest map value. Accuracy: image AUROC / pixel AUROC / PRO on all of them.", "",
         "| backbone, k | run | ms/image | its limit | statistics MiB | map error | accuracy "
         "| anomalib OpenVINO default / this |",
         "|---" * 8 + "|",
@@ -358,9 +474,42 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
         lines.append(f"| {r['arch']}, k={r['k']} | ours, fused, whole graph in the OpenVINO engine at bf16 "
                      f"(`--format pdmodel`, not offered) | {_ms(mine['whole_ov_bf16_ms'])} | | | "
                      f"{mine['whole_ov_bf16_map_error']:.2e} | {whole} | |")
+        theirs = {name: " / ".join(f"{v:.4f}" for v in values.values())
+                  for name, values in peer["accuracy"].items()}
+        lines.append(f"| {r['arch']}, k={r['k']} | anomalib, OpenVINO f32 | {_ms(peer['openvino_f32_ms'])} "
+                     f"| | | 0 | {theirs['openvino_f32']} | |")
         lines.append(f"| {r['arch']}, k={r['k']} | anomalib, OpenVINO default "
                      f"({peer['openvino_default_precision']}) | {default_ms:.1f} | | | "
-                     f"{peer['default_vs_f32_max_rel']:.2e} | | 1.00x |")
+                     f"{peer['default_map_error']:.2e} | {theirs['openvino_default']} | 1.00x |")
+    lines += [
+        "", "### bfloat16 on one network, by network", "",
+        "Each row is another random network and channel choice (KIND:SEED, torch seed; "
+        + "; ".join(f"{kind}: {text}" for kind, text in NETWORK_TEXT.items())
+        + "), shared by both sides. float32 maps: the largest deviation of our fused float32 maps from "
+        "anomalib's OpenVINO f32 maps, as a fraction of the largest of theirs (the same network, "
+        "channels, regulariser and images; anomalib forms and inverts its covariances in float32, "
+        "ours in float64), over the whole map / beyond the blur's radius "
+        f"({BORDER} px) from the border: within it the blurs' border rules differ (ours scipy's "
+        "`reflect`, as PaDiM's reference code; anomalib's kornia mirrors about the edge pixel). "
+        "Then, for each bf16 run: its map error "
+        "against its own float32 run; image AUROC / pixel AUROC / PRO change from that run's "
+        "float32 accuracy; all test images.", "",
+        "| backbone, k | network | float32 maps: ours vs anomalib, whole / inner "
+        "| PRO float32: ours / anomalib | ours, `--head_precision fp16 --split`, `--precision bf16` "
+        "| ours, whole graph, OpenVINO engine bf16 | anomalib, OpenVINO default |",
+        "|---" * 7 + "|",
+    ]
+    for r in results:
+        for run in r["networks"]:
+            mine, peer = run["ours"], run["peers"]
+            cells = [shift(mine[f"{name}_map_error"], mine["accuracy"][name], mine["accuracy"]["matmul"])
+                     for name in ("split_bf16", "whole_ov_bf16")]
+            cells.append(shift(peer["default_map_error"], peer["accuracy"]["openvino_default"],
+                               peer["accuracy"]["openvino_f32"]))
+            pro = f"{mine['accuracy']['matmul']['pro']:.4f} / {peer['accuracy']['openvino_f32']['pro']:.4f}"
+            lines.append(f"| {r['arch']}, k={r['k']} | {run['network']} | {mine['vs_anomalib_f32']:.1e} / "
+                         f"{mine['vs_anomalib_f32_inner']:.1e} | "
+                         f"{pro} | {' | '.join(cells)} |")
     lines += [
         "", f"### Batch {BATCH_LARGE}", "",
         f"Median ms per image over batches of {BATCH_LARGE} (after one warm-up batch), against batch 1 "
@@ -393,11 +542,16 @@ def section(results: list[dict], args: argparse.Namespace, bandwidth: float, loa
               f"{peer['onnxruntime']}; CPU bf16 flags: {flags}. Fit: both sides from the same "
               f"in-memory images in batches of {BATCH} (anomalib: PadimModel's training forward and "
               "fit(), without Lightning's loop); ours: model.fit as train.py runs it."]
-    lines += [f"- {r['arch']}: anomalib's fit raised `{r['peers']['fit_error']}` in torch.linalg.inv; the "
-              "worker inverted the same covariances with numpy (float64) so that inference could be "
-              "timed (the fit time shown stops at the failure)."
-              for r in results if r["peers"].get("fit_error")]
+    lines += [f"- {r['arch']}, network {run['network']}: anomalib's fit raised `{run['peers']['fit_error']}` "
+              "in torch.linalg.inv; the worker inverted the same covariances with numpy (float64) so "
+              "that inference could run (the fit time shown stops at the failure)."
+              for r in results for run in r["networks"] if run["peers"].get("fit_error")]
     return "\n".join(lines)
+
+
+def shift(error: float, scores: dict[str, float], reference: dict[str, float]) -> str:
+    """``map error; image AUROC / pixel AUROC / PRO change`` of a reduced-precision run."""
+    return f"{error:.2e}; " + " / ".join(f"{scores[key] - reference[key]:+.1e}" for key in reference)
 
 
 def fit_section(results: list[dict], args: argparse.Namespace, loads: tuple) -> str:
@@ -450,9 +604,10 @@ def main() -> int:
         convert(SOURCE, root)
     start_load = os.getloadavg()[0]
     bandwidth = 0.0 if args.fit_only else copy_bandwidth()
+    test_set = None if args.fit_only else load_test_set(root)
     results = []
     for arch in args.configs:
-        results.append(measure(arch, args, bandwidth))
+        results.append(measure(arch, args, bandwidth, test_set))
         print(f"{arch}: done", file=sys.stderr)
     loads = (start_load, os.getloadavg()[0])
     if args.fit_only:

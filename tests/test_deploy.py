@@ -72,14 +72,18 @@ def fit_checkpoint(config: ModelConfig, demo_root: Path, path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def checkpoints(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """method -> checkpoint fitted and calibrated on the demo category "tiles"."""
-    folder = tmp_path_factory.mktemp("checkpoints")
+def fit_checkpoints(methods: tuple[str, ...], demo_root: Path, folder: Path) -> dict[str, Path]:
+    """method -> ``folder/<method>.npz``: resnet18 (random), k=K, SIZE px, by :func:`fit_checkpoint`."""
     return {method: fit_checkpoint(model_config(method, arch="resnet18", k=K, image_size=SIZE,
                                                resize=SIZE, pretrained="none"),
                                    demo_root, folder / f"{method}.npz")
-            for method in METHODS}
+            for method in methods}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(demo_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """method -> checkpoint fitted and calibrated on the demo category "tiles"."""
+    return fit_checkpoints(METHODS, demo_root, tmp_path_factory.mktemp("checkpoints"))
 
 
 def dynamic_references(checkpoints: dict[str, Path],

@@ -40,6 +40,7 @@ from test_deploy import (
     dynamic_references,
     export_with_script,
     fit_checkpoint,
+    fit_checkpoints,
     read_results,
     run,
 )
@@ -369,10 +370,7 @@ def test_not_positive_definite_is_refused():
 def kernel_exports(demo_root, images_dir, tmp_path_factory):
     """method -> (export folder made with --head kernel, dynamic-graph reference)."""
     root = tmp_path_factory.mktemp("kernel")
-    checkpoints = {method: fit_checkpoint(model_config(method, arch="resnet18", k=K, image_size=SIZE,
-                                                       resize=SIZE, pretrained="none"),
-                                          demo_root, root / f"{method}.npz")
-                   for method in ("ortho", "padim")}
+    checkpoints = fit_checkpoints(("ortho", "padim"), demo_root, root)
     references = dynamic_references(checkpoints, images_dir)
     return {method: (export_with_script(path, root / f"{method}_export", method, "json", "--head",
                                         "kernel"), references[method])

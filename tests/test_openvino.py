@@ -27,6 +27,7 @@ from test_deploy import (
     dynamic_references,
     export_with_script,
     fit_checkpoint,
+    fit_checkpoints,
     read_results,
     run,
 )
@@ -51,10 +52,7 @@ PLUGIN = "libopenvino_intel_cpu_plugin"
 def fitted(demo_root, images_dir, tmp_path_factory):
     """method -> (checkpoint fitted on the demo images, (images, maps, scores) of its dynamic graph)."""
     root = tmp_path_factory.mktemp("openvino")
-    checkpoints = {method: fit_checkpoint(model_config(method, arch="resnet18", k=K, image_size=SIZE,
-                                                       resize=SIZE, pretrained="none"),
-                                          demo_root, root / f"{method}.npz")
-                   for method in ("ortho", "padim")}
+    checkpoints = fit_checkpoints(("ortho", "padim"), demo_root, root)
     references = dynamic_references(checkpoints, images_dir)
     return {method: (path, references[method]) for method, path in checkpoints.items()}
 

@@ -334,6 +334,27 @@ def test_read_pth_rebuilds_views_and_drops_nothing(r18: Saved, tmp_path: Path) -
         np.testing.assert_array_equal(arrays[name], value, err_msg=name)
 
 
+def torch_made_state() -> dict[str, np.ndarray]:
+    """tests/data/make_torch_files.py's ``state()``, recomputed with numpy."""
+    weight = (np.arange(54, dtype=np.float32) / np.float32(7)).reshape(2, 3, 3, 3)
+    return {"conv1.weight": weight, "tail": weight.reshape(-1)[40:50],
+            "fc.weight": weight.reshape(6, 9).T,
+            "half": np.array([-2, -1, 0, 1, 2], dtype=np.float16),
+            "double": np.array([[1e-300, 3.5], [-0.25, 1e300]]),
+            "index": np.array([3, -1, 2**40]), "bn1.num_batches_tracked": np.array(17)}
+
+
+@pytest.mark.parametrize("name", ["torch_saved.pth", "torch_saved_legacy.pth"])
+def test_files_written_by_torch_save_are_read_exactly(name: str) -> None:
+    # Written by torch 2.14's torch.save (zip archive, and the pre-1.6 format), not by this repo.
+    arrays = read_pth(str(ROOT / "tests" / "data" / name))
+    expected = torch_made_state()
+    assert list(arrays) == list(expected)
+    for key, value in expected.items():
+        assert arrays[key].dtype == value.dtype and arrays[key].shape == value.shape, key
+        np.testing.assert_array_equal(arrays[key], value, err_msg=key)
+
+
 @pytest.mark.bad_input
 def test_convert_refuses_another_architecture(r18: Saved, tmp_path: Path) -> None:
     model, _ = r18
