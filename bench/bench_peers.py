@@ -254,10 +254,10 @@ def ours(arch: str, k: int, train: np.ndarray, test: np.ndarray, warmup: int, fo
         out.update({f"{name}_batch_ms": ms for name, ms in per_image_ms(
             {name: graphs[name] for name in BATCHED}, test, 1, BATCH_LARGE).items()})
     scored = {name: score_set(graphs[name], test_set.images) for name in SCORED if name in graphs}
-    out["maps"] = scored["matmul"][0]
-    for name in scored:
-        out[f"{name}_map_error"] = map_error(scored[name][0], out["maps"])
     out["accuracy"] = {name: accuracy(*scored[name], test_set) for name in ACCURACY}
+    out["maps"] = scored.pop("matmul")[0]
+    for name, (maps, _) in scored.items():
+        out[f"{name}_map_error"] = map_error(maps, out["maps"])
     return out
 
 
