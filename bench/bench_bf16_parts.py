@@ -34,7 +34,6 @@ import dataclasses
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import cast
 
@@ -53,6 +52,7 @@ from bench.bench_peers import (  # noqa: E402
     THREADS,
     TestSet,
     accuracy,
+    in_turns,
     load_images,
     load_test_set,
     map_error,
@@ -120,18 +120,18 @@ def fitted(arch: str, seed: int, pretrained: str, train: np.ndarray,
     model.category = CATEGORY
     if fit_graph is not None:
         options, folder = fit_graph
-        model.compile = lambda layer: legacy_predictor(layer, [None, 3, SIZE, SIZE], folder, options)
+        shape = [None, 3, SIZE, SIZE]
+        model.compile = lambda layer: Predictor(*legacy_graph(layer, shape, folder), options).run
     model.fit([train[i : i + BATCH] for i in range(0, len(train), BATCH)])
     return model
 
 
-def legacy_predictor(layer: nn.Layer, shape: list[int | None], folder: Path,
-                     options: PredictorOptions) -> RunFn:
-    """``layer`` saved in the legacy IR (which the OpenVINO engine reads) under ``folder``, as a
-    predictor with ``options``."""
+def legacy_graph(layer: nn.Layer, shape: list[int | None], folder: Path) -> tuple[str, str]:
+    """``layer`` (inputs of ``shape``) saved in the legacy IR, which the OpenVINO engine reads, under
+    ``folder``: (model file, params file)."""
     with ir_guard("pdmodel"):
         model_file = save_static(layer, shape, str(folder / "model"))
-    return Predictor(model_file, str(folder / "model.pdiparams"), options).run
+    return model_file, str(folder / "model.pdiparams")
 
 
 def stage_runs(model: GaussianModel, folder: Path) -> dict[tuple[str, str], RunFn]:
@@ -141,11 +141,9 @@ def stage_runs(model: GaussianModel, folder: Path) -> dict[tuple[str, str], RunF
     x = paddle.zeros([1, 3, SIZE, SIZE])
     runs: dict[tuple[str, str], RunFn] = {}
     for name, layer in zip(STAGES, layers, strict=True):
-        with ir_guard("pdmodel"):
-            model_file = save_static(layer, [None, *x.shape[1:]], str(folder / name / "model"))
+        files = legacy_graph(layer, [None, *x.shape[1:]], folder / name)
         for precision in ("fp32", "bf16"):
-            runs[name, precision] = Predictor(model_file, str(folder / name / "model.pdiparams"),
-                                              dataclasses.replace(OPENVINO, precision=precision)).run
+            runs[name, precision] = Predictor(*files, dataclasses.replace(OPENVINO, precision=precision)).run
         with paddle.no_grad():
             x = layer(x)
     return runs
@@ -165,21 +163,6 @@ def placement_run(stages: dict[tuple[str, str], RunFn], float32: tuple[str, ...]
             z = embedding([paddle.to_tensor(f) for f in features]).numpy()
         return head(z)
     return run
-
-
-def in_turns(runs: dict[str, tuple[RunFn, list[np.ndarray]]], warmup: int) -> dict[str, float]:
-    """Median ms per call of each run on its own inputs (one list per run, of equal length); the runs
-    take turns on every input, in a rotating order, after ``warmup`` untimed inputs."""
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for step in range(len(runs[names[0]][1])):
-        for name in names[step % len(names):] + names[:step % len(names)]:
-            run, inputs = runs[name]
-            start = time.perf_counter()
-            run(inputs[step])
-            if step >= warmup:
-                times[name].append(1000.0 * (time.perf_counter() - start))
-    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def stage_inputs(stages: dict[tuple[str, str], RunFn], images: np.ndarray) -> dict[str, list[np.ndarray]]:
@@ -218,7 +201,7 @@ def measure(arch: str, seed: int, pretrained: str, train: np.ndarray, test_set: 
         turns = {f"{name}_{precision}": (stages[name, precision], inputs[name])
                  for name, precision in stages}
         turns.update({name: (graphs[name], inputs["stem"]) for name in deployed})
-        out["ms"] = in_turns(turns, warmup)
+        out["ms"] = {name: float(np.median(ms)) for name, ms in in_turns(turns, warmup).items()}
     reference = score_set(DeployedModel.load(folder / "matmul", options=OPTIONS).forward, test_set.images)
     out["reference"] = accuracy(*reference, test_set)
     refit = fitted(arch, seed, pretrained, train, (OPENVINO_BF16, folder / "fit_bf16"))

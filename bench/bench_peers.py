@@ -161,23 +161,35 @@ def load_images(root: Path, split: str, count: int) -> np.ndarray:
     return np.stack([dataset[i]["image"] for i in range(len(dataset))]).astype(np.float32)
 
 
+def in_turns(runs: dict[str, tuple[Callable[[np.ndarray], object], list[np.ndarray]]],
+             warmup: int) -> dict[str, np.ndarray]:
+    """Milliseconds of each call of each run on its own inputs (lists of equal length) after the
+    first ``warmup`` inputs, run untimed; the runs take turns on every input (in a rotating order),
+    so a slower or faster spell of the machine falls on all of them alike."""
+    names = list(runs)
+    count = len(runs[names[0]][1])
+    for step in range(min(warmup, count)):
+        for name in names:
+            run, inputs = runs[name]
+            run(inputs[step])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for step in range(warmup, count):
+        turn = (step - warmup) % len(names)
+        for name in names[turn:] + names[:turn]:
+            run, inputs = runs[name]
+            start = time.perf_counter()
+            run(inputs[step])
+            times[name].append(1000.0 * (time.perf_counter() - start))
+    return {name: np.asarray(values) for name, values in times.items()}
+
+
 def per_image_ms(runs: dict[str, Callable[[np.ndarray], object]], images: np.ndarray,
                  warmup: int, batch: int = 1) -> dict[str, np.ndarray]:
     """Milliseconds per image of each of ``runs`` on each batch of ``batch`` images after ``warmup``
-    untimed batches; the runs take turns on every batch (in a rotating order), so a slower or
-    faster spell of the machine falls on all of them alike."""
-    names = list(runs)
+    untimed batches, the runs taking turns (:func:`in_turns`)."""
     batches = [images[first : first + batch] for first in range(0, len(images) - batch + 1, batch)]
-    for images_in in batches[:warmup]:
-        for name in names:
-            runs[name](images_in)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for step, images_in in enumerate(batches[warmup:]):
-        for name in names[step % len(names):] + names[:step % len(names)]:
-            start = time.perf_counter()
-            runs[name](images_in)
-            times[name].append(1000.0 * (time.perf_counter() - start) / batch)
-    return {name: np.asarray(values) for name, values in times.items()}
+    times = in_turns({name: (run, batches) for name, run in runs.items()}, warmup)
+    return {name: ms / batch for name, ms in times.items()}
 
 
 def copy_bandwidth(megabytes: int = 512) -> float:
